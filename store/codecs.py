@@ -1,0 +1,96 @@
+"""Storage precisions and compressors for activation arrays.
+
+``--codec`` values:
+
+* ``zstd`` (default): lossless; Blosc(zstd, level 3, bitshuffle) on the requested dtype.
+* ``none``: uncompressed (fastest reads; SAELens-style raw cache, but in the requested dtype).
+* ``bitround:K``: lossy; float32 with numcodecs ``BitRound(keepbits=K)`` (K mantissa bits kept)
+  then Blosc(zstd, bitshuffle): zeroed low mantissa bits compress.
+* ``int8``: lossy; per-row symmetric int8 (``q = round(127 x / max|x|)``) + float32 row scale.
+* ``fp8``: lossy; per-row float8 e4m3 (``x / s`` with ``s = max|x| / 448``) + float32 row scale.
+
+bfloat16 has no Zarr dtype: it is stored as its raw ``uint16`` bit pattern (documented in the
+store attributes as ``storage_dtype = "uint16"``, ``dtype = "bfloat16"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from zarr.codecs import BitRound, BloscCodec
+
+_FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """A parsed ``--codec`` value together with the logical dtype of the activations."""
+
+    name: str  # zstd | none | bitround | int8 | fp8
+    dtype: str  # logical dtype: bfloat16 | float16 | float32
+    keepbits: int = 0
+
+    @classmethod
+    def parse(cls, codec: str, dtype: str = "bfloat16") -> CodecSpec:
+        """Parse ``codec`` (see module doc). Raises ``ValueError`` naming the valid choices."""
+        if dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"unknown dtype {dtype!r}: choose bfloat16, float16 or float32")
+        name, _, arg = codec.partition(":")
+        if name in ("zstd", "none", "int8", "fp8") and not arg:
+            return cls(name, dtype)
+        if name == "bitround" and arg.isdigit() and 1 <= int(arg) <= 23:
+            return cls(name, "float32", int(arg))
+        raise ValueError(f"unknown codec {codec!r}: choose zstd, none, bitround:K (1<=K<=23), int8 or fp8")
+
+    def __str__(self) -> str:
+        return f"bitround:{self.keepbits}" if self.name == "bitround" else self.name
+
+    @property
+    def has_scale(self) -> bool:
+        return self.name in ("int8", "fp8")
+
+    @property
+    def storage_dtype(self) -> str:
+        """NumPy dtype of the stored array."""
+        if self.name == "int8":
+            return "int8"
+        if self.name == "fp8":
+            return "uint8"
+        return {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}[self.dtype]
+
+    def zarr_kwargs(self) -> dict:
+        """``filters``/``compressors`` arguments for ``zarr.Group.create_array``."""
+        blosc = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        if self.name == "none":
+            return {"compressors": None}
+        if self.name == "bitround":
+            return {"filters": [BitRound(keepbits=self.keepbits)], "compressors": [blosc]}
+        return {"compressors": [blosc]}
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """``x``: ``[rows, d]`` float tensor → (stored array, per-row float32 scale or None)."""
+        x = x.detach().float().cpu()
+        if self.name == "int8":
+            scale = x.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            q = torch.round(x / scale[:, None]).clamp(-127, 127).to(torch.int8)
+            return q.numpy(), scale.numpy()
+        if self.name == "fp8":
+            scale = x.abs().amax(dim=1).clamp_min(1e-12) / _FP8_MAX
+            q = (x / scale[:, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+            return q.numpy(), scale.numpy()
+        if self.dtype == "bfloat16":
+            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), None
+        return x.to(getattr(torch, self.dtype)).numpy(), None
+
+    def decode(self, stored: np.ndarray, scale: np.ndarray | None = None) -> torch.Tensor:
+        """Inverse of :meth:`encode` → float32 tensor ``[rows, d]``."""
+        if self.name == "int8":
+            return torch.from_numpy(stored).float() * torch.from_numpy(np.asarray(scale))[:, None]
+        if self.name == "fp8":
+            v = torch.from_numpy(stored).view(torch.float8_e4m3fn).float()
+            return v * torch.from_numpy(np.asarray(scale))[:, None]
+        if self.dtype == "bfloat16":
+            return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(stored).float()

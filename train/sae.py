@@ -1,0 +1,185 @@
+"""The sparse autoencoder and its on-disk format (SAELens layout: safetensors + cfg.json).
+
+Math (mission doc, "The SAE"; Gao et al. 2024 for TopK):
+    pre = (x − b_dec) W_enc + b_enc            x: [batch, d_in], pre: [batch, d_sae]
+    f   = σ(pre)      σ = ReLU, or TopK(k) followed by ReLU
+    x̂   = f W_dec + b_dec                      W_dec rows are kept unit-norm during training
+
+Sparse codes are carried as ``(vals, idx)`` pairs ``[batch, K]``: the decoder then costs
+``batch·K·d_in`` instead of ``batch·d_sae·d_in`` (``embedding_bag``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CFG_FILE = "cfg.json"
+ACTIVATIONS = ("topk", "relu")
+
+
+@dataclass
+class SparseCodes:
+    """Sparse latent codes: ``vals [batch, K]`` (0 = inactive slot), ``idx [batch, K]`` (long)."""
+
+    vals: torch.Tensor
+    idx: torch.Tensor
+
+    def to_dense(self, d_sae: int) -> torch.Tensor:
+        """``[batch, d_sae]`` dense codes."""
+        out = self.vals.new_zeros(self.vals.shape[0], d_sae)
+        return out.scatter_add(1, self.idx, self.vals)
+
+
+class SAE(nn.Module):
+    """A TopK or ReLU sparse autoencoder over ``d_in``-dimensional activations.
+
+    Args:
+        d_in: input width (the model's ``d_model``). d_sae: number of latents.
+        activation: ``"topk"`` (exactly ``k`` active per token) or ``"relu"``.
+        k: active latents per token for ``topk``.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, activation: str = "topk", k: int = 32,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}: choose {', '.join(ACTIVATIONS)}")
+        if activation == "topk" and not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must be in 1..d_sae={d_sae}")
+        self.d_in, self.d_sae, self.activation, self.k = d_in, d_sae, activation, k
+        kw = {"device": device, "dtype": dtype}
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        self.cfg: dict = {}
+
+    # -- initialisation and decoder constraint --------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None, b_dec: torch.Tensor | None = None) -> None:
+        """Random unit decoder rows, ``W_enc = W_decᵀ``, ``b_enc = 0``, ``b_dec`` = data mean if given.
+
+        (Never zeros: the seeds' zero init cannot learn.)
+        """
+        w = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.T)
+        self.b_enc.zero_()
+        self.b_dec.copy_(b_dec if b_dec is not None else torch.zeros(self.d_in))
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Renormalise decoder rows to unit norm (after each optimiser step)."""
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row: g_i ← g_i − (g_i·d_i) d_i."""
+        g = self.W_dec.grad
+        if g is not None:
+            g -= (g * self.W_dec).sum(dim=1, keepdim=True) * self.W_dec
+
+    # -- forward ----------------------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_in]`` → pre-activations ``[batch, d_sae]``."""
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def codes_from_pre(self, pre: torch.Tensor) -> SparseCodes:
+        """Sparse codes from pre-activations. ReLU: ``K`` = largest active count in the batch."""
+        if self.activation == "topk":
+            vals, idx = pre.topk(self.k, dim=-1, sorted=False)
+            return SparseCodes(F.relu(vals), idx)
+        f = F.relu(pre)
+        kmax = max(int((f > 0).sum(-1).max()), 1)
+        vals, idx = f.topk(kmax, dim=-1, sorted=False)
+        return SparseCodes(vals, idx)
+
+    def encode_sparse(self, x: torch.Tensor) -> SparseCodes:
+        return self.codes_from_pre(self.pre_acts(x))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``[batch, d_in]`` → dense codes ``f [batch, d_sae]``."""
+        if self.activation == "relu":
+            return F.relu(self.pre_acts(x))
+        return self.encode_sparse(x).to_dense(self.d_sae)
+
+    def decode_sparse(self, codes: SparseCodes, bias: bool = True) -> torch.Tensor:
+        """``x̂ = Σ_j vals_j W_dec[idx_j] (+ b_dec)`` → ``[batch, d_in]``."""
+        out = F.embedding_bag(codes.idx, self.W_dec, per_sample_weights=codes.vals, mode="sum")
+        return out + self.b_dec if bias else out
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Dense codes ``[batch, d_sae]`` → ``[batch, d_in]``."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``x̂ [batch, d_in]``."""
+        return self.decode_sparse(self.encode_sparse(x))
+
+    # -- persistence ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def folded(self, scale: float) -> SAE:
+        """A copy that works on raw activations when this SAE was trained on ``scale · x``.
+
+        ``W_enc·s``, ``b_dec/s``, ``W_dec/s`` make ``f(x)`` equal the trained ``f(s·x)`` and
+        ``x̂(x) = x̂_trained(s·x)/s`` (SAELens folds its activation normalisation the same way).
+        """
+        out = SAE(self.d_in, self.d_sae, self.activation, self.k, device=self.W_enc.device, dtype=self.W_enc.dtype)
+        out.W_enc.copy_(self.W_enc * scale)
+        out.b_enc.copy_(self.b_enc)
+        out.W_dec.copy_(self.W_dec / scale)
+        out.b_dec.copy_(self.b_dec / scale)
+        out.cfg = dict(self.cfg)
+        return out
+
+    def save(self, run_dir: str | Path, cfg: dict) -> None:
+        """Write ``sae_weights.safetensors`` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec)
+        and ``cfg.json`` (``cfg`` plus the architecture fields)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        names = ("W_enc", "W_dec", "b_enc", "b_dec")
+        tensors = {n: getattr(self, n).detach().float().cpu().contiguous() for n in names}
+        save_file(tensors, str(run_dir / WEIGHTS_FILE))
+        full = dict(cfg)
+        full.update(self.arch_cfg())
+        (run_dir / CFG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
+        self.cfg = full
+
+    def arch_cfg(self) -> dict:
+        """Architecture fields of ``cfg.json`` (SAELens names)."""
+        return {
+            "d_in": self.d_in, "d_sae": self.d_sae,
+            "architecture": "topk" if self.activation == "topk" else "standard",
+            "activation_fn_str": self.activation,
+            "activation_fn_kwargs": {"k": self.k} if self.activation == "topk" else {},
+            "k": self.k if self.activation == "topk" else None,
+            "apply_b_dec_to_input": True, "dtype": "float32",
+        }
+
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
+        """Load a run directory written by :meth:`save` (``.cfg`` holds ``cfg.json``).
+
+        Raises ``FileNotFoundError`` with a hint when the directory has no SAE.
+        """
+        run_dir = Path(run_dir)
+        if not (run_dir / WEIGHTS_FILE).exists() or not (run_dir / CFG_FILE).exists():
+            raise FileNotFoundError(f"{run_dir} has no {WEIGHTS_FILE} + {CFG_FILE}: is it a finished `sae train` run?")
+        cfg = json.loads((run_dir / CFG_FILE).read_text())
+        act = cfg.get("activation_fn_str", "relu")
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), act, int(cfg.get("k") or 1), device=device)
+        tensors = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+        with torch.no_grad():
+            for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(sae, n).copy_(tensors[n])
+        sae.cfg = cfg
+        return sae

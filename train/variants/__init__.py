@@ -1,0 +1,17 @@
+"""Orthogonality variants: one penalty per module, selected by name (``--variant NAME``)."""
+
+from .base import (
+    BASELINES,
+    REGISTRY,
+    NoPenalty,
+    Penalty,
+    PenaltyContext,
+    build_penalty,
+    make_config,
+    penalty_class,
+    register,
+    variant_names,
+)
+
+__all__ = ["BASELINES", "REGISTRY", "NoPenalty", "Penalty", "PenaltyContext", "build_penalty", "make_config",
+           "penalty_class", "register", "variant_names"]
