@@ -15,11 +15,15 @@ store attributes as ``storage_dtype = "uint16"``, ``dtype = "bfloat16"``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from zarr.codecs import BitRound, BloscCodec
+
+# BitRound is a numcodecs codec outside the Zarr v3 core spec; zarr warns on every open. Documented.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 _FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -66,7 +70,9 @@ class CodecSpec:
         if self.name == "none":
             return {"compressors": None}
         if self.name == "bitround":
-            return {"filters": [BitRound(keepbits=self.keepbits)], "compressors": [blosc]}
+            with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec": documented
+                warnings.simplefilter("ignore")
+                return {"filters": [BitRound(keepbits=self.keepbits)], "compressors": [blosc]}
         return {"compressors": [blosc]}
 
     def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:

@@ -128,7 +128,10 @@ class StoreWriter:
             self.group[h][start:start + rows] = stored
             if scale is not None:
                 self.group[scale_array_name(h)][start:start + rows] = scale
-            x = self.codec.decode(stored, scale)[vmask].double()  # statistics of what readers will see
+            # statistics of exactly what readers will see (read back: lossy filters such as BitRound
+            # run inside zarr)
+            back = np.asarray(self.group[h][start:start + rows])
+            x = self.codec.decode(back, scale)[vmask].double()
             self._sums[h] += x.sum(0).numpy()
             self._sq[h] += float(x.pow(2).sum())
         self._count += int(valid.sum())
