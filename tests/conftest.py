@@ -18,9 +18,10 @@ TINY_D_MODEL = 64
 
 def build_tiny_model_dir(path: Path, seed: int = 0) -> Path:
     """Write a tiny Gemma3 causal LM + fast BPE tokenizer to ``path`` (loadable by ``load_model``)."""
-    from sae.harvest.corpus import iter_documents
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    from sae.harvest.corpus import iter_documents
 
     docs = [d.text for _, d in zip(range(60), iter_documents("embedded", "all", seed=1), strict=False)]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
