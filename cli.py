@@ -140,5 +140,44 @@ def train(
     typer.echo(f"saved {run_dir}")
 
 
+@app.command()
+def sweep(
+    store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
+    variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
+        "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
+    grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
+    hook: Annotated[str | None, typer.Option(help="Hook array (default: the store's only one).")] = None,
+    arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file of shared training options.")] = None,
+    expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
+    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    tokens: Annotated[int, typer.Option(help="Training tokens per SAE.")] = 1_000_000,
+    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs/sweep"),
+    workers: Annotated[int, typer.Option(help="Spread config groups over N local dask worker processes.")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask.distributed scheduler.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue killed runs from their checkpoints.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing run directories.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train many configurations from ONE pass over the store, then print a summary table."""
+    from .train.config import TrainConfig
+    from .train.sweep import expand, parse_grid, print_summary, run_sweep, summarize
+
+    try:
+        opts = dict(store=str(store), hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr, tokens=tokens,
+                    batch_size=batch_size, seed=seed, device=device, resume=resume, overwrite=overwrite)
+        base = TrainConfig.from_toml(config, **opts) if config else TrainConfig(**opts)
+        cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grid or []), out)
+        run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
+        out.mkdir(parents=True, exist_ok=True)
+        print_summary(summarize(run_dirs), out)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover
     app()

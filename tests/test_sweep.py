@@ -1,0 +1,80 @@
+"""Sweeps: grid expansion, one-pass equivalence with solo training, dask workers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae.train import run as run_mod
+from sae.train.config import TrainConfig
+from sae.train.run import train
+from sae.train.sae import SAE
+from sae.train.sweep import expand, max_decoder_cosines, parse_grid, run_sweep, summarize
+from tests.helpers import planted_features, write_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    x, _ = planted_features(8192, d_in=16, n_features=32, active=2, seed=1)
+    return write_store(tmp_path_factory.mktemp("sw") / "s.zarr", x, context_size=64, chunk_tokens=1024)
+
+
+def test_parse_and_expand_grid(tmp_path) -> None:
+    g = parse_grid(["topk.k=2,3", "lr=1e-3,3e-4"])
+    assert g == {"topk": {"k": ["2", "3"]}, "*": {"lr": ["1e-3", "3e-4"]}}
+    base = TrainConfig(store="s", tokens=1000)
+    cfgs = expand(base, ["topk", "relu"], parse_grid(["lr=1e-3,3e-4"]), tmp_path)
+    assert [c.variant for c in cfgs] == ["topk", "topk", "relu", "relu"]
+    assert [c.lr for c in cfgs] == [1e-3, 3e-4, 1e-3, 3e-4]
+    assert cfgs[1].out.endswith("topk-lr=3e-4")
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
+        expand(base, ["nope"], {}, tmp_path)
+    with pytest.raises(ValueError, match="must look like"):
+        parse_grid(["adaptive.alpha"])
+    with pytest.raises(ValueError, match="unknown training option 'lrr'"):
+        expand(base, ["topk"], parse_grid(["lrr=1"]), tmp_path)
+
+
+def test_one_pass_sweep_equals_solo_runs_and_reads_once(store, tmp_path, monkeypatch) -> None:
+    base = TrainConfig(store=str(store), d_sae=32, k=2, batch_size=256, tokens=256 * 12, log_every=3)
+    cfgs = expand(base, ["topk", "relu"], parse_grid(["lr=1e-3,3e-3"]), tmp_path / "sweep")
+    reads = {"n": 0}
+    real = run_mod.ShuffledBatches._load_window
+
+    def counting(self, *a):
+        reads["n"] += 1
+        return real(self, *a)
+
+    monkeypatch.setattr(run_mod.ShuffledBatches, "_load_window", counting)
+    dirs = run_sweep(cfgs, quiet=True)
+    sweep_reads = reads["n"]
+    reads["n"] = 0
+    solo = train(cfgs[3].__class__(**{**cfgs[3].to_dict(), "adam_betas": (0.9, 0.999),
+                                      "out": str(tmp_path / "solo")}), quiet=True)
+    assert reads["n"] == sweep_reads  # four SAEs cost the reads of one
+    a, b = SAE.load(dirs[3]), SAE.load(solo)
+    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(a, n), getattr(b, n)), n
+    rows = summarize(dirs)
+    assert [r["run"] for r in rows] == ["topk-lr=1e-3", "topk-lr=3e-3", "relu-lr=1e-3", "relu-lr=3e-3"]
+    assert all(0 <= r["mean_max_cos"] <= 1 for r in rows)
+    assert all(r["explained_variance"] > 0.2 for r in rows if r["variant"] == "topk")
+
+
+def test_max_decoder_cosines_matches_dense() -> None:
+    W = torch.randn(50, 8)
+    d = W / W.norm(dim=1, keepdim=True)
+    c = (d @ d.T).abs()
+    c.fill_diagonal_(0)
+    torch.testing.assert_close(max_decoder_cosines(W, chunk=7), c.max(1).values)
+
+
+def test_sweep_over_two_local_dask_workers(store, tmp_path) -> None:
+    base = TrainConfig(store=str(store), d_sae=32, k=2, batch_size=256, tokens=256 * 6)
+    cfgs = expand(base, ["topk"], parse_grid(["k=2,3,4"]), tmp_path / "dask")
+    dirs = run_sweep(cfgs, workers=2, quiet=True)
+    assert sorted(p.name for p in dirs) == ["topk-k=2", "topk-k=3", "topk-k=4"]
+    solo = train(TrainConfig(**{**cfgs[1].to_dict(), "adam_betas": (0.9, 0.999), "out": str(tmp_path / "s")}),
+                 quiet=True)
+    a, b = SAE.load(tmp_path / "dask" / "topk-k=3"), SAE.load(solo)
+    torch.testing.assert_close(a.W_dec, b.W_dec)

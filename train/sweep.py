@@ -1,0 +1,177 @@
+"""Sweeps: many SAE configurations trained from one pass over the store.
+
+Configurations that share the data stream (:data:`~sae.train.run.DATA_KEYS`) are trained
+together by :func:`~sae.train.run.train_many`: each batch is read and decompressed once and fed to
+every SAE. With ``workers`` (a local dask cluster) or ``scheduler`` (an existing
+``dask.distributed`` cluster) the configurations are split into groups, one per worker, and each
+worker makes its own single pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import TrainConfig
+from .run import DATA_KEYS, read_metrics, train_many
+from .sae import SAE
+from .variants import make_config, variant_names
+
+
+def parse_grid(items: list[str]) -> dict[str, dict[str, list[str]]]:
+    """``["adaptive.alpha=0.01,0.05", "lr=1e-3,3e-4"]`` → ``{"adaptive": {"alpha": [...]}, "*": {"lr": [...]}}``.
+
+    A key without a variant prefix is a training option applied to every variant. Raises
+    ``ValueError`` on malformed items.
+    """
+    grid: dict[str, dict[str, list[str]]] = defaultdict(dict)
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--grid {item!r} must look like VARIANT.PARAM=V1,V2 or OPTION=V1,V2")
+        variant, dot, param = key.strip().rpartition(".")
+        grid[variant if dot else "*"][param] = [v.strip() for v in values.split(",")]
+    return dict(grid)
+
+
+def _typed(cfg: TrainConfig, name: str, value: str) -> Any:
+    field = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
+    if field is None:
+        raise ValueError(f"--grid: unknown training option {name!r}")
+    current = getattr(cfg, name)
+    if isinstance(current, bool):
+        return value.lower() in ("1", "true", "yes")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    return value
+
+
+def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, list[str]]], out: str | Path
+           ) -> list[TrainConfig]:
+    """One :class:`TrainConfig` per (variant × its grid × global grid), run dirs under ``out``.
+
+    Run directory names: ``<variant>`` plus ``-<param>=<value>`` for every gridded parameter.
+    """
+    known = variant_names()
+    for v in [*variants, *(k for k in grid if k != "*")]:
+        if v not in known:
+            raise ValueError(f"unknown variant {v!r}: choose from {', '.join(known)}")
+    cfgs = []
+    glob = grid.get("*", {})
+    for v in variants:
+        own = grid.get(v, {})
+        axes = [(("v", k), vals) for k, vals in own.items()] + [(("g", k), vals) for k, vals in glob.items()]
+        for combo in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
+            params = dict(base.variant_params) if v == base.variant else {}
+            overrides: dict[str, Any] = {}
+            tags = []
+            for ((kind, key), _), value in zip(axes, combo, strict=True):
+                tags.append(f"{key}={value}")
+                if kind == "v":
+                    params[key] = value
+                else:
+                    overrides[key] = _typed(base, key, value)
+            make_config(v, params)  # validate
+            name = "-".join([v, *tags])
+            cfgs.append(dataclasses.replace(base, variant=v, variant_params=params, out=str(Path(out) / name),
+                                            **overrides))
+    return cfgs
+
+
+def _data_key(cfg: TrainConfig) -> tuple:
+    return tuple(getattr(cfg, k) for k in DATA_KEYS)
+
+
+def _train_group(cfg_dicts: list[dict[str, Any]], threads: int | None = None) -> list[str]:
+    """Worker entry point (plain dicts travel well between processes)."""
+    if threads:
+        torch.set_num_threads(threads)
+    cfgs = [TrainConfig(**{**d, "adam_betas": tuple(d["adam_betas"])}) for d in cfg_dicts]
+    return [str(p) for p in train_many(cfgs, quiet=True)]
+
+
+def run_sweep(cfgs: list[TrainConfig], workers: int = 0, scheduler: str | None = None, quiet: bool = False
+              ) -> list[Path]:
+    """Train all ``cfgs``; one store pass per group of configs sharing a data stream.
+
+    ``workers > 0`` starts a local dask cluster of that many processes; ``scheduler`` connects to an
+    existing one. Either way configurations are dealt round-robin into one group per worker.
+    """
+    groups: dict[tuple, list[TrainConfig]] = defaultdict(list)
+    for c in cfgs:
+        groups[_data_key(c)].append(c)
+    if not workers and not scheduler:
+        out = []
+        for group in groups.values():
+            out += train_many(group, quiet=quiet, label=f"sweep ({len(group)} SAEs)")
+        return out
+    from dask.distributed import Client, LocalCluster
+
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        n = max(workers or len(client.scheduler_info()["workers"]), 1)
+        jobs = []
+        for group in groups.values():
+            for part in (group[i::n] for i in range(n)):
+                if part:
+                    threads = max(1, (torch.get_num_threads() // n)) if cluster else None
+                    jobs.append(client.submit(_train_group, [c.to_dict() for c in part], threads, pure=False))
+        return [Path(p) for job in jobs for p in job.result()]
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def max_decoder_cosines(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Per-latent maximum |cos| to any other decoder row, ``[d_sae]``, computed in row chunks."""
+    d = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    out = torch.empty(d.shape[0])
+    for s in range(0, d.shape[0], chunk):
+        c = (d[s:s + chunk] @ d.T).abs()
+        c[torch.arange(c.shape[0]), torch.arange(s, s + c.shape[0])] = 0
+        out[s:s + chunk] = c.max(dim=1).values
+    return out
+
+
+def summarize(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Final loss, L0, explained variance, dead fraction, penalty and mean max decoder cosine per run."""
+    rows = []
+    for d in run_dirs:
+        last = read_metrics(d)[-1]
+        sae = SAE.load(d)
+        rows.append({"run": Path(d).name, "variant": sae.cfg.get("variant"), "loss": last["loss"],
+                     "l0": last["l0"], "explained_variance": last["explained_variance"],
+                     "dead_fraction": last["dead_fraction"], "penalty": last.get("penalty/penalty", 0.0),
+                     "mean_max_cos": float(max_decoder_cosines(sae.W_dec.detach()).mean())})
+    return rows
+
+
+def print_summary(rows: list[dict[str, Any]], out: Path | None = None) -> None:
+    """Rich table of :func:`summarize` rows (and ``summary.json`` in ``out``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="sweep summary (final training batch)")
+    cols = ("loss", "l0", "explained_variance", "dead_fraction", "penalty", "mean_max_cos")
+    t.add_column("run")
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(r["run"], *(f"{r[c]:.4f}" if c != "l0" else f"{r[c]:.1f}" for c in cols))
+    Console().print(t)
+    if out is not None:
+        (Path(out) / "summary.json").write_text(json.dumps(rows, indent=2))
