@@ -141,6 +141,27 @@ def train(
 
 
 @app.command()
+def evaluate(
+    run_dirs: Annotated[list[Path], typer.Argument(help="SAE run directories (from `sae train`/`sae sweep`).")],
+    store: Annotated[Path | None, typer.Option(help="Store the SAEs were trained on (model, dataset, checks).")] = None,
+    eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
+    tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 4096,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
+    from . import evaluate as ev
+    from .store import StoreError
+
+    evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
+    try:
+        results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet)
+    except (ValueError, RuntimeError, FileNotFoundError, StoreError) as e:
+        _fail(e)
+    ev.print_comparison(results)
+
+
+@app.command()
 def sweep(
     store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
     variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (

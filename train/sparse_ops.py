@@ -54,3 +54,50 @@ def gather_pre_acts(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                     pre: torch.Tensor) -> torch.Tensor:
     """Differentiable ``pre.gather(1, idx)`` with a sparse backward (see :class:`GatherPreActs`)."""
     return GatherPreActs.apply(x_c, W_enc, b_enc, idx, pre)
+
+
+def _csr(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR ``[batch, n_cols]`` from per-row (distinct) column indices; also returns the sort order."""
+    B, K = idx.shape
+    order = idx.argsort(dim=1)
+    cols = idx.gather(1, order).reshape(-1)
+    crow = torch.arange(0, B * K + 1, K, device=idx.device, dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, vals.gather(1, order).reshape(-1), (B, n_cols)), order
+
+
+class SparseDecode(torch.autograd.Function):
+    """``out[b] = Σ_j vals[b, j] · W_dec[idx[b, j]]`` → ``[batch, d_in]`` (no bias).
+
+    Forward is an ``embedding_bag`` sum. Backward: ∂W_dec = Sᵀ g (CSR × dense) and
+    ∂vals[b, j] = g_b · W_dec[idx[b, j]] as a sampled dense-dense product on the sparsity pattern,
+    both ``O(batch·K·d_in)`` with no ``[batch, K, d_in]`` temporary.
+    """
+
+    @staticmethod
+    def forward(ctx, vals, idx, W_dec):  # type: ignore[override]
+        ctx.save_for_backward(vals, idx, W_dec)
+        return torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        vals, idx, W_dec = ctx.saved_tensors
+        S, order = _csr(idx, vals.to(g.dtype), W_dec.shape[0])
+        grad_vals = grad_W = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if ctx.needs_input_grad[0]:
+                pattern = torch.sparse_csr_tensor(S.crow_indices(), S.col_indices(), torch.zeros_like(S.values()),
+                                                  S.shape)
+                sampled = torch.sparse.sampled_addmm(pattern, g, W_dec.t(), beta=0.0)
+                grad_sorted = sampled.values().view(idx.shape)
+                grad_vals = torch.empty_like(grad_sorted).scatter_(1, order, grad_sorted).to(vals.dtype)
+            if ctx.needs_input_grad[2]:
+                grad_W = S.t() @ g
+        return grad_vals, None, grad_W
+
+
+def sparse_decode(vals: torch.Tensor, idx: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """Differentiable sparse decoder product (see :class:`SparseDecode`)."""
+    return SparseDecode.apply(vals, idx, W_dec)

@@ -1,0 +1,135 @@
+"""Evaluation stage: SAEBench-style metrics of trained SAE runs, written to ``RUN/eval_results/*.json``.
+
+:mod:`.core` (reconstruction, sparsity, CE/KL with the SAE spliced in), :mod:`.results` (result
+files), :mod:`.common` (held-out tokens, compatibility checks, model activations).
+:func:`evaluate_runs` loads each model once, shares the clean held-out pass between all SAEs of a
+(model, hook, dataset) and writes one result file per run and evaluation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .common import (
+    IncompatibleSAEError,
+    canonical_model_id,
+    check_compatible,
+    model_fingerprints,
+    model_hook_names,
+)
+from .core import (
+    EVAL_TYPE_ID,
+    CoreConfig,
+    CoreReference,
+    compute_reference,
+    reference_key,
+    resolve_config,
+    run_core,
+)
+from .results import get_metric, read_result, validate_result, write_result
+
+__all__ = ["AVAILABLE_EVALS", "COMPARISON_COLUMNS", "CoreConfig", "IncompatibleSAEError", "check_compatible",
+           "evaluate_runs", "print_comparison", "read_result", "run_core", "validate_result", "write_result"]
+
+AVAILABLE_EVALS = (EVAL_TYPE_ID,)
+COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "ce_loss_score",
+                      "kl_div_score", "frac_dead", "frac_dense")
+
+
+def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
+                  evals: Sequence[str] = ("core",), n_tokens: int = 4096, device: str = "auto",
+                  quiet: bool = False) -> list[dict]:
+    """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
+
+    The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
+    (an HF id, a local directory, or the embedded default). Each model is loaded once (float32,
+    on ``device``) and reused across runs; every run's ``cfg.json`` is checked against the store
+    (when given) and the loaded model before the first forward pass of any run. The
+    SAE-independent clean/ablated pass (:class:`~sae.evaluate.core.CoreReference`) is computed
+    once per (model, hook, dataset, context size), shared, and freed after the last run that
+    needs it. Held-out text comes from the store's dataset (else the run's ``dataset_path``) and
+    context size (else the run's).
+
+    Returns one SAEBench-shaped result dict per (run, eval), in order.
+
+    Raises:
+        ValueError: an unknown eval name. IncompatibleSAEError: a run does not fit the store/model.
+        FileNotFoundError: a run directory without an SAE. StoreError: a bad store.
+    """
+    import json
+
+    from ..model import LoadedModel, load_model
+    from ..store import ActivationStore
+    from ..train.sae import CFG_FILE, SAE
+
+    unknown = [e for e in evals if e not in AVAILABLE_EVALS]
+    if unknown:
+        raise ValueError(f"unknown evaluation {unknown[0]!r}: choose from {', '.join(AVAILABLE_EVALS)}")
+    attrs = ActivationStore(store).attrs if store is not None else None
+    models: dict[str | None, LoadedModel] = {}
+    # pass 1: every run's cfg.json against the store and its model, before any forward pass
+    plan: list[tuple[Path, LoadedModel, CoreConfig, str]] = []
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / CFG_FILE).exists():
+            SAE.load(run_dir)  # raises FileNotFoundError with the hint
+        sae_cfg = json.loads((run_dir / CFG_FILE).read_text())
+        if attrs is not None:
+            check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"),
+                             int(attrs["d_model"]), list(attrs["hook_names"]), against="store",
+                             run_dir=run_dir)
+            model_id = attrs.get("model_id")
+        else:
+            model_id = sae_cfg.get("model_name")
+        key = canonical_model_id(model_id)
+        if key not in models:
+            models[key] = load_model(model_id, device, dtype=torch.float32)
+        lm = models[key]
+        check_compatible(sae_cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
+                         run_dir=run_dir)
+        cfg = resolve_config(CoreConfig(n_eval_tokens=n_tokens, device=device,
+                                        dataset=attrs.get("dataset") if attrs else None,
+                                        context_size=int(attrs["context_size"]) if attrs else None), sae_cfg)
+        plan.append((run_dir, lm, cfg, str(sae_cfg["hook_name"])))
+    # pass 2: one shared clean/ablated reference per (model, hook, data), dropped after its last run
+    keys = [reference_key(lm, hook, cfg) for _, lm, cfg, hook in plan]
+    last_use = {k: i for i, k in enumerate(keys)}
+    references: dict[tuple, CoreReference] = {}
+    results: list[dict] = []
+    for i, ((run_dir, lm, cfg, hook), rkey) in enumerate(zip(plan, keys, strict=True)):
+        if rkey not in references:
+            references[rkey] = compute_reference(lm, hook, cfg, quiet=quiet)
+        sae = SAE.load(run_dir)
+        out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
+        write_result(run_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
+                     sae.cfg, out["unstructured"])
+        results.append(read_result(run_dir, EVAL_TYPE_ID))
+        if last_use[rkey] == i:
+            del references[rkey]
+    return results
+
+
+def _label(result: dict, i: int) -> str:
+    un = result.get("eval_result_unstructured") or {}
+    run = un.get("run_dir") if isinstance(un, dict) else None
+    return Path(run).name if run else str(result.get("sae_cfg_dict", {}).get("run_name", f"run {i}"))
+
+
+def print_comparison(results: Sequence[dict], console: object | None = None) -> None:
+    """Print one rich table: a row per run, columns :data:`COMPARISON_COLUMNS` (missing → "–")."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="core evaluation")
+    table.add_column("run")
+    for col in COMPARISON_COLUMNS:
+        table.add_column(col, justify="right")
+    for i, r in enumerate(results):
+        cells = []
+        for col in COMPARISON_COLUMNS:
+            v = get_metric(r, col)
+            cells.append("–" if v is None else (f"{v:.1f}" if col == "l0" else f"{v:.4g}"))
+        table.add_row(_label(r, i), *cells)
+    (console or Console()).print(table)

@@ -1,0 +1,221 @@
+"""Helpers shared by the evaluations: held-out token batches, SAE/model/store compatibility checks
+and model activations.
+
+Every evaluation runs on the *held-out* split of a dataset (``iter_documents(spec, "test")``,
+documents never used for harvesting or training), packed into ``BOS``-first sequences exactly as
+the harvest packs its training text (:func:`sae.harvest.tokens.pack_sequences`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import weakref
+from collections.abc import Callable, Collection, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..harvest.corpus import iter_documents
+from ..harvest.tokens import pack_sequences
+from ..model import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_MODEL_ID,
+    LoadedModel,
+    hook_name_for,
+    layer_of_hook,
+    logits,
+    splice,
+)
+from ..model import weights_fingerprint as _weights_fingerprint
+
+
+class IncompatibleSAEError(ValueError):
+    """An SAE does not fit the model or store it is evaluated with (one-line message with the fix)."""
+
+
+# -- held-out tokens ------------------------------------------------------------------------------
+def load_eval_tokens(tokenizer: object, bos_token_id: int, dataset: str, context_size: int, n_tokens: int,
+                     split: str = "test", seed: int = 0) -> torch.Tensor:
+    """The first ``ceil(n_tokens / context_size)`` packed sequences of ``dataset``'s ``split``.
+
+    Returns ``[n_seq, context_size]`` int64 token ids, each row starting with ``BOS``. Fewer rows
+    come back when the split runs out of text. Results are memoised per tokenizer object (reading
+    the embedded corpus takes seconds; every evaluation of a session reuses the same text).
+
+    Raises:
+        ValueError: unknown dataset/split, or the split holds no full sequence.
+    """
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    n_seq = math.ceil(n_tokens / context_size)
+    key = (id(tokenizer), bos_token_id, dataset, context_size, n_seq, split, seed)
+    hit = _TOKEN_CACHE.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        return hit[1].clone()
+    docs = (d.text for d in iter_documents(dataset, split, seed))
+    rows = list(itertools.islice(pack_sequences(docs, tokenizer, context_size, bos_token_id), n_seq))
+    if not rows:
+        raise ValueError(f"dataset {dataset!r} split {split!r} holds no full sequence of {context_size} "
+                         "tokens: use a larger dataset or a smaller --context-size")
+    tokens = torch.from_numpy(np.stack(rows)).long()
+    with contextlib.suppress(TypeError):  # a tokenizer that cannot be weak-referenced is not memoised
+        _TOKEN_CACHE[key] = (weakref.ref(tokenizer), tokens)
+    return tokens.clone()
+
+
+_TOKEN_CACHE: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def non_special_mask(tokens: torch.Tensor, special_token_ids: Sequence[int]) -> torch.Tensor:
+    """Bool mask (same shape as ``tokens``) of positions whose token is not special (BOS/EOS/PAD/...)."""
+    if not len(special_token_ids):
+        return torch.ones_like(tokens, dtype=torch.bool)
+    special = torch.as_tensor(list(special_token_ids), dtype=tokens.dtype, device=tokens.device)
+    return ~torch.isin(tokens, special)
+
+
+def batches(n: int, batch_size: int) -> list[slice]:
+    """Consecutive slices covering ``range(n)`` in steps of ``batch_size``."""
+    return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+# -- model activations ----------------------------------------------------------------------------
+@torch.no_grad()
+def forward_with_capture(lm: LoadedModel, input_ids: torch.Tensor, layer: int,
+                         patch: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One full forward → ``(logits [B, T, vocab] float32, resid_post [B, T, d_model] float32)``.
+
+    The activation is recorded (on the model's device) as it leaves block ``layer``; ``patch``, if
+    given, then replaces it (the recorded value is the one *before* patching) — so a clean forward
+    and its activations cost one pass (``patch=None``).
+    """
+    captured: list[torch.Tensor] = []
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        captured.append(h.detach().float())
+        return patch(h) if patch is not None else h
+
+    with splice(lm.model, layer, fn):
+        out = logits(lm.model, input_ids.to(lm.device))
+    return out, captured[0]
+
+
+def model_hook_names(lm: LoadedModel) -> list[str]:
+    """Every ``resid_post`` hook the model offers: ``blocks.0..n_layers-1.hook_resid_post``."""
+    return [hook_name_for(L) for L in range(lm.n_layers)]
+
+
+def model_fingerprints(lm: LoadedModel) -> set[str]:
+    """Fingerprints under which ``lm``'s weights may have been recorded.
+
+    ``sae.model.weights_fingerprint`` hashes weights in the dtype they were loaded in, and
+    ``load_model`` picks bfloat16 on CUDA and float32 on CPU: a store harvested on a GPU records
+    the bfloat16 fingerprint of the same weights. For a float32 model we therefore also accept the
+    fingerprints of its bfloat16 and float16 roundings (computed one parameter at a time, memoised
+    per model object).
+    """
+    cached = _FINGERPRINTS.get(lm.model)
+    if cached is not None and lm.fingerprint in cached:
+        return set(cached)
+    fps = {lm.fingerprint}
+    if next(lm.model.parameters()).dtype == torch.float32:
+        for dt in (torch.bfloat16, torch.float16):
+            fps.add(_weights_fingerprint(_CastView(lm.model, dt)))  # type: ignore[arg-type]
+    _FINGERPRINTS[lm.model] = fps
+    return set(fps)
+
+
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+class _CastView:
+    """Just enough of a module for ``weights_fingerprint``: ``config`` and cast ``named_parameters``."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+        self.config = getattr(model, "config", None)
+        self._model, self._dtype = model, dtype
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self._model.named_parameters():
+            yield name, p.detach().to(self._dtype)
+
+
+# -- compatibility --------------------------------------------------------------------------------
+def canonical_model_id(model_id: str | None) -> str | None:
+    """Embedded aliases → the embedded id; an existing local directory → its resolved path."""
+    if model_id is None:
+        return None
+    if model_id in EMBEDDED_ALIASES:
+        return EMBEDDED_MODEL_ID
+    p = Path(model_id).expanduser()
+    return str(p.resolve()) if p.exists() else model_id.rstrip("/")
+
+
+def _layers_text(hook_names: Sequence[str]) -> str:
+    try:
+        layers = sorted(layer_of_hook(h) for h in hook_names)
+    except ValueError:
+        return ", ".join(hook_names)
+    if layers and layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"layers {layers[0]}..{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
+
+
+def check_compatible(sae_cfg: dict, model_id: str | None, model_fingerprint: str | Collection[str] | None,
+                     d_model: int, hook_names: Sequence[str], *, against: str = "model",
+                     run_dir: str | Path | None = None) -> None:
+    """Raise :class:`IncompatibleSAEError` (a ``ValueError``) if an SAE cannot be evaluated here.
+
+    ``sae_cfg`` is the run's ``cfg.json`` (``model_name``, optional ``model_fingerprint``,
+    ``hook_name``, optional ``hook_layer``, ``d_in``); the other arguments describe the model or
+    store (``against`` = ``"model"`` or ``"store"``) it is to be evaluated with: its id, weights
+    fingerprint(s) (one string or a set, see :func:`model_fingerprints`; ``None`` = unknown), width
+    and available hook names.
+
+    Checks, in order: the model (by fingerprint when both sides know one — it is then decisive, so
+    two spellings of the same local path pass; else by canonical id, see
+    :func:`canonical_model_id`), the hook (present, and consistent with ``hook_layer``), and
+    ``d_in == d_model``. Each message names the run, both sides and the fix.
+    """
+    run = str(run_dir) if run_dir is not None else str(sae_cfg.get("run_name", "(unnamed run)"))
+    hook = sae_cfg.get("hook_name")
+    sae_model = sae_cfg.get("model_name")
+    d_in = sae_cfg.get("d_in")
+    what = f"SAE {run} was trained on model {sae_model} (hook {hook}, d_in {d_in})"
+    fix_model = ("pass --store harvested from that model" if against == "store"
+                 else "evaluate it with the model it was trained on")
+    fps = {model_fingerprint} if isinstance(model_fingerprint, str) else set(model_fingerprint or ())
+    sae_fp = sae_cfg.get("model_fingerprint")
+    if sae_fp and fps:
+        if sae_fp not in fps:
+            same = canonical_model_id(sae_model) == canonical_model_id(model_id)
+            detail = (f"the {against} has the same id but other weights (fingerprint {sae_fp} vs "
+                      f"{', '.join(sorted(fps))})" if same else f"the {against} is {model_id}")
+            raise IncompatibleSAEError(f"{what} but {detail}: {fix_model}")
+    elif sae_model and model_id and canonical_model_id(sae_model) != canonical_model_id(model_id):
+        raise IncompatibleSAEError(f"{what} but the {against} is {model_id}: {fix_model}")
+    if not hook:
+        raise IncompatibleSAEError(f"SAE {run} has no hook_name in its cfg.json: "
+                                   "it is not a finished `sae train` run")
+    try:
+        layer = layer_of_hook(hook)
+    except ValueError as e:
+        raise IncompatibleSAEError(f"SAE {run}: {e}") from e
+    if sae_cfg.get("hook_layer") is not None and int(sae_cfg["hook_layer"]) != layer:
+        raise IncompatibleSAEError(f"SAE {run} has hook_name {hook} but hook_layer {sae_cfg['hook_layer']}: "
+                                   "its cfg.json is inconsistent; fix hook_layer")
+    if hook not in hook_names:
+        if against == "store":
+            fix = (f"pass a --store that has {hook} (harvest --layer {layer}) or an SAE of its "
+                   f"{_layers_text(hook_names)}")
+        else:
+            fix = "the SAE belongs to another (deeper) model: evaluate it with that model"
+        raise IncompatibleSAEError(f"SAE {run} reads {hook} but the {against} {model_id} only has "
+                                   f"{_layers_text(hook_names)}: {fix}")
+    if d_in is not None and int(d_in) != int(d_model):
+        raise IncompatibleSAEError(f"{what} but the {against} {model_id} has d_model {d_model}: "
+                                   f"the SAE belongs to another model; {fix_model}")

@@ -1,0 +1,437 @@
+"""Core evaluation: reconstruction, sparsity and model-behaviour metrics of one SAE (SAEBench "core").
+
+Data: the held-out split (``split="test"``) of the SAE's dataset (``cfg.json`` ``dataset_path``, or
+the store's ``dataset``), packed into ``BOS``-first sequences of the SAE's ``context_size``.
+
+Exclusions (``exclude_special=True``, the default; SAEBench's
+``exclude_special_tokens_from_reconstruction``): a position is *special* when its token is one of
+the tokenizer's special ids (BOS, EOS, PAD, UNK, ...). Gemma's BOS residual has a norm of ~40 000
+against ~3 000 elsewhere, and our SAEs never see it in training, so
+
+* reconstruction and sparsity metrics average over non-special positions only;
+* splicing the SAE into the model replaces ``resid_post`` by ``x̂`` at non-special positions and
+  keeps the clean activation at special ones; zero-ablation likewise zeroes non-special positions
+  only (SAEBench zero-ablates every position; we keep BOS so that the ablation baseline differs
+  from the SAE run only where the SAE acts);
+* CE and KL average over *predicted* positions ``t`` (logits at ``t`` scoring token ``t+1``) whose
+  target token ``t+1`` is not special (we do not score predicting a document boundary; the last
+  position has no target and is never scored).
+
+With ``exclude_special=False`` every position is reconstructed, spliced, ablated and scored.
+
+Formulas (``x`` = model activation ``[d_in]``, ``x̂`` = SAE reconstruction, ``f`` = codes
+``[d_sae]``, N = scored tokens; sums run over scored tokens):
+
+* ``mse`` = Σ‖x − x̂‖² / (N·d_in) — mean over tokens *and* dimensions (SAEBench's core divides
+  each token's summed squared error by the batch's token count before averaging: not comparable).
+* ``explained_variance`` = 1 − Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the mean over the scored tokens
+  (ratio of sums, SAELens' training ``explained_variance``; SAEBench's core, like SAELens'
+  ``explained_variance_legacy``, averages the per-token ratio 1 − ‖x − x̂‖²/‖x − x̄‖² instead).
+* ``cossim`` = mean cos(x, x̂); ``l2_ratio`` = mean ‖x̂‖/‖x‖; ``l2_norm_in/out`` = mean ‖x‖, ‖x̂‖.
+* ``relative_reconstruction_bias`` γ = E‖x̂‖² / E⟨x, x̂⟩ (Rajamanoharan et al. 2024, "Gated SAEs",
+  eq. 10, as computed by SAEBench and dictionary_learning): the γ minimising E‖x̂/γ − x‖²; γ < 1
+  means shrinkage. Unlike SAEBench (per-batch ratio, then averaged) both expectations run over
+  all scored tokens.
+* ``l0`` = mean #{i : f_i > 0}; ``l1`` = mean Σ|f_i|.
+* feature density of latent i = fraction of scored tokens with f_i > 0; ``frac_dead`` = fraction
+  of latents that never fire on the eval tokens (a short eval overstates deadness);
+  ``frac_dense`` = fraction with density > ``dense_threshold`` (strict, like SAEBench's
+  ``freq_over_10_percent`` for the default 0.1). SAEBench's ``frac_alive``,
+  ``freq_over_{1,10}_percent`` and ``normalized_freq_over_{1,10}_percent`` are reported too.
+* ``ce_loss_score`` = (CE_zero_abl − CE_sae) / (CE_zero_abl − CE_clean) and ``kl_div_score`` =
+  (KL_abl − KL_sae) / KL_abl, KL = KL(p_clean ‖ p_patched) of next-token distributions, each a
+  mean over the scored positions (SAEBench / SAELens ``get_recons_loss``).
+
+The SAE-independent part — tokens, clean activations, clean and zero-ablated CE, KL of the
+ablation, and (within a memory budget) the clean log-probabilities — is a :class:`CoreReference`,
+computed once per (model, hook, dataset, context size, token count) and shared by every SAE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from ..model import LoadedModel, layer_of_hook, logits, splice
+from ..progress import progress_bar
+from ..train.sae import SAE
+from .common import (
+    batches,
+    check_compatible,
+    forward_with_capture,
+    load_eval_tokens,
+    model_fingerprints,
+    model_hook_names,
+    non_special_mask,
+)
+
+EVAL_TYPE_ID = "core"
+DEFAULT_CONTEXT_SIZE = 128
+
+__all__ = ["EVAL_TYPE_ID", "CoreConfig", "CoreReference", "check_compatible", "compute_reference",
+           "metric_categories", "resolve_config", "run_core"]
+
+
+@dataclass
+class CoreConfig:
+    """Settings of the core evaluation (recorded as ``eval_config`` in the result file)."""
+
+    n_eval_tokens: int = 4096
+    """Held-out tokens to evaluate (BOS included): ``ceil(n / context_size)`` sequences."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    context_size: int | None = None
+    """Tokens per sequence, BOS included; None → the store's / the SAE's ``context_size``."""
+    dataset: str | None = None
+    """Dataset spec; None → the store's ``dataset`` / the SAE cfg's ``dataset_path`` / embedded."""
+    split: str = "test"
+    """Corpus split; ``test`` holds documents never used for harvesting or training."""
+    dense_threshold: float = 0.1
+    """A latent is dense when it fires on more than this fraction of tokens (SAEBench: 10%)."""
+    exclude_special: bool = True
+    """Skip BOS/EOS/PAD/... positions in metrics, splicing and ablation (see module doc)."""
+    device: str = "auto"
+    """Where :func:`sae.evaluate.evaluate_runs` loads model and SAE; ``run_core`` uses the model's device."""
+    seed: int = 0
+    """Document order of the corpus (``iter_documents`` seed)."""
+    max_cached_logprob_gib: float = 2.0
+    """Keep clean log-probs of all scored positions in memory up to this size (saves one forward per
+    batch and SAE); above it the clean logits are recomputed for each SAE."""
+
+
+def resolve_config(cfg: CoreConfig, sae_cfg: dict) -> CoreConfig:
+    """``cfg`` with ``dataset`` and ``context_size`` filled from the SAE's ``cfg.json`` when None."""
+    dataset = cfg.dataset or sae_cfg.get("dataset_path") or "embedded"
+    ctx = cfg.context_size or sae_cfg.get("context_size") or DEFAULT_CONTEXT_SIZE
+    return replace(cfg, dataset=str(dataset), context_size=int(ctx))
+
+
+@dataclass
+class _RefBatch:
+    """SAE-independent data of one batch of ``b`` sequences of ``T`` tokens (CPU tensors)."""
+
+    tokens: torch.Tensor        # [b, T] int64
+    acts: torch.Tensor          # [b, T, d_model] float32, clean resid_post at the hook
+    recon_mask: torch.Tensor    # [b, T] bool, positions reconstructed / spliced / scored
+    ce_mask: torch.Tensor       # [b, T-1] bool, predicted positions scored by CE/KL
+    ce_clean: torch.Tensor      # [n_scored] float32 nats
+    ce_zero: torch.Tensor       # [n_scored]
+    kl_zero: torch.Tensor       # [n_scored]
+    clean_logprobs: torch.Tensor | None  # [n_scored, vocab] float32, or None over the memory budget
+
+
+@dataclass
+class CoreReference:
+    """Everything the core eval needs that does not depend on the SAE (see :func:`compute_reference`)."""
+
+    key: tuple
+    model_id: str
+    model_fingerprint: str
+    hook_name: str
+    batches: list[_RefBatch]
+    act_mean: torch.Tensor      # [d_model] float64, mean of x over scored tokens
+    total_sq_dev: float         # Σ‖x − x̄‖² over scored tokens
+    n_tokens_total: int
+    n_tokens_scored: int
+    n_positions_ce: int
+    ce_clean: float
+    ce_zero: float
+    kl_zero: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(len(b.tokens) for b in self.batches)
+
+
+def reference_key(lm: LoadedModel, hook_name: str, cfg: CoreConfig) -> tuple:
+    """What a :class:`CoreReference` depends on (``cfg`` resolved)."""
+    return (lm.fingerprint, hook_name, cfg.dataset, cfg.split, cfg.seed, cfg.context_size, cfg.n_eval_tokens,
+            cfg.batch_size, cfg.exclude_special)
+
+
+def _scored_logprobs(lg: torch.Tensor, ce_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, T, V]`` → float32 log-probs ``[n_scored, V]`` at the positions of ``ce_mask [b, T-1]``."""
+    return F.log_softmax(lg[:, :-1][ce_mask.to(lg.device)].float(), dim=-1)
+
+
+def _ce(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy (nats) ``[n]`` from log-probs ``[n, V]`` and target ids ``[n]``."""
+    return -logprobs.gather(1, targets.to(logprobs.device)[:, None])[:, 0]
+
+
+def _kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(p_ref ‖ p) = Σ_v p_ref (log p_ref − log p) per row → ``[n]`` (nats)."""
+    ref = ref_logprobs.to(logprobs.device)
+    return F.kl_div(logprobs, ref, reduction="none", log_target=True).sum(-1)
+
+
+def _masked_patch(mask: torch.Tensor, value: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``h [b, T, d] ↦ where(mask, value, h)`` (``value=None``: zeros) for :func:`sae.model.splice`."""
+
+    def fn(h: torch.Tensor) -> torch.Tensor:
+        new = torch.zeros_like(h) if value is None else value.to(h.dtype)
+        return torch.where(mask.to(h.device)[..., None], new, h)
+
+    return fn
+
+
+@torch.no_grad()
+def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: bool = True) -> CoreReference:
+    """Clean activations, clean / zero-ablated CE and ablation KL on the held-out tokens.
+
+    ``cfg`` must be resolved (:func:`resolve_config`). Per batch: one clean forward that also
+    records ``resid_post`` at the hook (:func:`forward_with_capture`), one zero-ablated forward.
+
+    Raises:
+        ValueError: bad hook name or layer, unknown dataset, empty held-out split.
+    """
+    if cfg.dataset is None or cfg.context_size is None:
+        raise ValueError("compute_reference needs a resolved CoreConfig (dataset and context_size set)")
+    layer = layer_of_hook(hook_name)
+    tokens = load_eval_tokens(lm.tokenizer, lm.bos_token_id, cfg.dataset, cfg.context_size, cfg.n_eval_tokens,
+                              cfg.split, cfg.seed)
+    special = lm.special_token_ids if cfg.exclude_special else []
+    budget = cfg.max_cached_logprob_gib * 2**30
+    out: list[_RefBatch] = []
+    keep_logprobs: bool | None = None
+    with progress_bar(quiet, unit="seq") as bar:
+        task = bar.add_task(f"core reference {hook_name}", total=len(tokens))
+        for sl in batches(len(tokens), cfg.batch_size):
+            ids = tokens[sl]
+            recon_mask = non_special_mask(ids, special)
+            ce_mask = non_special_mask(ids[:, 1:], special)
+            targets = ids[:, 1:][ce_mask]
+            lg, acts = forward_with_capture(lm, ids, layer)
+            if keep_logprobs is None:
+                keep_logprobs = len(tokens) * (cfg.context_size - 1) * lg.shape[-1] * 4 <= budget
+            lp_clean = _scored_logprobs(lg, ce_mask)
+            del lg
+            with splice(lm.model, layer, _masked_patch(recon_mask, None)):
+                lp_zero = _scored_logprobs(logits(lm.model, ids.to(lm.device)), ce_mask)
+            out.append(_RefBatch(
+                tokens=ids, acts=acts.cpu(), recon_mask=recon_mask, ce_mask=ce_mask,
+                ce_clean=_ce(lp_clean, targets).cpu(), ce_zero=_ce(lp_zero, targets).cpu(),
+                kl_zero=_kl(lp_clean, lp_zero).cpu(),
+                clean_logprobs=lp_clean.cpu() if keep_logprobs else None))
+            del lp_clean, lp_zero
+            bar.update(task, advance=len(ids))
+    n_scored = sum(int(b.recon_mask.sum()) for b in out)
+    if n_scored == 0:
+        raise ValueError(f"no non-special tokens in the {len(tokens)} held-out sequences of {cfg.dataset!r}")
+    d = out[0].acts.shape[-1]
+    total = torch.zeros(d, dtype=torch.float64)
+    for b in out:
+        total += b.acts[b.recon_mask].double().sum(0)
+    mean = total / n_scored
+    sq_dev = sum(float(((b.acts[b.recon_mask].double() - mean) ** 2).sum()) for b in out)
+    ce_clean, ce_zero, kl_zero = (torch.cat([getattr(b, n) for b in out]).double() for n in
+                                  ("ce_clean", "ce_zero", "kl_zero"))
+    return CoreReference(
+        key=reference_key(lm, hook_name, cfg), model_id=lm.model_id, model_fingerprint=lm.fingerprint,
+        hook_name=hook_name, batches=out, act_mean=mean, total_sq_dev=sq_dev,
+        n_tokens_total=int(tokens.numel()), n_tokens_scored=n_scored, n_positions_ce=len(ce_clean),
+        ce_clean=_mean(ce_clean), ce_zero=_mean(ce_zero),
+        kl_zero=_mean(kl_zero), extra={"clean_logprobs_cached": bool(keep_logprobs)})
+
+
+def _mean(t: torch.Tensor) -> float:
+    return float(t.mean()) if t.numel() else math.nan
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den != 0 and math.isfinite(den) else math.nan
+
+
+@torch.no_grad()
+def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference: CoreReference | None = None,
+             quiet: bool = True, run_dir: str | None = None) -> dict:
+    """Evaluate ``sae`` (raw activation space, ``sae.cfg`` = its ``cfg.json``) with model ``lm``.
+
+    ``reference`` (from :func:`compute_reference` with the same model, hook and resolved config)
+    is reused when given, else computed. The SAE is moved to the model's device.
+
+    Returns ``{"eval_type_id", "eval_config", "metrics", "metric_categories", "details",
+    "unstructured"}``: ``metrics`` is flat (``mse``, ``explained_variance``, ``cossim``,
+    ``l2_norm_in``, ``l2_norm_out``, ``l2_ratio``, ``relative_reconstruction_bias``, ``l0``, ``l1``,
+    ``frac_dead``, ``frac_alive``, ``frac_dense``, ``freq_over_1_percent``, ``freq_over_10_percent``,
+    ``normalized_freq_over_{1,10}_percent``, ``ce_loss_clean``, ``ce_loss_with_sae``,
+    ``ce_loss_zero_abl``, ``ce_loss_score``, ``kl_div_with_sae``, ``kl_div_with_ablation``,
+    ``kl_div_score`` and token counts; CE/KL in nats, ``mse`` in squared activation units);
+    ``metric_categories`` the same in SAEBench's groups (:func:`metric_categories`); ``details``
+    one dict per latent (``index``, ``feature_density``, ``consistent_activation_heuristic``,
+    ``encoder_norm``, ``encoder_bias``, ``encoder_decoder_cosine_sim``) for density histograms.
+    Scores are NaN when their denominator is 0.
+
+    Raises:
+        IncompatibleSAEError: the SAE does not fit ``lm`` (:func:`check_compatible`).
+        ValueError: a ``reference`` computed for another model/hook/config.
+    """
+    cfg = resolve_config(cfg or CoreConfig(), sae.cfg)
+    check_compatible(sae.cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
+                     against="model", run_dir=run_dir)
+    hook = str(sae.cfg["hook_name"])
+    layer = layer_of_hook(hook)
+    if reference is None:
+        reference = compute_reference(lm, hook, cfg, quiet=quiet)
+    elif reference.key != reference_key(lm, hook, cfg):
+        raise ValueError(f"the core reference was computed for {reference.key}, not "
+                         f"{reference_key(lm, hook, cfg)}: "
+                         "compute one per (model, hook, dataset, context size, token count)")
+    sae = sae.to(lm.device)
+    dev, d_sae = lm.device, sae.d_sae
+    sums = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1")
+    acc = dict.fromkeys(sums, 0.0)
+    fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+    seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+    ce_sae, kl_sae = [], []
+    with progress_bar(quiet, unit="seq") as bar:
+        task = bar.add_task(f"core {run_dir or hook}", total=reference.n_sequences)
+        for rb in reference.batches:
+            b, T, d = rb.acts.shape
+            x = rb.acts.to(dev)
+            m = rb.recon_mask.to(dev)
+            codes = sae.encode_sparse(x.reshape(-1, d))
+            x_hat = sae.decode_sparse(codes).reshape(b, T, d)
+            xs, xh = x[m].double(), x_hat[m].double()
+            n_in, n_out = xs.norm(dim=-1), xh.norm(dim=-1)
+            acc["sq_err"] += float(((xs - xh) ** 2).sum())
+            acc["cos"] += float(F.cosine_similarity(xs, xh, dim=-1, eps=1e-12).sum())
+            acc["ratio"] += float((n_out / n_in.clamp_min(1e-12)).sum())
+            acc["norm_in"] += float(n_in.sum())
+            acc["norm_out"] += float(n_out.sum())
+            acc["xhat_sq"] += float((n_out ** 2).sum())
+            acc["x_dot_xhat"] += float((xs * xh).sum())
+            mf = m.reshape(-1)
+            vals, idx = codes.vals[mf], codes.idx[mf]
+            active = vals > 0
+            acc["l0"] += float(active.sum())
+            acc["l1"] += float(vals.abs().sum())
+            fire += torch.bincount(idx[active], minlength=d_sae).double()
+            seq_of = torch.arange(b, device=dev).repeat_interleave(T)[mf][:, None].expand_as(idx)
+            pairs = torch.unique(seq_of[active] * d_sae + idx[active])
+            seq_fire += torch.bincount(pairs % d_sae, minlength=d_sae).double()
+
+            ids = rb.tokens.to(dev)
+            targets = ids[:, 1:][rb.ce_mask.to(dev)]
+            with splice(lm.model, layer, _masked_patch(m, x_hat)):
+                lp = _scored_logprobs(logits(lm.model, ids), rb.ce_mask)
+            ref_lp = rb.clean_logprobs
+            if ref_lp is None:
+                ref_lp = _scored_logprobs(logits(lm.model, ids), rb.ce_mask)
+            ce_sae.append(_ce(lp, targets).cpu())
+            kl_sae.append(_kl(ref_lp, lp).cpu())
+            del lp, ref_lp
+            bar.update(task, advance=b)
+
+    N = reference.n_tokens_scored
+    d_in = sae.d_in
+    density = (fire / N).cpu()
+    metrics: dict[str, float] = {
+        "mse": acc["sq_err"] / (N * d_in),
+        "explained_variance": 1.0 - _ratio(acc["sq_err"], reference.total_sq_dev),
+        "cossim": acc["cos"] / N,
+        "l2_norm_in": acc["norm_in"] / N,
+        "l2_norm_out": acc["norm_out"] / N,
+        "l2_ratio": acc["ratio"] / N,
+        "relative_reconstruction_bias": _ratio(acc["xhat_sq"], acc["x_dot_xhat"]),
+        "l0": acc["l0"] / N,
+        "l1": acc["l1"] / N,
+        **_density_metrics(density, cfg.dense_threshold),
+    }
+    ce_with_sae = _mean(torch.cat(ce_sae).double())
+    kl_with_sae = _mean(torch.cat(kl_sae).double())
+    metrics.update({
+        "ce_loss_clean": reference.ce_clean,
+        "ce_loss_with_sae": ce_with_sae,
+        "ce_loss_zero_abl": reference.ce_zero,
+        "ce_loss_score": _ratio(reference.ce_zero - ce_with_sae, reference.ce_zero - reference.ce_clean),
+        "kl_div_with_sae": kl_with_sae,
+        "kl_div_with_ablation": reference.kl_zero,
+        "kl_div_score": _ratio(reference.kl_zero - kl_with_sae, reference.kl_zero),
+        "n_tokens_total": float(reference.n_tokens_total),
+        "n_tokens_scored": float(N),
+        "n_positions_ce": float(reference.n_positions_ce),
+    })
+    eval_config = {**asdict(cfg), "model_name": lm.model_id, "hook_name": hook,
+                   "llm_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                   "n_sequences": reference.n_sequences}
+    return {
+        "eval_type_id": EVAL_TYPE_ID,
+        "eval_config": eval_config,
+        "metrics": metrics,
+        "metric_categories": metric_categories(metrics),
+        "details": latent_details(sae, density, (fire / seq_fire).cpu()),
+        "unstructured": {
+            "run_dir": run_dir, "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
+            "hook_name": hook,
+            "dataset": cfg.dataset, "split": cfg.split, "exclude_special": cfg.exclude_special,
+            "special_token_ids": lm.special_token_ids if cfg.exclude_special else [],
+            "clean_logprobs_cached": reference.extra.get("clean_logprobs_cached"),
+        },
+    }
+
+
+def _density_metrics(density: torch.Tensor, dense_threshold: float) -> dict[str, float]:
+    """Dead/dense fractions from firing rates ``density [d_sae]`` (SAEBench ``calculate_misc_metrics``)."""
+    total = float(density.sum())
+
+    def share_above(t: float) -> float:
+        return float(density[density > t].sum()) / total if total > 0 else 0.0
+
+    return {
+        "frac_dead": float((density == 0).double().mean()),
+        "frac_alive": float((density > 0).double().mean()),
+        "frac_dense": float((density > dense_threshold).double().mean()),
+        "freq_over_1_percent": float((density > 0.01).double().mean()),
+        "freq_over_10_percent": float((density > 0.1).double().mean()),
+        "normalized_freq_over_1_percent": share_above(0.01),
+        "normalized_freq_over_10_percent": share_above(0.1),
+    }
+
+
+def latent_details(sae: SAE, density: torch.Tensor, cah: torch.Tensor) -> list[dict]:
+    """One dict per latent (SAEBench ``CoreFeatureMetric`` fields that need no pairwise work).
+
+    ``density [d_sae]`` firing rate; ``cah [d_sae]`` consistent-activation heuristic = firings per
+    sequence in which the latent fires at least once (None when it never fires);
+    ``encoder_norm`` = ‖W_enc[:, i]‖, ``encoder_decoder_cosine_sim`` = cos(W_enc[:, i], W_dec[i]).
+    """
+    w_enc = sae.W_enc.detach().float().cpu()
+    w_dec = sae.W_dec.detach().float().cpu()
+    enc_norm = w_enc.norm(dim=0)
+    cos = F.cosine_similarity(w_enc.T, w_dec, dim=-1)
+    bias = sae.b_enc.detach().float().cpu()
+    return [
+        {"index": i, "feature_density": float(density[i]),
+         "consistent_activation_heuristic": float(cah[i]) if math.isfinite(float(cah[i])) else None,
+         "encoder_norm": float(enc_norm[i]), "encoder_bias": float(bias[i]),
+         "encoder_decoder_cosine_sim": float(cos[i])}
+        for i in range(len(density))
+    ]
+
+
+def metric_categories(m: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Flat core metrics → SAEBench's ``eval_result_metrics`` groups (names of SAEBench core's output)."""
+    return {
+        "model_behavior_preservation": {k: m[k] for k in ("kl_div_score", "kl_div_with_ablation",
+                                                          "kl_div_with_sae")},
+        "model_performance_preservation": {
+            "ce_loss_score": m["ce_loss_score"], "ce_loss_with_ablation": m["ce_loss_zero_abl"],
+            "ce_loss_with_sae": m["ce_loss_with_sae"], "ce_loss_without_sae": m["ce_loss_clean"]},
+        "reconstruction_quality": {k: m[k] for k in ("explained_variance", "mse", "cossim")},
+        "shrinkage": {k: m[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio",
+                                        "relative_reconstruction_bias")},
+        "sparsity": {k: m[k] for k in ("l0", "l1")},
+        "misc_metrics": {k: m[k] for k in ("frac_dead", "frac_alive", "frac_dense", "freq_over_1_percent",
+                                           "freq_over_10_percent", "normalized_freq_over_1_percent",
+                                           "normalized_freq_over_10_percent")},
+        "token_stats": {"total_tokens_eval_reconstruction": int(m["n_tokens_total"]),
+                        "total_tokens_eval_sparsity_variance": int(m["n_tokens_total"]),
+                        "n_tokens_scored": int(m["n_tokens_scored"]),
+                        "n_positions_ce": int(m["n_positions_ce"])},
+    }

@@ -1,0 +1,375 @@
+"""Core evaluation on the tiny Gemma-3 model: metrics against hand computations, BOS exclusion,
+compatibility errors and the result files."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sae.evaluate import evaluate_runs, print_comparison
+from sae.evaluate.common import IncompatibleSAEError, check_compatible
+from sae.evaluate.core import CoreConfig, compute_reference, resolve_config, run_core
+from sae.evaluate.results import (
+    REQUIRED_KEYS,
+    ResultSchemaError,
+    feature_densities,
+    read_result,
+    validate_result,
+    write_result,
+)
+from sae.harvest.corpus import iter_documents
+from sae.harvest.tokens import pack_sequences
+from sae.model import EMBEDDED_MODEL_ID
+from sae.train.sae import SAE
+
+HOOK = "blocks.1.hook_resid_post"
+CTX = 64
+N_TOKENS = 512  # 8 sequences of 64 tokens: one batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The tiny model is 40x slower with 2 OpenMP threads on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def sae_cfg(model_dir: Path, **kw: object) -> dict:
+    cfg = {"model_name": str(model_dir), "hook_name": HOOK, "hook_layer": 1, "dataset_path": "embedded",
+           "context_size": CTX, "d_in": 64}
+    cfg.update(kw)
+    return cfg
+
+
+def identity_sae(model_dir: Path) -> SAE:
+    """d_sae = 2·d_in, W_enc = [I, −I], W_dec = [I; −I], ReLU: x̂ = relu(x) − relu(−x) = x exactly."""
+    sae = SAE(64, 128, activation="relu")
+    eye = torch.eye(64)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.cfg = sae_cfg(model_dir)
+    return sae
+
+
+def topk_sae(model_dir: Path, seed: int = 0, **cfg: object) -> SAE:
+    sae = SAE(64, 128, activation="topk", k=8)
+    sae.init_weights(torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sae.b_enc.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(seed + 1))
+    sae.cfg = sae_cfg(model_dir, **cfg)
+    return sae
+
+
+def held_out_tokens(lm, n_seq: int) -> torch.Tensor:
+    """The eval sequences, rebuilt here from the corpus and the packer (independently of evaluate/)."""
+    docs = (d.text for d in iter_documents("embedded", "test", 0))
+    rows = list(itertools.islice(pack_sequences(docs, lm.tokenizer, CTX, lm.bos_token_id), n_seq))
+    return torch.from_numpy(np.stack(rows)).long()
+
+
+def _out(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace(output, new):
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def forward(lm, ids: torch.Tensor, patch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full forward with an explicit hook on decoder layer 1: (logits float32, clean layer-1 output)."""
+    seen = {}
+
+    def hook(_m, _i, output):
+        h = _out(output)
+        seen["x"] = h.detach().clone()
+        return _replace(output, patch(h)) if patch is not None else None
+
+    handle = lm.model.model.layers[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            lg = lm.model(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        handle.remove()
+    return lg, seen["x"]
+
+
+@pytest.fixture(scope="module")
+def topk_case(tiny_model_dir, tiny_lm):
+    """run_core on a random TopK SAE plus a hand computation of every metric on the same tokens."""
+    sae = topk_sae(tiny_model_dir)
+    out = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))
+    ids = held_out_tokens(tiny_lm, N_TOKENS // CTX)
+    special = torch.tensor(tiny_lm.special_token_ids)
+    keep = ~torch.isin(ids, special)  # [n, T] non-special positions
+    with torch.no_grad():
+        clean, x = forward(tiny_lm, ids)
+        x_hat = sae(x.reshape(-1, 64)).reshape(x.shape)
+        f = sae.encode(x.reshape(-1, 64)).reshape(*x.shape[:2], -1)
+        with_sae, _ = forward(tiny_lm, ids, lambda h: torch.where(keep[..., None], x_hat, h))
+        zero, _ = forward(tiny_lm, ids, lambda h: torch.where(keep[..., None], torch.zeros_like(h), h))
+    return {"out": out, "ids": ids, "keep": keep, "clean": clean, "x": x, "x_hat": x_hat, "f": f,
+            "with_sae": with_sae, "zero": zero}
+
+
+def test_identity_sae_is_perfect(tiny_model_dir, tiny_lm):
+    m = run_core(identity_sae(tiny_model_dir), tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))["metrics"]
+    assert m["explained_variance"] == pytest.approx(1.0, abs=1e-9)
+    assert m["mse"] == pytest.approx(0.0, abs=1e-12)
+    assert m["cossim"] == pytest.approx(1.0, abs=1e-9)
+    assert m["l2_ratio"] == pytest.approx(1.0, abs=1e-9)
+    assert m["relative_reconstruction_bias"] == pytest.approx(1.0, abs=1e-9)
+    assert m["ce_loss_with_sae"] == pytest.approx(m["ce_loss_clean"], abs=1e-9)
+    assert m["ce_loss_score"] == pytest.approx(1.0, abs=1e-9)
+    assert m["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-9)
+    assert m["kl_div_score"] == pytest.approx(1.0, abs=1e-9)
+    assert m["ce_loss_zero_abl"] > m["ce_loss_clean"] and m["kl_div_with_ablation"] > 0
+
+
+def test_ce_and_kl_match_hand_computation(topk_case, tiny_lm):
+    c, m = topk_case, topk_case["out"]["metrics"]
+    assert topk_case["out"]["eval_config"]["n_sequences"] == len(c["ids"])
+    targets = c["ids"][:, 1:]
+    scored = ~torch.isin(targets, torch.tensor(tiny_lm.special_token_ids))  # target token not special
+
+    def ce(lg):
+        per = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), targets.reshape(-1), reduction="none")
+        return float(per.reshape(targets.shape)[scored].double().mean())
+
+    def kl(lg):
+        lp_c = F.log_softmax(c["clean"][:, :-1].double(), -1)
+        lp = F.log_softmax(lg[:, :-1].double(), -1)
+        return float((lp_c.exp() * (lp_c - lp)).sum(-1)[scored].mean())
+
+    ce_clean, ce_sae, ce_zero = ce(c["clean"]), ce(c["with_sae"]), ce(c["zero"])
+    kl_sae, kl_zero = kl(c["with_sae"]), kl(c["zero"])
+    assert m["n_positions_ce"] == int(scored.sum())
+    assert m["ce_loss_clean"] == pytest.approx(ce_clean, rel=1e-5)
+    assert m["ce_loss_with_sae"] == pytest.approx(ce_sae, rel=1e-5)
+    assert m["ce_loss_zero_abl"] == pytest.approx(ce_zero, rel=1e-5)
+    assert m["kl_div_with_sae"] == pytest.approx(kl_sae, rel=1e-3, abs=1e-7)
+    assert m["kl_div_with_ablation"] == pytest.approx(kl_zero, rel=1e-3, abs=1e-7)
+    assert m["ce_loss_score"] == pytest.approx((ce_zero - ce_sae) / (ce_zero - ce_clean), rel=1e-3)
+    assert m["kl_div_score"] == pytest.approx((kl_zero - kl_sae) / kl_zero, rel=1e-3)
+    assert 0 < kl_sae < kl_zero  # a random SAE hurts, but less than zero-ablation here
+
+
+def test_reconstruction_metrics_match_numpy(topk_case):
+    c, out = topk_case, topk_case["out"]
+    m = out["metrics"]
+    keep = c["keep"].numpy()
+    x = c["x"].numpy().astype(np.float64)[keep]          # [N, d]
+    xh = c["x_hat"].numpy().astype(np.float64)[keep]
+    f = c["f"].numpy().astype(np.float64)[keep]          # [N, d_sae]
+    n_in, n_out = np.linalg.norm(x, axis=1), np.linalg.norm(xh, axis=1)
+    density = (f > 0).mean(0)
+    expected = {
+        "mse": ((x - xh) ** 2).mean(),
+        "explained_variance": 1 - ((x - xh) ** 2).sum() / ((x - x.mean(0)) ** 2).sum(),
+        "cossim": ((x * xh).sum(1) / (n_in * n_out)).mean(),
+        "l2_ratio": (n_out / n_in).mean(),
+        "l2_norm_in": n_in.mean(),
+        "l2_norm_out": n_out.mean(),
+        "relative_reconstruction_bias": (n_out ** 2).mean() / (x * xh).sum(1).mean(),
+        "l0": (f > 0).sum(1).mean(),
+        "l1": np.abs(f).sum(1).mean(),
+        "frac_dead": (density == 0).mean(),
+        "frac_dense": (density > 0.1).mean(),
+    }
+    assert m["n_tokens_scored"] == keep.sum() < keep.size  # BOS rows were dropped
+    for name, value in expected.items():
+        assert m[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert m["l0"] == pytest.approx(8.0)
+    np.testing.assert_allclose(feature_densities({"eval_result_details": out["details"]}), density, atol=1e-9)
+    assert [d["index"] for d in out["details"]] == list(range(128))
+
+
+def test_special_positions_are_excluded(tiny_model_dir, tiny_lm):
+    """Blowing up the BOS activations at the hook changes nothing in the reconstruction metrics."""
+    sae = topk_sae(tiny_model_dir)
+    cfg = CoreConfig(n_eval_tokens=N_TOKENS)
+    base = run_core(sae, tiny_lm, cfg)["metrics"]
+    bos = tiny_lm.bos_token_id
+    state = {}
+
+    def stash_ids(_m, args, kwargs):
+        state["ids"] = kwargs.get("input_ids", args[0] if args else None)
+
+    def blow_up_bos(_m, _i, output):
+        h = _out(output)
+        is_bos = (state["ids"] == bos).to(h.device)[..., None]
+        return _replace(output, torch.where(is_bos, h * 1000.0 + 500.0, h))
+
+    handles = [tiny_lm.model.register_forward_pre_hook(stash_ids, with_kwargs=True),
+               tiny_lm.model.model.layers[1].register_forward_hook(blow_up_bos)]
+    try:
+        perturbed = run_core(sae, tiny_lm, cfg)["metrics"]
+        all_cfg = CoreConfig(n_eval_tokens=N_TOKENS, exclude_special=False)
+        included = run_core(sae, tiny_lm, all_cfg)["metrics"]
+    finally:
+        for h in handles:
+            h.remove()
+    for name in ("l0", "l1", "mse", "explained_variance", "cossim", "l2_ratio", "frac_dead", "frac_dense"):
+        assert perturbed[name] == pytest.approx(base[name], rel=1e-6, abs=1e-9), name
+    assert included["mse"] > 100 * base["mse"]  # the perturbation is visible when BOS is not excluded
+    assert included["n_tokens_scored"] == included["n_tokens_total"] > base["n_tokens_scored"]
+
+
+def test_reference_is_checked_against_config(tiny_model_dir, tiny_lm):
+    sae = topk_sae(tiny_model_dir)
+    cfg = resolve_config(CoreConfig(n_eval_tokens=N_TOKENS), sae.cfg)
+    ref = compute_reference(tiny_lm, HOOK, cfg)
+    a = run_core(sae, tiny_lm, cfg, reference=ref)["metrics"]
+    b = run_core(sae, tiny_lm, cfg)["metrics"]
+    assert a == pytest.approx(b)
+    # over the memory budget the clean log-probs are recomputed per SAE: same numbers
+    uncached_cfg = resolve_config(CoreConfig(n_eval_tokens=N_TOKENS, max_cached_logprob_gib=0.0), sae.cfg)
+    uncached = run_core(sae, tiny_lm, uncached_cfg, reference=compute_reference(tiny_lm, HOOK, uncached_cfg))
+    assert uncached["unstructured"]["clean_logprobs_cached"] is False
+    assert uncached["metrics"] == pytest.approx(a, rel=1e-6, abs=1e-9)
+    with pytest.raises(ValueError, match="reference was computed for"):
+        run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=2 * N_TOKENS), reference=ref)
+
+
+# -- compatibility -----------------------------------------------------------------------------------
+def test_wrong_model_id_is_named(tiny_model_dir):
+    cfg = sae_cfg(tiny_model_dir, model_name="google/gemma-3-270m")
+    with pytest.raises(IncompatibleSAEError) as e:
+        check_compatible(cfg, "other-model", None, 64, [HOOK], against="store", run_dir="runs/x")
+    msg = str(e.value)
+    assert "runs/x" in msg and "google/gemma-3-270m" in msg and "other-model" in msg and "--store" in msg
+    assert HOOK in msg and "d_in 64" in msg and "\n" not in msg
+    # aliases of the embedded model and two spellings of one directory are the same model
+    check_compatible(sae_cfg(tiny_model_dir, model_name="embedded"), EMBEDDED_MODEL_ID, None, 64, [HOOK])
+    check_compatible(sae_cfg(tiny_model_dir, model_name=str(tiny_model_dir) + "/"), str(tiny_model_dir), None,
+                     64, [HOOK])
+
+
+def test_fingerprint_decides_when_both_known(tiny_model_dir):
+    cfg = sae_cfg(tiny_model_dir, model_fingerprint="aaaa")
+    with pytest.raises(IncompatibleSAEError, match="same id but other weights.*aaaa.*bbbb"):
+        check_compatible(cfg, str(tiny_model_dir), "bbbb", 64, [HOOK])
+    check_compatible(cfg, "a/differently/spelled/id", {"bbbb", "aaaa"}, 64, [HOOK])  # same weights
+
+
+def test_hook_beyond_model_layers(tiny_model_dir, tiny_lm):
+    sae = topk_sae(tiny_model_dir, hook_name="blocks.7.hook_resid_post", hook_layer=7)
+    with pytest.raises(IncompatibleSAEError, match=r"blocks\.7\.hook_resid_post.*only has layers 0\.\.3"):
+        run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))
+
+
+def test_d_in_mismatch(tiny_model_dir, tiny_lm):
+    sae = SAE(32, 64, activation="topk", k=4)
+    sae.init_weights(torch.Generator().manual_seed(0))
+    sae.cfg = sae_cfg(tiny_model_dir, d_in=32)
+    with pytest.raises(IncompatibleSAEError, match="d_in 32.*d_model 64"):
+        run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))
+
+
+def test_store_checks(tmp_path, tiny_model_dir, tiny_store):
+    wrong_hook = tmp_path / "deep"
+    topk_sae(tiny_model_dir).save(wrong_hook, sae_cfg(tiny_model_dir, hook_name="blocks.3.hook_resid_post",
+                                                      hook_layer=3))
+    with pytest.raises(IncompatibleSAEError,
+                       match=r"blocks\.3\.hook_resid_post.*store.*layers 1, 2.*--store"):
+        evaluate_runs([wrong_hook], store=tiny_store, n_tokens=N_TOKENS, quiet=True)
+    other = tmp_path / "other"
+    topk_sae(tiny_model_dir).save(other, sae_cfg(tiny_model_dir, model_name="someone/else-7b"))
+    with pytest.raises(IncompatibleSAEError, match="trained on model someone/else-7b .* but the store is"):
+        evaluate_runs([other], store=tiny_store, n_tokens=N_TOKENS, quiet=True)
+    good = tmp_path / "good"
+    topk_sae(tiny_model_dir).save(good, sae_cfg(tiny_model_dir))
+    with pytest.raises(IncompatibleSAEError):  # all runs are checked before the first one is evaluated
+        evaluate_runs([good, other], store=tiny_store, n_tokens=N_TOKENS, quiet=True)
+    assert not (good / "eval_results").exists()
+
+
+# -- results files ------------------------------------------------------------------------------------
+def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_store, monkeypatch):
+    import sae.evaluate as ev
+    import sae.model
+
+    calls = {"load": 0, "reference": 0}
+    real_load, real_ref = sae.model.load_model, ev.compute_reference
+
+    def counting_load(*a, **kw):
+        calls["load"] += 1
+        return real_load(*a, **kw)
+
+    def counting_ref(*a, **kw):
+        calls["reference"] += 1
+        return real_ref(*a, **kw)
+
+    monkeypatch.setattr(sae.model, "load_model", counting_load)
+    monkeypatch.setattr(ev, "compute_reference", counting_ref)
+    runs = [tmp_path / "identity", tmp_path / "topk"]
+    identity_sae(tiny_model_dir).save(runs[0], sae_cfg(tiny_model_dir))
+    topk_sae(tiny_model_dir).save(runs[1], sae_cfg(tiny_model_dir, model_fingerprint=tiny_lm.fingerprint))
+    results = evaluate_runs(runs, n_tokens=N_TOKENS, device="cpu", quiet=True)
+    assert calls == {"load": 1, "reference": 1}  # one model, one clean pass shared by both SAEs
+    assert len(results) == 2
+    for run, res in zip(runs, results, strict=True):
+        path = run / "eval_results" / "core.json"
+        on_disk = json.loads(path.read_text())
+        assert set(REQUIRED_KEYS) <= set(on_disk) and on_disk == res == read_result(run, "core")
+        assert on_disk["eval_type_id"] == "core" and on_disk["sae_cfg_dict"]["hook_name"] == HOOK
+        groups = on_disk["eval_result_metrics"]
+        assert set(groups["model_behavior_preservation"]) == {"kl_div_score", "kl_div_with_ablation",
+                                                              "kl_div_with_sae"}
+        assert set(groups["model_performance_preservation"]) == {"ce_loss_score", "ce_loss_with_ablation",
+                                                                 "ce_loss_with_sae", "ce_loss_without_sae"}
+        assert {"explained_variance", "mse", "cossim"} == set(groups["reconstruction_quality"])
+        assert set(groups["shrinkage"]) == {"l2_norm_in", "l2_norm_out", "l2_ratio",
+                                            "relative_reconstruction_bias"}
+        assert {"l0", "l1"} == set(groups["sparsity"])
+        assert {"frac_dead", "frac_dense"} <= set(groups["misc_metrics"])
+        assert groups["token_stats"]["total_tokens_eval_reconstruction"] == N_TOKENS
+        assert len(on_disk["eval_result_details"]) == 128
+    identity_quality = results[0]["eval_result_metrics"]["reconstruction_quality"]
+    assert identity_quality["explained_variance"] == pytest.approx(1.0)
+
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    print_comparison(results, console=console)
+    text = console.export_text()
+    assert "identity" in text and "topk" in text and "ce_loss_score" in text and "frac_dense" in text
+
+    # with a store: dataset and context size come from it; the model is found by the store's model_id
+    again = evaluate_runs(runs[1:], store=tiny_store, n_tokens=N_TOKENS, device="cpu", quiet=True)
+    assert again[0]["eval_config"]["context_size"] == CTX and again[0]["eval_config"]["dataset"] == "embedded"
+
+
+def test_unknown_eval_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="unknown evaluation 'nope': choose from core"):
+        evaluate_runs([tmp_path], evals=("nope",), quiet=True)
+
+
+def test_validate_result_rejects_broken(tmp_path):
+    path = write_result(tmp_path, "toy", {"a": 1}, {"group": {"score": math.nan, "x": 1.5}}, [], {"d_in": 4})
+    good = read_result(tmp_path, "toy")
+    assert path == tmp_path / "eval_results" / "toy.json"
+    assert good["eval_result_metrics"]["group"] == {"score": None, "x": 1.5}  # NaN → null
+    validate_result(good)
+    for broken in ({k: v for k, v in good.items() if k != "eval_result_metrics"},
+                   {**good, "eval_result_metrics": {"group": 3.0}},
+                   {**good, "datetime_epoch_millis": "yesterday"},
+                   [good]):
+        with pytest.raises(ResultSchemaError):
+            validate_result(broken)
+    path.write_text("{not json")
+    with pytest.raises(ResultSchemaError, match="not valid JSON"):
+        read_result(tmp_path, "toy")
+    with pytest.raises(FileNotFoundError, match="sae eval"):
+        read_result(tmp_path, "absorption")
