@@ -8,6 +8,7 @@ files), :mod:`.common` (held-out tokens, compatibility checks, model activations
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,12 +30,13 @@ from .core import (
     resolve_config,
     run_core,
 )
+from .registry import EvalContext, available_evals, eval_module
 from .results import get_metric, read_result, validate_result, write_result
 
 __all__ = ["AVAILABLE_EVALS", "COMPARISON_COLUMNS", "CoreConfig", "IncompatibleSAEError", "check_compatible",
            "evaluate_runs", "print_comparison", "read_result", "run_core", "validate_result", "write_result"]
 
-AVAILABLE_EVALS = (EVAL_TYPE_ID,)
+AVAILABLE_EVALS = tuple(available_evals())
 COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "ce_loss_score",
                       "kl_div_score", "frac_dead", "frac_dense")
 
@@ -65,9 +67,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     from ..store import ActivationStore
     from ..train.sae import CFG_FILE, SAE
 
-    unknown = [e for e in evals if e not in AVAILABLE_EVALS]
-    if unknown:
-        raise ValueError(f"unknown evaluation {unknown[0]!r}: choose from {', '.join(AVAILABLE_EVALS)}")
+    for e in evals:
+        eval_module(e)  # ValueError naming the choices for an unknown evaluation
     attrs = ActivationStore(store).attrs if store is not None else None
     models: dict[str | None, LoadedModel] = {}
     # pass 1: every run's cfg.json against the store and its model, before any forward pass
@@ -97,17 +98,38 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     keys = [reference_key(lm, hook, cfg) for _, lm, cfg, hook in plan]
     last_use = {k: i for i, k in enumerate(keys)}
     references: dict[tuple, CoreReference] = {}
+    shared_cache: dict[tuple, object] = {}
     results: list[dict] = []
     for i, ((run_dir, lm, cfg, hook), rkey) in enumerate(zip(plan, keys, strict=True)):
         if rkey not in references:
             references[rkey] = compute_reference(lm, hook, cfg, quiet=quiet)
         sae = SAE.load(run_dir)
-        out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
-        write_result(run_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
-                     sae.cfg, out["unstructured"])
-        results.append(read_result(run_dir, EVAL_TYPE_ID))
+        if EVAL_TYPE_ID in evals:
+            out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
+            write_result(run_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
+                         sae.cfg, out["unstructured"])
+            results.append(read_result(run_dir, EVAL_TYPE_ID))
         if last_use[rkey] == i:
             del references[rkey]
+        ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),
+                          context_size=int(cfg.context_size), run_dir=run_dir,
+                          store_path=str(store) if store is not None else None, device=device, quiet=quiet,
+                          cache=shared_cache)
+        for name in evals:
+            if name == EVAL_TYPE_ID:
+                continue
+            mod = eval_module(name)
+            reason = mod.available(ctx) if hasattr(mod, "available") else None
+            if reason:
+                if not quiet:
+                    print(f"skipping {name} for {run_dir}: {reason}")
+                continue
+            t0 = time.perf_counter()
+            out = mod.run(sae, ctx, mod.Config())
+            eval_config = {**out.eval_config, "wall_time_s": round(time.perf_counter() - t0, 2)}
+            write_result(run_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, sae.cfg,
+                         out.unstructured)
+            results.append(read_result(run_dir, mod.EVAL_TYPE_ID))
     return results
 
 
@@ -118,18 +140,38 @@ def _label(result: dict, i: int) -> str:
 
 
 def print_comparison(results: Sequence[dict], console: object | None = None) -> None:
-    """Print one rich table: a row per run, columns :data:`COMPARISON_COLUMNS` (missing → "–")."""
+    """Print one rich table per evaluation: a row per run. Core uses :data:`COMPARISON_COLUMNS`;
+    other evaluations show their scalar metrics (``category.metric``), missing → "–"."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="core evaluation")
-    table.add_column("run")
-    for col in COMPARISON_COLUMNS:
-        table.add_column(col, justify="right")
-    for i, r in enumerate(results):
-        cells = []
-        for col in COMPARISON_COLUMNS:
-            v = get_metric(r, col)
-            cells.append("–" if v is None else (f"{v:.1f}" if col == "l0" else f"{v:.4g}"))
-        table.add_row(_label(r, i), *cells)
-    (console or Console()).print(table)
+    con = console or Console()
+    by_type: dict[str, list[dict]] = {}
+    for r in results:
+        by_type.setdefault(r.get("eval_type_id", "?"), []).append(r)
+    for eval_type, rs in by_type.items():
+        if eval_type == EVAL_TYPE_ID:
+            cols = list(COMPARISON_COLUMNS)
+        else:
+            cols = []
+            for r in rs:
+                for cat, ms in r.get("eval_result_metrics", {}).items():
+                    for m, v in ms.items():
+                        if isinstance(v, int | float) and f"{cat}.{m}" not in cols:
+                            cols.append(f"{cat}.{m}")
+            cols = cols[:10]
+        table = Table(title=f"{eval_type} evaluation")
+        table.add_column("run")
+        for col in cols:
+            table.add_column(col.split(".")[-1], justify="right")
+        for i, r in enumerate(rs):
+            cells = []
+            for col in cols:
+                if eval_type == EVAL_TYPE_ID:
+                    v = get_metric(r, col)
+                else:
+                    cat, _, m = col.partition(".")
+                    v = r.get("eval_result_metrics", {}).get(cat, {}).get(m)
+                cells.append("–" if v is None else (f"{v:.1f}" if col == "l0" else f"{v:.4g}"))
+            table.add_row(_label(r, i), *cells)
+        con.print(table)

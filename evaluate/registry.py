@@ -1,0 +1,96 @@
+"""The contract every evaluation module follows, and the registry ``sae evaluate --eval`` reads.
+
+An evaluation is a module ``sae.evaluate.<name>`` defining:
+
+* ``EVAL_TYPE_ID: str`` — its name (= the result file ``eval_results/<EVAL_TYPE_ID>.json``);
+* ``Config`` — a dataclass of its settings (defaults = SAEBench's where they exist);
+* ``run(sae, ctx, cfg) -> EvalOutput`` — computes metrics for one SAE;
+* optionally ``available(ctx) -> str | None`` — ``None`` when it can run, else the reason it
+  cannot (e.g. "no WMDP file"); evaluations that cannot run are skipped with that message.
+
+Model activations that do not depend on the SAE must be computed through ``ctx.cached(key, fn)``
+so that evaluating ten SAEs costs little more than one.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..model import LoadedModel
+
+# Evaluation modules in their default running order ("core" is handled by evaluate_runs itself).
+EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry")
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation may use besides the SAE.
+
+    Attributes:
+        lm: the loaded model (float32), ``hook_name``/``layer``: where the SAE reads.
+        dataset: corpus spec of the store/SAE (``embedded`` by default); ``context_size``: its
+            sequence length. ``run_dir``: the SAE's run directory (metrics.jsonl, cfg.json).
+        store_path: the store, when given (token ids for feature browsing).
+        cache: shared across all SAEs of one ``evaluate_runs`` call.
+    """
+
+    lm: LoadedModel
+    hook_name: str
+    layer: int
+    dataset: str
+    context_size: int
+    run_dir: Path
+    store_path: str | None = None
+    device: str = "auto"
+    quiet: bool = True
+    cache: dict[tuple, Any] = field(default_factory=dict)
+
+    def cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
+        """``fn()`` memoised under ``(model fingerprint, hook, *key)``."""
+        full = (self.lm.fingerprint, self.hook_name, *key)
+        if full not in self.cache:
+            self.cache[full] = fn()
+        return self.cache[full]
+
+
+@dataclass
+class EvalOutput:
+    """What ``run`` returns: SAEBench-shaped pieces of the result file.
+
+    ``metrics``: ``{category: {metric: value}}`` (``eval_result_metrics``); ``details``: list of
+    dicts (``eval_result_details``); ``eval_config``: the settings used; ``unstructured``: anything else.
+    """
+
+    metrics: dict[str, dict[str, Any]]
+    details: list[dict[str, Any]] = field(default_factory=list)
+    eval_config: dict[str, Any] = field(default_factory=dict)
+    unstructured: Any = None
+
+
+def eval_module(name: str) -> ModuleType:
+    """Import ``sae.evaluate.<name>``; ``ValueError`` naming the choices if unknown/unwritten."""
+    if name not in EVAL_MODULES:
+        raise ValueError(f"unknown evaluation {name!r}: choose from {', '.join(EVAL_MODULES)}")
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name == f"{__package__}.{name}":
+            raise ValueError(f"evaluation {name!r} is not available in this version") from e
+        raise
+
+
+def available_evals() -> list[str]:
+    """Evaluations whose module exists."""
+    out = []
+    for name in EVAL_MODULES:
+        try:
+            eval_module(name)
+            out.append(name)
+        except ValueError:
+            continue
+    return out
