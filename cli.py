@@ -85,6 +85,26 @@ def store_info(path: Annotated[Path, typer.Argument(help="Store directory.")]) -
     Console().print(t)
 
 
+@store_app.command("convert")
+def store_convert(
+    src: Annotated[Path, typer.Argument(help="Source store.")],
+    dst: Annotated[Path, typer.Argument(help="Destination store.")],
+    codec: Annotated[str, typer.Option(help="zstd | none | bitround:K | int8 | fp8")] = "zstd",
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 (default: the source's).")] = None,
+    tokens: Annotated[int | None, typer.Option(help="Copy only the first N tokens.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+) -> None:
+    """Re-encode a store with another codec/precision (no model rerun)."""
+    from .store import StoreError
+    from .store.convert import convert_store
+
+    try:
+        convert_store(src, dst, codec, dtype, tokens, overwrite)
+    except (ValueError, StoreError) as e:
+        _fail(e)
+    store_info(dst)
+
+
 def _parse_params(items: list[str]) -> dict[str, str]:
     out = {}
     for item in items:

@@ -119,3 +119,20 @@ def test_store_failure_modes(tmp_path) -> None:
     chunk.write_bytes(b"garbage")
     with pytest.raises(StoreError, match="corrupt chunk"):
         ActivationStore(path).read_chunk(s.hook_names[0], 0)
+
+
+def test_convert_store_reencodes_and_keeps_identity(tmp_path) -> None:
+    from sae.store.convert import convert_store
+
+    x = torch.randn(2048, 16) * 3
+    src = write_store(tmp_path / "s.zarr", x, context_size=64, chunk_tokens=512, dtype="float32")
+    dst = convert_store(src, tmp_path / "i8.zarr", "int8", "bfloat16", n_tokens=1500)
+    a, b = ActivationStore(src), ActivationStore(dst)
+    assert b.n_tokens == 1472 and b.attrs["codec"] == "int8" and b.attrs["model_id"] == a.attrs["model_id"]
+    assert b.attrs["converted_from"]["store_id"] == a.attrs["store_id"]
+    h = a.hook_names[0]
+    diff = (b.read_rows(h, 0, 1472) - a.read_rows(h, 0, 1472))[torch.from_numpy(b.valid_mask(b.tokens))]
+    assert diff.abs().max() < 0.05 * x.abs().max()
+    assert np.array_equal(a.tokens[:1472], b.tokens)
+    with pytest.raises(StoreError, match="already exists"):
+        convert_store(src, dst, "fp8")
