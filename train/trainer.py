@@ -2,7 +2,7 @@
 
 Loss per step (mission doc "The SAE"; Gao et al. 2024 for TopK/AuxK):
     FVU  = Σ‖x − x̂‖² / Σ‖x − x̄‖²                                     (x̄: batch mean)
-    topk: FVU + α · Σ‖e − ê_aux‖² / Σ‖x − x̄‖² · min(1, n_dead / k_aux)    (AuxK, α = 1/32,
+    topk: FVU + α · Σ‖e − ê_aux‖² / Σ‖x − x̄‖² · min(1, n_dead / k_aux)    (AuxK, α = 1/32, k_aux = d_in/2;
           e = x − x̂ detached, ê_aux = decoder of the top-k_aux *dead* latents' pre-activations)
     relu: FVU + λ(t) · mean_b Σ_i f_bi ‖W_dec,i‖                        (λ warmed up linearly)
     + penalty(ctx)                                                      (orthogonality variant)
@@ -103,7 +103,7 @@ class Trainer(nn.Module):
                 aux_idx = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
             aux_vals = torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, aux_idx, pre))
             e_hat = sae.decode_sparse(SparseCodes(aux_vals, aux_idx), bias=False)
-            aux = (e_hat - e.detach()).pow(2).sum() / total_var * min(1.0, n_dead / k_aux)
+            aux = (e_hat - e.detach()).pow(2).sum() / total_var * min(1.0, n_dead / self.aux_k)
             loss = loss + self.cfg.aux_k_coefficient * aux
             logs["auxk"] = aux.item()
         ctx = PenaltyContext(W_dec=sae.W_dec, codes=codes, step=step, total_steps=self.total_steps,
