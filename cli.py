@@ -182,6 +182,24 @@ def evaluate(
 
 
 @app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
+    out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("report"),
+    store: Annotated[Path | None, typer.Option(help="Store for the feature browser (default: each run's).")] = None,
+    latents: Annotated[int, typer.Option(help="Latents shown in the feature browser.")] = 12,
+) -> None:
+    """Build a static HTML report: metric tables, frontier/probing/absorption plots, histograms,
+    training curves and a feature browser of top-activating store contexts."""
+    from .evaluate.report import build_report
+
+    try:
+        index = build_report(run_dirs, out, store, latents)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(e)
+    typer.echo(f"wrote {index}")
+
+
+@app.command()
 def sweep(
     store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
     variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
