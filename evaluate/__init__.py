@@ -101,7 +101,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     shared_cache: dict[tuple, object] = {}
     results: list[dict] = []
     for i, ((run_dir, lm, cfg, hook), rkey) in enumerate(zip(plan, keys, strict=True)):
-        if rkey not in references:
+        if EVAL_TYPE_ID in evals and rkey not in references:
             references[rkey] = compute_reference(lm, hook, cfg, quiet=quiet)
         sae = SAE.load(run_dir)
         if EVAL_TYPE_ID in evals:
@@ -110,7 +110,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                          sae.cfg, out["unstructured"])
             results.append(read_result(run_dir, EVAL_TYPE_ID))
         if last_use[rkey] == i:
-            del references[rkey]
+            references.pop(rkey, None)
         ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),
                           context_size=int(cfg.context_size), run_dir=run_dir,
                           store_path=str(store) if store is not None else None, device=device, quiet=quiet,
@@ -142,10 +142,12 @@ def _label(result: dict, i: int) -> str:
 def print_comparison(results: Sequence[dict], console: object | None = None) -> None:
     """Print one rich table per evaluation: a row per run. Core uses :data:`COMPARISON_COLUMNS`;
     other evaluations show their scalar metrics (``category.metric``), missing → "–"."""
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    con = console or Console()
+    con = console or Console(width=None if sys.stdout.isatty() else 200)
     by_type: dict[str, list[dict]] = {}
     for r in results:
         by_type.setdefault(r.get("eval_type_id", "?"), []).append(r)
