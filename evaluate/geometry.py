@@ -229,7 +229,8 @@ def find_learned_groups(run_dir: str | Path | None, d_sae: int) -> tuple[torch.T
 
     Looked for, in order: files in ``run_dir`` whose name contains ``group`` (``.json`` — a list of
     ids, a list of member lists, or a dict with a ``group*`` key —, ``.safetensors``, ``.pt``,
-    ``.npy``); ``checkpoint.pt`` (a ``penalty.*group*`` buffer of the trainer state; only present for
+    ``.npy``); a ``*group*`` tensor in ``penalty_state.safetensors`` (the final penalty buffers
+    that ``sae train`` saves); ``checkpoint.pt`` (a ``penalty.*group*`` buffer of the trainer state; only present for
     unfinished runs); the last ``metrics.jsonl`` record with a ``penalty/*group*`` list of length
     d_sae. Returns ``(None, reason)`` when none is found.
     """
@@ -240,6 +241,15 @@ def find_learned_groups(run_dir: str | Path | None, d_sae: int) -> tuple[torch.T
         groups = _load_group_file(path, d_sae)
         if groups is not None:
             return groups, f"learned ({path.name})"
+    state_file = run_dir / "penalty_state.safetensors"
+    if state_file.exists():
+        from safetensors.torch import load_file
+
+        for k, v in load_file(str(state_file)).items():
+            if "group" in k.lower() and "size" not in k.lower():
+                groups = _as_groups(v, d_sae)
+                if groups is not None:
+                    return groups, f"learned (penalty_state.safetensors {k})"
     ckpt = run_dir / "checkpoint.pt"
     if ckpt.exists():
         try:

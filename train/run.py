@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from .. import __version__
 from ..model import layer_of_hook, resolve_device
@@ -27,6 +28,7 @@ from .sae import CFG_FILE, WEIGHTS_FILE
 from .trainer import Trainer
 
 CHECKPOINT_FILE = "checkpoint.pt"
+PENALTY_STATE_FILE = "penalty_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
 DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device")
 
@@ -149,6 +151,9 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
         if not r.finished:
             sae = r.trainer.sae.folded(scale)
             sae.save(r.dir, sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config))
+            pen_state = {k: v.detach().cpu().contiguous() for k, v in r.trainer.penalty.state_dict().items()}
+            if pen_state:  # final variant state (groups, EMAs...) for analysis, e.g. the geometry eval
+                save_file(pen_state, str(r.dir / PENALTY_STATE_FILE))
             assert r.metrics is not None
             r.metrics.close()
             (r.dir / CHECKPOINT_FILE).unlink(missing_ok=True)
