@@ -172,6 +172,8 @@ def print_summary(rows: list[dict[str, Any]], out: Path | None = None) -> None:
         t.add_column(col, justify="right")
     for r in rows:
         t.add_row(r["run"], *(f"{r[c]:.4f}" if c != "l0" else f"{r[c]:.1f}" for c in cols))
-    Console().print(t)
+    import sys
+
+    Console(width=None if sys.stdout.isatty() else 160).print(t)
     if out is not None:
         (Path(out) / "summary.json").write_text(json.dumps(rows, indent=2))
