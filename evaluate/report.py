@@ -522,6 +522,26 @@ def _headline_section(runs: list[RunInfo]) -> str:
     return _table(["run", "variant", *[h[0] for h in cols]], rows) + note
 
 
+def headline_markdown(run_dirs: Sequence[str | Path]) -> str:
+    """The headline metrics of :data:`HEADLINE` as a Markdown table (one row per run)."""
+    dirs = resolve_run_dirs(run_dirs)
+    runs = [load_run(d, label) for d, label in zip(dirs, _labels(dirs), strict=True)]
+    cols = [h for h in HEADLINE if any(h[1] in r.results for r in runs)]
+    lines = ["| run | variant | " + " | ".join(h[0] for h in cols) + " |",
+             "| --- | --- | " + " | ".join("---:" for _ in cols) + " |"]
+    for r in runs:
+        cells = []
+        for _, eval_id, cat, names in cols:
+            if eval_id == "absorption":
+                v = _absorption(r)[1]
+            else:
+                vals = [v for v in (_metric(r, eval_id, cat, n) for n in names) if v is not None]
+                v = vals[0] if vals else None
+            cells.append("–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        lines.append(f"| {r.label} | {r.variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _training_table(runs: list[RunInfo]) -> str:
     keys: list[str] = []
     for r in runs:
@@ -679,6 +699,7 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
 
     all_html, flat = _all_metrics_section(runs)
     _write_csv(out / "metrics.csv", runs, flat)
+    (out / "headline.md").write_text(headline_markdown([r.path for r in runs]) if runs else "")
     sections.append(("metrics", "All evaluation metrics",
                      all_html + '<p class="note">Also in <a href="metrics.csv">metrics.csv</a>.</p>'))
 
