@@ -527,7 +527,7 @@ def headline_markdown(run_dirs: Sequence[str | Path]) -> str:
     dirs = resolve_run_dirs(run_dirs)
     runs = [load_run(d, label) for d, label in zip(dirs, _labels(dirs), strict=True)]
     cols = [h for h in HEADLINE if any(h[1] in r.results for r in runs)]
-    lines = ["| run | variant | " + " | ".join(h[0] for h in cols) + " |",
+    lines = ["| run | variant | " + " | ".join(h[0].replace("|", "\\|") for h in cols) + " |",
              "| --- | --- | " + " | ".join("---:" for _ in cols) + " |"]
     for r in runs:
         cells = []
