@@ -1,0 +1,79 @@
+"""``ortsae``: the OrtSAE orthogonality penalty (Korznikov et al. 2025, arXiv 2509.22033).
+
+Mission doc, "Orthogonality variants" §6: penalise each latent's maximum squared cosine to the
+other latents of a random chunk, every step:
+
+    L = λ · mean_{i : |chunk(i)| > 1} max_{j ∈ chunk(i), j ≠ i} cos_ij²,    cos_ij = d_i·d_j
+
+with the chunks a fresh random partition of the F latents into pieces of ``chunk_size`` drawn from
+``ctx.generator`` (:func:`~.static_ortho.random_chunks`). The per-chunk Gram matrices are formed
+without autograd (``O(F·c·d)`` time, ``O(block·c²)`` memory) only to find each latent's partner
+``j*(i) = argmax_j cos_ij²``; the loss is then ``λ · mean_i cos_{i j*(i)}²`` on those F pairs
+(:func:`~.topk_pairs.pair_penalty`, ``O(F·d)``), whose gradient equals autograd's through the max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import Penalty, PenaltyContext, register
+from .static_ortho import CHUNK_BLOCK, padded, random_chunks
+from .topk_pairs import pair_penalty
+
+
+@torch.no_grad()
+def chunk_partners(W: Tensor, chunks: Tensor) -> tuple[Tensor, Tensor]:
+    """For chunks ``[m, c]`` (padding index F), each latent's max-``cos²`` partner in its chunk.
+
+    Returns ``(i, j)`` long vectors over the latents whose chunk has another latent.
+    """
+    F = W.shape[0]
+    chunks = chunks.to(W.device)
+    Wp = padded(W)
+    parts_i, parts_j = [], []
+    for s in range(0, chunks.shape[0], CHUNK_BLOCK):
+        ch = chunks[s:s + CHUNK_BLOCK]
+        Wc = Wp[ch]
+        G2 = torch.bmm(Wc, Wc.transpose(1, 2)).square_()
+        G2.diagonal(dim1=1, dim2=2).fill_(-1.0)
+        G2.masked_fill_((ch >= F).unsqueeze(1), -1.0)  # padding is never a partner
+        best = G2.argmax(-1)
+        partner = torch.gather(ch, 1, best)
+        ok = (ch < F) & (partner < F)
+        parts_i.append(ch[ok])
+        parts_j.append(partner[ok])
+    return torch.cat(parts_i), torch.cat(parts_j)
+
+
+@register
+class OrtSAEPenalty(Penalty):
+    """``λ · mean_i max_{j ∈ chunk(i)\\{i}} cos_ij²`` over a fresh random chunk partition each step."""
+
+    name = "ortsae"
+
+    @dataclass
+    class Config:
+        """Defaults: ``lambda_=1.0`` (at random init in d_in = 640 the chunk-max ``cos²`` is ≈ 0.02 for
+        c = 1024, so the penalty starts ≈ 0.02 and grows to ≈ 0.1–0.3 only if near-duplicate latents
+        form), ``chunk_size=1024`` (mission: "e.g. 1024"), ``chunks_per_step=0`` (every latent every
+        step, as in OrtSAE; ``n > 0`` uses only the first n chunks)."""
+
+        lambda_: float = 1.0
+        chunk_size: int = 1024
+        chunks_per_step: int = 0
+
+    def forward(self, ctx: PenaltyContext) -> tuple[Tensor, dict[str, float]]:
+        W = ctx.W_dec
+        chunks = random_chunks(self.d_sae, self.config.chunk_size, self.config.chunks_per_step, ctx.generator)
+        i, j = chunk_partners(W, chunks)
+        n = int(i.numel())
+        if n == 0:
+            return W.sum() * 0.0, {"penalty": 0.0, "weight": float(self.config.lambda_), "pairs": 0.0}
+        val, cos = pair_penalty(W, i, j, self.config.lambda_ / n, 0.0, power=2)
+        c2 = cos.square()
+        logs = {"penalty": float(val.detach()), "weight": float(self.config.lambda_), "pairs": float(n),
+                "mean_max_cos2": float(c2.mean()), "max_cos2": float(c2.max())}
+        return val, logs
