@@ -521,3 +521,14 @@ def test_logs_are_floats_with_required_keys(variant: str) -> None:
         assert {"lambda2", "thr"} <= logs.keys()
     if variant == "topk_pairs":
         assert "tau" in logs
+
+
+def test_topk_pairs_ties_at_the_cut_prefer_smaller_keys() -> None:
+    F = 10
+    idx = torch.tensor([[0, 1, 2, 3]] * 3 + [[4, 5, 6, 7]] * 3)
+    codes = SparseCodes(torch.ones(6, 4), idx)  # 12 pairs, all with s_ij = 3
+    W = unit_rows(F, 6)
+    p = build_penalty("topk_pairs", F, 6, {"rho": 5 / 45})
+    p(ctx_for(W, codes))
+    _, want = ref.topk_pairs(W, codes, 5 / 45, 0.1, 1.0)
+    assert p.last_keys.tolist() == want.tolist() == [1, 2, 3, 12, 13]

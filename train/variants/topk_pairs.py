@@ -450,12 +450,19 @@ class TopKPairsPenalty(SparseStatePenalty):
         self.register_buffer("n_logged", torch.zeros((), dtype=torch.long))
 
     def select(self, cof: CoFiring) -> Tensor:
-        """Indices (into ``cof``'s pairs, ascending) of the kept pairs: top ``n_keep`` by score."""
-        assert cof.scores is not None
+        """Indices (into ``cof``'s pairs, ascending) of the kept pairs: top ``n_keep`` by score.
+
+        Ties at the cut are broken towards smaller keys (as a stable descending sort would), so the
+        kept set is a function of the batch alone.
+        """
+        s = cof.scores
+        assert s is not None
         if cof.n_pairs <= self.n_keep:
             return torch.arange(cof.n_pairs, device=cof.keys.device)
-        top = torch.topk(cof.scores, self.n_keep, sorted=False).indices
-        return torch.sort(top).values
+        cut = torch.topk(s, self.n_keep, sorted=False).values.min()
+        above = (s > cut).nonzero().squeeze(1)
+        ties = (s == cut).nonzero().squeeze(1)[: self.n_keep - above.numel()]
+        return torch.sort(torch.cat([above, ties])).values
 
     def forward(self, ctx: PenaltyContext) -> tuple[Tensor, dict[str, float]]:
         W = ctx.W_dec
