@@ -1,0 +1,542 @@
+"""Feature absorption on the first-letter task (Chanin et al. 2024, "A is for Absorption"; SAEBench
+``absorption_first_letter``).
+
+Data. *Words* are the tokenizer's alphabetic tokens: a single token whose text, after at most one
+leading space, is ≥ ``min_word_len`` ASCII letters (SAEBench ``get_alpha_tokens`` keeps length 1 too).
+Their label is the first letter (lower-cased). At most ``max_words // 26`` words per letter are drawn
+(seeded; SAEBench uses the whole vocabulary, we balance letters so that rare ones keep some held-out
+words under a CPU budget) and split per letter into train (``train_fraction``, SAEBench 0.8) and
+held-out words. Each word gets an in-context prompt (SAEBench ``create_icl_prompt``)::
+
+    <bos>{ex_1} has the first letter: E\\n{ex_2} has the first letter: X\\n...{word} has the first letter:
+
+with ``max_icl_examples`` (default 2; SAEBench 10) examples drawn from the same split, never the word
+itself. The model activation ``x [d_model]`` is read at the hook at the position of the word token
+(SAEBench's ``prompt_token_pos = -6``). The prompt is assembled from token ids (the word is exactly its
+own token) and cut right after the word token: activations are causal, so the tokens after the word
+(`` has the first letter:``) cannot change ``x``.
+
+Algorithm (:func:`compute_absorption`, on activation matrices; :func:`run` computes them):
+
+1. Ground-truth probes (SAEBench ``train_linear_probe_for_task``): one-vs-rest logistic regression per
+   letter on the train words' ``x`` (:func:`fit_logistic`: class-balanced BCE ≙ SAEBench's
+   ``pos_weight``, L2 with ``C = probe_c``, full-batch L-BFGS instead of SAEBench's 50 Adam epochs)
+   on centred, isotropically rescaled activations, mapped back to a raw-space direction ``w_L`` and
+   bias. ``F1_L`` = F1 of ``score_L(x) > 0`` on the held-out words. Letters with
+   ``F1_L < min_gt_probe_f1`` (0.6, SAEBench ``min_GT_probe_f1``) are dropped; so are letters with
+   fewer than 2 train or no held-out words.
+2. k-sparse probing (SAEBench ``train_k_sparse_probes``): latents ranked by the class-mean difference
+   ``mean(f | letter L) − mean(f | other)`` of the SAE codes ``f = sae.encode(x)`` on train words
+   (SAEBench ranks by the weights of an L1-regularised probe on ``f``; class-mean difference is
+   SAEBench's sparse-probing selection). For ``k = 1..max_k_value`` a scikit-learn
+   ``LogisticRegression(class_weight="balanced")`` (as SAEBench; here on standardised latents) on the
+   top-``k`` latents gives a held-out ``F1_k``. Feature splitting (SAEBench
+   ``add_feature_splits_to_metrics_df``): ``k`` grows while ``F1_k > best + f1_jump_threshold``
+   (τ_fs = 0.03); the last accepted ``k`` is ``num_split_features`` and its ``k`` latents are the
+   letter's *main latents* ``M``.
+3. Absorption per held-out word of letter ``L`` that the ground-truth probe detects
+   (``score_L(x) > 0``, the "probe true positives"; SAEBench ``FeatureAbsorptionCalculator``), with
+   ``u = w_L / ‖w_L‖``:
+
+   * ``a = x · u`` (model activation's probe projection; no bias or mean subtracted, as SAEBench);
+   * ``p_i = f_i · (W_dec[i] · u)`` (latent i's contribution; SAEBench's ``activation · cos`` after
+     ``fold_W_dec_norm``), ``cos_i = cos(W_dec[i], u)``;
+   * ``m = Σ_{i∈M} p_i``; absorbers = latents ``i ∉ M`` with ``cos_i ≥ 0.1`` and ``p_i > 0``;
+     ``S`` = sum of their ``absorption_fraction_max_absorbing_latents`` (3) largest ``p_i``;
+   * absorption fraction = 0 if ``a ≤ 0`` or ``m ≥ a`` or ``S / a < 0.4``; else 1 if ``m ≤ 0``; else
+     ``A / (A + m)`` with ``A = min(S, a − m)``, clipped to [0, 1];
+   * full absorption: every main latent silent (``f_i < 1e-8``), the latent with the largest ``p_i``
+     has ``cos ≥ 0.025``, ``a > 0`` and that ``p_i / a ≥ 0.4``.
+
+Metrics (SAEBench ``eval_result_metrics["mean"]``), over the evaluated letters (probe F1 ≥ 0.6):
+
+* ``mean_absorption_fraction_score`` = mean over letters of (Σ absorption fractions / #probe true
+  positives of the letter);
+* ``mean_full_absorption_score`` = mean over letters of (#full absorptions / #probe true positives);
+* ``mean_num_split_features`` = mean over letters of the chosen ``k``;
+* ``std_dev_*`` of the three, ``n_letters_evaluated``, ``n_letters_probed`` (probes fitted),
+  ``mean_gt_probe_f1`` and word counts. SAEBench refuses to score a model with fewer than 20 letters
+  passing the probe filter (``min_feats_for_eval``); we score anyway and record
+  ``enough_letters = n_letters_evaluated ≥ min_letters_for_eval`` in ``eval_result_unstructured``.
+  Small models (Gemma 3 270M) know first letters poorly, so fewer letters pass.
+
+The word activations and the ground-truth probes do not depend on the SAE: they are computed once
+per model/hook through ``ctx.cached``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..model import LoadedModel, capture_resid_post
+from ..train.sae import SAE
+from .registry import EvalContext, EvalOutput
+
+EVAL_TYPE_ID = "absorption"
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+EPS = 1e-8
+
+
+@dataclass
+class Config:
+    """Settings (defaults = SAEBench ``AbsorptionEvalConfig`` / ``FeatureAbsorptionCalculator`` where
+    they exist; ``max_icl_examples``, ``max_words`` and the per-letter balance are CPU-budget choices)."""
+
+    prompt_template: str = "{word} has the first letter:"
+    example_separator: str = "\n"
+    max_icl_examples: int = 2
+    max_words: int = 1000
+    min_word_len: int = 2
+    word_start_only: bool = False
+    train_fraction: float = 0.8
+    probe_c: float = 1.0
+    min_gt_probe_f1: float = 0.6
+    min_letters_for_eval: int = 20
+    max_k_value: int = 10
+    f1_jump_threshold: float = 0.03
+    full_absorption_probe_cos_threshold: float = 0.025
+    absorption_fraction_probe_cos_threshold: float = 0.1
+    probe_projection_proportion_threshold: float = 0.4
+    absorption_fraction_max_absorbing_latents: int = 3
+    llm_batch_size: int = 32
+    seed: int = 42
+
+
+# -- ground-truth probes --------------------------------------------------------------------------
+@dataclass
+class GroundTruthProbes:
+    """One-vs-rest letter probes on model activations.
+
+    ``weights [26, d]`` raw-space directions ``w_L`` (zero for letters without a probe), ``bias [26]``;
+    ``f1``: held-out F1 per letter (None: too few words to fit or score); ``test_scores [n_test, 26]``
+    ``x·w_L + b_L`` on the held-out words (−inf for letters without a probe).
+    """
+
+    weights: torch.Tensor
+    bias: torch.Tensor
+    f1: list[float | None]
+    test_scores: torch.Tensor
+
+
+def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column mean and std of ``x [n, d]`` (std < 1e-8 → 1)."""
+    mu = x.mean(0)
+    sd = x.std(0, correction=0)
+    return mu, torch.where(sd < 1e-8, torch.ones_like(sd), sd)
+
+
+def fit_logistic(z: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 500
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``P`` independent class-balanced L2 logistic regressions on the same inputs, fitted jointly.
+
+    ``z [n, d]`` inputs, ``y [n, P]`` bool targets → ``(W [d, P], b [P])`` (float64) minimising, per
+    column, ``c · Σ_i s_i · BCE(z_i·w + b, y_i) + ½‖w‖²`` with balanced sample weights
+    ``s_i = n / (2·n_pos)`` for positives and ``n / (2·n_neg)`` for negatives (scikit-learn's
+    ``LogisticRegression(C=c, class_weight="balanced")`` objective; SAEBench's probes use BCE with
+    ``pos_weight = n_neg / n_pos``, the same up to a constant factor). Full-batch L-BFGS (strong Wolfe).
+    """
+    z = z.double()
+    yd = y.double()
+    n = z.shape[0]
+    n_pos = yd.sum(0)
+    weights = yd * (n / (2 * n_pos.clamp_min(1))) + (1 - yd) * (n / (2 * (n - n_pos).clamp_min(1)))
+    w = torch.zeros(z.shape[1], yd.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(yd.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-8, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, yd, reduction="none")
+        loss = c * (weights * bce).sum() + 0.5 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _f1(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
+    """F1 of boolean predictions ``[n]`` (0 when there is no true or predicted positive)."""
+    tp = float((y_true & y_pred).sum())
+    denom = float(y_true.sum() + y_pred.sum())
+    return 2 * tp / denom if denom > 0 else 0.0
+
+
+def train_ground_truth_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                              y_test: torch.Tensor, c: float = 1.0) -> GroundTruthProbes:
+    """Fit a one-vs-rest probe per letter on ``x_train [n, d]`` (labels ``y_train [n]`` in 0..25) and
+    score it on ``x_test [m, d]`` / ``y_test [m]`` (step 1 of the module doc).
+
+    A probe is fitted only for letters with ≥ 2 train words, ≥ 1 train word of another letter and
+    ≥ 1 held-out word. Inputs are centred and divided by one scalar σ (RMS per dimension of the train
+    words: an isotropic rescaling, so the L2 penalty keeps the raw geometry of SAEBench's probe on raw
+    activations); a fit ``z·c + b`` maps back to ``w = c / σ``, ``b_raw = b − c·μ / σ``.
+    """
+    xtr, xte = x_train.double().cpu(), x_test.double().cpu()
+    ytr, yte = y_train.cpu(), y_test.cpu()
+    d = xtr.shape[1]
+    mu = xtr.mean(0)
+    sigma = max(float(((xtr - mu) ** 2).sum(1).mean() / d) ** 0.5, 1e-8)
+    letters = torch.arange(26)
+    pos_tr = ytr[:, None] == letters                                  # [n, 26]
+    fit_ok = (pos_tr.sum(0) >= 2) & ((~pos_tr).sum(0) >= 1) & ((yte[:, None] == letters).sum(0) >= 1)
+    weights = torch.zeros(26, d, dtype=torch.float64)
+    bias = torch.zeros(26, dtype=torch.float64)
+    cols = torch.nonzero(fit_ok).flatten()
+    if len(cols):
+        coef, icpt = fit_logistic((xtr - mu) / sigma, pos_tr[:, cols], c)
+        weights[cols] = (coef / sigma).T
+        bias[cols] = icpt - (mu / sigma) @ coef
+    scores = torch.full((len(xte), 26), -math.inf, dtype=torch.float64)
+    scores[:, cols] = xte @ weights[cols].T + bias[cols]
+    f1: list[float | None] = [None] * 26
+    for L in cols.tolist():
+        f1[L] = _f1(yte == L, scores[:, L] > 0)
+    return GroundTruthProbes(weights.float(), bias.float(), f1, scores.float())
+
+
+# -- k-sparse probing and feature splitting -------------------------------------------------------
+@dataclass
+class KSparseResult:
+    """``ranked [max_k]`` latents by class-mean difference; ``f1_by_k[k-1]`` held-out F1 of the top-k
+    probe; ``k`` the chosen number of split features (main latents = ``ranked[:k]``)."""
+
+    ranked: list[int]
+    f1_by_k: list[float]
+    k: int
+
+    @property
+    def main_latents(self) -> list[int]:
+        return self.ranked[: self.k]
+
+
+def k_sparse_probe(f_train: torch.Tensor, pos_train: torch.Tensor, f_test: torch.Tensor, pos_test: torch.Tensor,
+                   max_k: int = 10, f1_jump_threshold: float = 0.03) -> KSparseResult:
+    """Step 2 of the module doc for one letter.
+
+    ``f_train [n, d_sae]``, ``f_test [m, d_sae]``: SAE codes; ``pos_* [n] / [m]`` bool: word has the letter.
+    Ranking: ``mean(f_train[pos]) − mean(f_train[~pos])``, descending (stable); ``F1_k`` of a balanced
+    logistic regression on the top-k latents (standardised), predicting ``decision > 0`` on ``f_test``.
+    ``k`` = last ``k`` of the run ``F1_k > best + f1_jump_threshold`` (SAEBench feature splitting).
+    """
+    pos_tr = pos_train.bool()
+    diff = f_train[pos_tr].double().mean(0) - f_train[~pos_tr].double().mean(0)
+    ranked = torch.argsort(-diff, stable=True)[: min(max_k, f_train.shape[1])].tolist()
+    from sklearn.linear_model import LogisticRegression
+
+    ytr = pos_tr.cpu().numpy()
+    yte = pos_test.bool().cpu()
+    f1s = []
+    for k in range(1, len(ranked) + 1):
+        xtr = f_train[:, ranked[:k]].double().cpu()
+        xte = f_test[:, ranked[:k]].double().cpu()
+        mu, sd = _standardise(xtr)
+        clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
+        clf.fit(((xtr - mu) / sd).numpy(), ytr)
+        f1s.append(_f1(yte, torch.from_numpy(clf.decision_function(((xte - mu) / sd).numpy())) > 0))
+    best, chosen = -math.inf, 0
+    for k, score in enumerate(f1s, 1):
+        if score > best + f1_jump_threshold:
+            best, chosen = score, k
+        else:
+            break
+    return KSparseResult(ranked, f1s, chosen)
+
+
+# -- absorption per word --------------------------------------------------------------------------
+@dataclass
+class WordAbsorption:
+    """Per-word results: ``fraction [n]`` absorption fraction, ``full [n]`` bool full absorption,
+    ``top_latent [n]`` latent with the largest probe projection, ``probe_projection [n]`` = ``a``."""
+
+    fraction: torch.Tensor
+    full: torch.Tensor
+    top_latent: torch.Tensor
+    probe_projection: torch.Tensor
+
+
+def word_absorption(x: torch.Tensor, f: torch.Tensor, w_dec: torch.Tensor, direction: torch.Tensor,
+                    main_latents: Sequence[int], cfg: Config) -> WordAbsorption:
+    """Step 3 of the module doc (SAEBench ``FeatureAbsorptionCalculator.calculate_absorption``).
+
+    ``x [n, d]`` model activations of probe-detected words, ``f [n, d_sae]`` their SAE codes,
+    ``w_dec [d_sae, d]``, ``direction [d]`` the letter's probe direction (any norm), ``main_latents``
+    the letter's k-sparse latents.
+    """
+    x, f, w_dec = x.double(), f.double(), w_dec.double()
+    u = direction.double() / direction.double().norm().clamp_min(1e-12)
+    dec_proj = w_dec @ u                                          # [d_sae] W_dec[i]·u
+    cos = dec_proj / w_dec.norm(dim=1).clamp_min(1e-12)           # [d_sae]
+    p = f * dec_proj                                              # [n, d_sae] probe projection per latent
+    a = x @ u                                                     # [n]
+    main = torch.as_tensor(list(main_latents), dtype=torch.long)
+    is_main = torch.zeros(w_dec.shape[0], dtype=torch.bool)
+    is_main[main] = True
+    m = p[:, main].sum(1)
+    absorber = (~is_main)[None, :] & (cos >= cfg.absorption_fraction_probe_cos_threshold)[None, :] & (p > 0)
+    n_abs = min(cfg.absorption_fraction_max_absorbing_latents, p.shape[1])
+    s = torch.where(absorber, p, torch.zeros_like(p)).topk(n_abs, dim=1).values.sum(1)
+    safe_a = torch.where(a > 0, a, torch.ones_like(a))
+    absorbed = torch.minimum(s, a - m)
+    partial = (absorbed / (absorbed + m).clamp_min(1e-300)).clamp(0.0, 1.0)
+    frac = torch.where(m <= 0, torch.ones_like(a), partial)
+    frac = torch.where((a <= 0) | (m >= a) | (s / safe_a < cfg.probe_projection_proportion_threshold),
+                       torch.zeros_like(a), frac)
+    top = p.argmax(dim=1)
+    top_p = p.gather(1, top[:, None])[:, 0]
+    silent = (f[:, main] < EPS).all(dim=1)
+    full = (silent & (cos[top] >= cfg.full_absorption_probe_cos_threshold) & (a > 0)
+            & (top_p / safe_a >= cfg.probe_projection_proportion_threshold))
+    return WordAbsorption(frac.float(), full, top, a.float())
+
+
+# -- the whole computation on activation matrices -------------------------------------------------
+@dataclass
+class AbsorptionResult:
+    """``metrics`` (the ``mean`` category), ``letters`` (one detail dict per letter with a probe)."""
+
+    metrics: dict[str, float | int | None]
+    letters: list[dict] = field(default_factory=list)
+
+
+def _mean(xs: list[float]) -> float:
+    return float(statistics.fmean(xs)) if xs else math.nan
+
+
+def _stdev(xs: list[float]) -> float:
+    return float(statistics.stdev(xs)) if len(xs) > 1 else math.nan
+
+
+def compute_absorption(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                       f_train: torch.Tensor, f_test: torch.Tensor, w_dec: torch.Tensor, cfg: Config,
+                       probes: GroundTruthProbes | None = None,
+                       test_words: Sequence[str] | None = None) -> AbsorptionResult:
+    """Steps 1–3 of the module doc and the aggregate metrics.
+
+    ``x_* [n, d]`` model activations at the word token, ``y_* [n]`` first-letter indices (0..25),
+    ``f_* [n, d_sae]`` SAE codes of the same rows, ``w_dec [d_sae, d]``. ``probes``: precomputed
+    ground-truth probes (else fitted here); ``test_words``: held-out word strings (for examples in
+    the details).
+    """
+    if probes is None:
+        probes = train_ground_truth_probes(x_train, y_train, x_test, y_test, cfg.probe_c)
+    letters: list[dict] = []
+    fracs, fulls, splits = [], [], []
+    for L in range(26):
+        f1 = probes.f1[L]
+        if f1 is None:
+            continue
+        row: dict = {"first_letter": LETTERS[L], "gt_probe_f1": f1,
+                     "n_train_words": int((y_train == L).sum()), "n_test_words": int((y_test == L).sum()),
+                     "evaluated": f1 >= cfg.min_gt_probe_f1}
+        letters.append(row)
+        if not row["evaluated"]:
+            continue
+        ks = k_sparse_probe(f_train, y_train == L, f_test, y_test == L, cfg.max_k_value, cfg.f1_jump_threshold)
+        detected = (y_test == L) & (probes.test_scores[:, L] > 0)
+        idx = torch.nonzero(detected).flatten()
+        n_tp = len(idx)
+        wa = word_absorption(x_test[idx], f_test[idx], w_dec, probes.weights[L], ks.main_latents, cfg)
+        frac = float(wa.fraction.double().sum()) / n_tp if n_tp else math.nan
+        full_rate = float(wa.full.double().sum()) / n_tp if n_tp else math.nan
+        row.update({
+            "mean_absorption_fraction": frac, "full_absorption_rate": full_rate,
+            "num_full_absorption": int(wa.full.sum()), "num_probe_true_positives": n_tp,
+            "num_split_features": ks.k, "split_feats": ks.main_latents, "k_sparse_f1": ks.f1_by_k,
+        })
+        if test_words is not None:
+            absorbed = [i for i in range(n_tp) if float(wa.fraction[i]) > 0]
+            row["absorbed_examples"] = [
+                {"word": test_words[int(idx[i])], "absorption_fraction": float(wa.fraction[i]),
+                 "full": bool(wa.full[i]), "top_latent": int(wa.top_latent[i])} for i in absorbed[:10]]
+        if n_tp:
+            fracs.append(frac)
+            fulls.append(full_rate)
+            splits.append(float(ks.k))
+    probed = [r["gt_probe_f1"] for r in letters]
+    metrics: dict[str, float | int | None] = {
+        "mean_absorption_fraction_score": _mean(fracs),
+        "mean_full_absorption_score": _mean(fulls),
+        "mean_num_split_features": _mean(splits),
+        "std_dev_absorption_fraction_score": _stdev(fracs),
+        "std_dev_full_absorption_score": _stdev(fulls),
+        "std_dev_num_split_features": _stdev(splits),
+        "n_letters_evaluated": len(fracs),
+        "n_letters_probed": len(probed),
+        "mean_gt_probe_f1": _mean(probed),
+        "n_words_train": int(len(y_train)),
+        "n_words_test": int(len(y_test)),
+    }
+    return AbsorptionResult(metrics, letters)
+
+
+# -- words, prompts and model activations ---------------------------------------------------------
+def alphabetic_words(tokenizer: object, min_len: int = 2, word_start_only: bool = False) -> list[tuple[int, str]]:
+    """``(token id, text)`` of every non-special token whose text is at most one leading space plus
+    ≥ ``min_len`` ASCII letters (``word_start_only``: the leading space is required), sorted by id."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    out = []
+    for tok, i in tokenizer.get_vocab().items():  # type: ignore[attr-defined]
+        if i in special:
+            continue
+        marked = tok[:1] in ("▁", "Ġ", " ")
+        core = tok[1:] if marked else tok
+        if len(core) < min_len or not core.isascii() or not core.isalpha():
+            continue
+        text = tokenizer.convert_tokens_to_string([tok])  # type: ignore[attr-defined]
+        body = text[1:] if text.startswith(" ") else text
+        if len(body) < min_len or not body.isascii() or not body.isalpha():
+            continue
+        if word_start_only and not text.startswith(" "):
+            continue
+        out.append((int(i), text))
+    return sorted(out)
+
+
+def sample_words(words: Sequence[tuple[int, str]], max_words: int, train_fraction: float, seed: int
+                 ) -> tuple[list[tuple[int, str]], list[bool]]:
+    """At most ``max_words // 26`` words per first letter (seeded sample), each letter's words split
+    into train (``round(n·train_fraction)``, at least 1 and, for n ≥ 2, at most n − 1) and held-out.
+    Returns (words, is_train) in a letter-major order."""
+    rng = random.Random(seed)
+    per_letter = max(max_words // 26, 1)
+    by_letter: dict[str, list[tuple[int, str]]] = {c: [] for c in LETTERS}
+    for i, w in words:
+        by_letter[w.strip()[0].lower()].append((i, w))
+    chosen: list[tuple[int, str]] = []
+    is_train: list[bool] = []
+    for c in LETTERS:
+        ws = by_letter[c]
+        ws = rng.sample(ws, min(per_letter, len(ws)))
+        n_train = min(max(round(len(ws) * train_fraction), 1), max(len(ws) - 1, 1))
+        chosen += ws
+        is_train += [j < n_train for j in range(len(ws))]
+    return chosen, is_train
+
+
+def _encode(tokenizer: object, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []  # type: ignore[operator]
+
+
+def build_prompt(tokenizer: object, bos_id: int, word: tuple[int, str], examples: Sequence[tuple[int, str]],
+                 cfg: Config) -> tuple[list[int], str]:
+    """Token ids ``[BOS, ICL examples..., template prefix, word]`` (ending at the word token) and the
+    full prompt text (with the template suffix) for display."""
+    pre, _, post = cfg.prompt_template.partition("{word}")
+    pre_ids, post_ids, sep_ids = _encode(tokenizer, pre), _encode(tokenizer, post), _encode(tokenizer,
+                                                                                           cfg.example_separator)
+    ids = [bos_id]
+    parts = []
+    for tid, text in examples:
+        answer = " " + text.strip()[0].upper()
+        ids += pre_ids + [tid] + post_ids + _encode(tokenizer, answer) + sep_ids
+        parts.append(cfg.prompt_template.format(word=text) + answer)
+    ids += pre_ids + [word[0]]
+    parts.append(cfg.prompt_template.format(word=word[1]))
+    return ids, cfg.example_separator.join(parts)
+
+
+@dataclass
+class WordActivations:
+    """``acts [n, d_model]`` (float32, CPU) at the word token; ``letters [n]`` (0..25); ``is_train [n]``."""
+
+    token_ids: list[int]
+    words: list[str]
+    letters: torch.Tensor
+    is_train: torch.Tensor
+    acts: torch.Tensor
+    example_prompts: list[str]
+
+
+@torch.no_grad()
+def word_activations(lm: LoadedModel, layer: int, cfg: Config) -> WordActivations:
+    """Sample words, build their ICL prompts (seeded) and read the activation at the word token."""
+    tok = lm.tokenizer
+    vocab = alphabetic_words(tok, cfg.min_word_len, cfg.word_start_only)
+    words, is_train = sample_words(vocab, cfg.max_words, cfg.train_fraction, cfg.seed)
+    rng = random.Random(cfg.seed + 1)
+    pools = {True: [w for w, t in zip(words, is_train, strict=True) if t],
+             False: [w for w, t in zip(words, is_train, strict=True) if not t]}
+    prompts: list[list[int]] = []
+    texts: list[str] = []
+    for w, t in zip(words, is_train, strict=True):
+        pool = [e for e in pools[t] if e[0] != w[0]]
+        examples = rng.sample(pool, min(cfg.max_icl_examples, len(pool)))
+        ids, text = build_prompt(tok, lm.bos_token_id, w, examples, cfg)
+        prompts.append(ids)
+        texts.append(text)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    acts = torch.zeros(len(prompts), lm.d_model)
+    for s in range(0, len(prompts), cfg.llm_batch_size):
+        batch = prompts[s:s + cfg.llm_batch_size]
+        T = max(len(p) for p in batch)
+        ids = torch.full((len(batch), T), pad, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for j, p in enumerate(batch):
+            ids[j, :len(p)] = torch.tensor(p)
+            mask[j, :len(p)] = 1
+        h = capture_resid_post(lm.model, ids.to(lm.device), [layer], mask.to(lm.device))[layer]
+        last = torch.tensor([len(p) - 1 for p in batch], device=h.device)
+        acts[s:s + len(batch)] = h[torch.arange(len(batch), device=h.device), last].float().cpu()
+    letters = torch.tensor([LETTERS.index(w.strip()[0].lower()) for _, w in words], dtype=torch.long)
+    return WordActivations([i for i, _ in words], [w for _, w in words], letters,
+                           torch.tensor(is_train, dtype=torch.bool), acts, texts[:3])
+
+
+def encode_dense(sae: SAE, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """SAE codes ``[n, d_sae]`` (float32, CPU) of ``x [n, d_in]``, in batches on the SAE's device."""
+    dev = sae.W_dec.device
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            out.append(sae.encode(x[s:s + batch_size].to(dev, sae.W_dec.dtype)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, sae.d_sae)
+
+
+def _data_key(cfg: Config) -> tuple:
+    return ("absorption", cfg.prompt_template, cfg.example_separator, cfg.max_icl_examples, cfg.max_words,
+            cfg.min_word_len, cfg.word_start_only, cfg.train_fraction, cfg.seed)
+
+
+def available(ctx: EvalContext) -> str | None:
+    """None when the tokenizer has alphabetic word tokens for at least 2 letters, else the reason."""
+    words = ctx.cached(("absorption", "vocab", Config.min_word_len),
+                       lambda: alphabetic_words(ctx.lm.tokenizer, Config.min_word_len))
+    if len({w.strip()[0].lower() for _, w in words}) < 2:
+        return "the tokenizer has too few alphabetic word tokens for the first-letter task"
+    return None
+
+
+def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
+    """Absorption of one SAE (module doc): cached word activations and probes, then
+    :func:`compute_absorption` on the SAE's codes."""
+    key = _data_key(cfg)
+    data: WordActivations = ctx.cached(key, lambda: word_activations(ctx.lm, ctx.layer, cfg))
+    tr, te = data.is_train, ~data.is_train
+    x_train, x_test = data.acts[tr], data.acts[te]
+    y_train, y_test = data.letters[tr], data.letters[te]
+    probes: GroundTruthProbes = ctx.cached(key + ("probes", cfg.probe_c), lambda: train_ground_truth_probes(
+        x_train, y_train, x_test, y_test, cfg.probe_c))
+    test_words = [w for w, t in zip(data.words, te.tolist(), strict=True) if t]
+    res = compute_absorption(x_train, y_train, x_test, y_test, encode_dense(sae, x_train), encode_dense(sae, x_test),
+                             sae.W_dec.detach().float().cpu(), cfg, probes=probes, test_words=test_words)
+    n_eval = int(res.metrics["n_letters_evaluated"] or 0)
+    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name}
+    unstructured = {
+        "run_dir": str(ctx.run_dir), "model_id": ctx.lm.model_id, "hook_name": ctx.hook_name,
+        "enough_letters": n_eval >= cfg.min_letters_for_eval,
+        "note": (None if n_eval >= cfg.min_letters_for_eval else
+                 f"only {n_eval} letters have a ground-truth probe F1 >= {cfg.min_gt_probe_f1} "
+                 f"(SAEBench requires {cfg.min_letters_for_eval}): the model knows first letters poorly here"),
+        "example_prompts": data.example_prompts,
+    }
+    return EvalOutput(metrics={"mean": res.metrics}, details=res.letters, eval_config=eval_config,
+                      unstructured=unstructured)
