@@ -52,8 +52,33 @@ import torch
 from ..model import capture_resid_post
 from ..progress import progress_bar
 from ..train.sae import SAE
+from . import tasks as _T
 from .common import batches, non_special_mask
 from .registry import EvalContext
+
+
+@dataclass
+class ProbeSettings:
+    """Settings shared by the probe-based evaluations (sparse_probing, scr, tpp)."""
+
+    probe_C: float = 1.0
+    """Inverse L2 strength of the logistic-regression probes (scikit-learn; SAEBench's setting)."""
+    probe_max_iter: int = 1000
+    standardize: bool = True
+    """Standardise probe inputs with the training mean/std (probes are folded back to raw units)."""
+    context_length: int = 128
+    """Tokens per snippet, BOS included (SAEBench: 128); capped at the SAE's context size."""
+    llm_batch_size: int = 32
+    sae_batch_tokens: int = 4096
+    store_dtype: str = "bfloat16"
+    """dtype of the cached per-token activations."""
+    min_chars: int = _T.DEFAULT_MIN_CHARS
+    max_chars: int = _T.DEFAULT_MAX_CHARS
+    test_fraction: float = _T.DEFAULT_TEST_FRACTION
+    split_by: str = "document"
+    """Train/test unit of Shakespeare snippets: "document" (scene) or "play" (harder: unseen plays)."""
+    seed: int = 0
+
 
 __all__ = ["LinearProbe", "PooledTexts", "TextActs", "ablate_pooled", "corpus_unavailable_reason", "fit_probe",
            "latent_effects", "llm_text_acts", "pooled_texts", "probe_scores", "sae_pooled_codes", "select_top_n",

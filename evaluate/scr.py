@@ -49,6 +49,7 @@ from . import tasks as T
 from .probing import (
     LinearProbe,
     PooledTexts,
+    ProbeSettings,
     ablate_pooled,
     corpus_unavailable_reason,
     fit_probe,
@@ -65,7 +66,7 @@ __all__ = ["EVAL_TYPE_ID", "N_VALUES", "Config", "available", "run", "scr_pair"]
 
 
 @dataclass
-class Config:
+class Config(ProbeSettings):
     """Settings of the SCR evaluation (recorded as ``eval_config``)."""
 
     pairs: tuple[tuple[T.Attribute, T.Attribute], ...] = T.SCR_PAIRS
@@ -76,19 +77,6 @@ class Config:
     test_set_size: int = 100
     """SAEBench: 1000."""
     n_values: tuple[int, ...] = N_VALUES
-    probe_C: float = 1.0
-    probe_max_iter: int = 1000
-    standardize: bool = True
-    context_length: int = 128
-    llm_batch_size: int = 32
-    sae_batch_tokens: int = 4096
-    store_dtype: str = "bfloat16"
-    min_chars: int = T.DEFAULT_MIN_CHARS
-    max_chars: int = T.DEFAULT_MAX_CHARS
-    test_fraction: float = T.DEFAULT_TEST_FRACTION
-    split_by: str = "document"
-    """Train/test unit of Shakespeare snippets: "document" (scene) or "play" (harder: unseen plays)."""
-    seed: int = 0
     top_latents_reported: int = 20
     """How many top-ranked latents per direction go to ``eval_result_unstructured``."""
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..train.sae import SAE
 from . import tasks as T
-from .probing import corpus_unavailable_reason, pooled_texts, probe_scores
+from .probing import ProbeSettings, corpus_unavailable_reason, pooled_texts, probe_scores
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "sparse_probing"
@@ -40,7 +40,7 @@ __all__ = ["EVAL_TYPE_ID", "Config", "available", "build_tasks", "run", "score_t
 
 
 @dataclass
-class Config:
+class Config(ProbeSettings):
     """Settings of the sparse-probing evaluation (recorded as ``eval_config``)."""
 
     tasks: tuple[str, ...] = ("genre_histories", "package_asyncio", "package_email", "verse_vs_prose")
@@ -53,22 +53,6 @@ class Config:
     n_test: int = 50
     """Test snippets per class (SAEBench: 500 per class)."""
     k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
-    probe_C: float = 1.0
-    probe_max_iter: int = 1000
-    standardize: bool = True
-    """Standardise probe inputs with the training mean/std (see :mod:`sae.evaluate.probing`)."""
-    context_length: int = 128
-    """Tokens per snippet, BOS included (SAEBench: 128); capped at the SAE's context size."""
-    llm_batch_size: int = 32
-    sae_batch_tokens: int = 4096
-    store_dtype: str = "bfloat16"
-    """dtype of the cached per-token activations."""
-    min_chars: int = T.DEFAULT_MIN_CHARS
-    max_chars: int = T.DEFAULT_MAX_CHARS
-    test_fraction: float = T.DEFAULT_TEST_FRACTION
-    split_by: str = "document"
-    """Train/test unit of Shakespeare snippets: "document" (scene) or "play" (harder: unseen plays)."""
-    seed: int = 0
 
 
 def available(ctx: EvalContext, cfg: Config | None = None) -> str | None:

@@ -34,7 +34,15 @@ import numpy as np
 
 from ..train.sae import SAE
 from . import tasks as T
-from .probing import ablate_pooled, corpus_unavailable_reason, fit_probe, latent_effects, pooled_texts, select_top_n
+from .probing import (
+    ProbeSettings,
+    ablate_pooled,
+    corpus_unavailable_reason,
+    fit_probe,
+    latent_effects,
+    pooled_texts,
+    select_top_n,
+)
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "tpp"
@@ -44,7 +52,7 @@ __all__ = ["EVAL_TYPE_ID", "N_VALUES", "Config", "available", "run", "tpp_scores
 
 
 @dataclass
-class Config:
+class Config(ProbeSettings):
     """Settings of the TPP evaluation (recorded as ``eval_config``)."""
 
     classes: tuple[str, ...] = T.CODE_PACKAGES
@@ -56,19 +64,6 @@ class Config:
     """Training snippets per class (each probe trains on 2 · n_train)."""
     n_test: int = 50
     n_values: tuple[int, ...] = N_VALUES
-    probe_C: float = 1.0
-    probe_max_iter: int = 1000
-    standardize: bool = True
-    context_length: int = 128
-    llm_batch_size: int = 32
-    sae_batch_tokens: int = 4096
-    store_dtype: str = "bfloat16"
-    min_chars: int = T.DEFAULT_MIN_CHARS
-    max_chars: int = T.DEFAULT_MAX_CHARS
-    test_fraction: float = T.DEFAULT_TEST_FRACTION
-    split_by: str = "document"
-    """Train/test unit of Shakespeare snippets: "document" (scene) or "play" (harder: unseen plays)."""
-    seed: int = 0
     top_latents_reported: int = 20
 
 
