@@ -5,7 +5,8 @@
 Bare forward = the model run up to the deepest hooked layer (the work any harvester must do),
 activations discarded. Harvest = the full `sae harvest` path (corpus, tokenisation, forward,
 bf16 encode, Blosc-zstd compression, Zarr writes, statistics, commits) into a temporary store.
-A full forward with ``output_hidden_states`` (what a naive cache does) is timed for reference.
+With ``--full``, a full forward with ``output_hidden_states`` (what a naive cache does) is timed for
+reference. ``--repeats`` interleaved (bare, harvest) pairs; the headline is the median per-pair ratio.
 Last line: ``harvest/bare-forward throughput ratio: R`` (goal ≥ 0.90).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--codec", default="zstd")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved (bare, harvest) pairs; medians reported")
+    ap.add_argument("--full", action="store_true", help="also time a full forward with output_hidden_states")
     a = ap.parse_args()
     layers = a.layer or [6]
     lm = load_model(a.model, a.device)
@@ -55,21 +59,31 @@ def main() -> None:
             torch.cuda.synchronize()
         return n_seq * a.context_size / (time.perf_counter() - t0)
 
+    def run_harvest(i: int) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = HarvestConfig(layers=layers, model=a.model, tokens=n_seq * a.context_size,
+                                context_size=a.context_size, batch_size=a.batch_size, codec=a.codec,
+                                out=str(Path(tmp) / f"b{i}.zarr"), device=a.device)
+            t0 = time.perf_counter()
+            harvest(cfg, loaded=lm, quiet=True)
+            return n_seq * a.context_size / (time.perf_counter() - t0)
+
     bare()  # warm-up
-    bare_tps = bare()
-    full_tps = bare(full=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = HarvestConfig(layers=layers, model=a.model, tokens=n_seq * a.context_size, context_size=a.context_size,
-                            batch_size=a.batch_size, codec=a.codec, out=str(Path(tmp) / "b.zarr"), device=a.device)
-        t0 = time.perf_counter()
-        harvest(cfg, loaded=lm, quiet=True)
-        harvest_tps = n_seq * a.context_size / (time.perf_counter() - t0)
+    bares, harvests = [], []
+    for i in range(a.repeats):  # interleaved, so slow phases of a shared machine hit both
+        bares.append(bare())
+        harvests.append(run_harvest(i))
+    bare_tps, harvest_tps = statistics.median(bares), statistics.median(harvests)
+    ratios = [h / b for h, b in zip(harvests, bares, strict=True)]
     print(f"model {lm.model_id}  layers {layers}  batch {a.batch_size}x{a.context_size}  device {lm.device}")
     print(f"bare forward (stop after layer {max(layers)}): {bare_tps:,.0f} tokens/s")
-    print(f"full forward + output_hidden_states:       {full_tps:,.0f} tokens/s")
+    if a.full:
+        full_tps = bare(full=True)
+        print(f"full forward + output_hidden_states:       {full_tps:,.0f} tokens/s")
+        print(f"harvest/full-forward ratio: {harvest_tps / full_tps:.2f}")
     print(f"sae harvest (forward+encode+compress+write): {harvest_tps:,.0f} tokens/s")
-    print(f"harvest/full-forward ratio: {harvest_tps / full_tps:.2f}")
-    print(f"harvest/bare-forward throughput ratio: {harvest_tps / bare_tps:.2f}")
+    print(f"per-pair ratios: {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(f"harvest/bare-forward throughput ratio: {statistics.median(ratios):.2f}")
 
 
 if __name__ == "__main__":

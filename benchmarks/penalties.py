@@ -3,12 +3,12 @@
 For every dictionary size F (4096 and 16384; 65536 with ``--big``) at batch B (4096), k = 32 and
 d_in = 640, each variant runs in its own subprocess (so its peak memory can be read cleanly) that
 
-1. builds ``sae.train.sae.SAE(d_in, F, "topk", k)`` with Adam and synthetic data (a sum of 8
-   planted unit features per token, Zipf-distributed feature frequencies);
-2. warms up, then alternates ``--steps`` times a *base step* (the trainer's TopK path: dense
-   pre-activations without grad → top-k → sparse-backward gather of the k values → ``decode_sparse``
-   → FVU loss → backward → decoder-gradient projection → Adam → row renormalisation) and the same
-   step with the penalty added to the loss (``pen_loss, logs = penalty(ctx)``). Interleaving the
+1. builds a ``sae.train.trainer.Trainer`` (TopK, d_sae = F) for the variant and synthetic data (a
+   sum of 8 planted unit features per token, Zipf-distributed feature frequencies);
+2. warms up, then alternates ``--steps`` times a *base step* (``Trainer.step`` with the no-op penalty
+   of plain ``topk``: encoder GEMM → top-k → sparse-backward gather of the k values →
+   ``decode_sparse`` → FVU loss → backward → decoder-gradient projection → Adam → row
+   renormalisation) and the same ``Trainer.step`` with the variant's penalty. Interleaving the
    two keeps their ratio meaningful on a shared machine; the medians are reported;
 3. reports memory (:func:`step_peak_mb`: the peak allocated above what is live at the start — peak
    RSS after ``malloc_trim`` and a reset of the kernel's high-water mark on CPU,
@@ -129,19 +129,23 @@ def synthetic_batches(n: int, B: int, d_in: int, n_feat: int, seed: int, device:
 
 
 class Bench:
-    """One SAE + Adam + (optional) penalty, stepping like the trainer's TopK path."""
+    """One :class:`~sae.train.trainer.Trainer` (the real training step: fused-bias encoder GEMM, TopK,
+    sparse backward, AuxK bookkeeping, Adam as configured there, decoder projection and renorm),
+    stepped with its penalty attached or swapped for the no-op penalty of the plain baseline."""
 
     def __init__(self, F: int, args: argparse.Namespace, variant: str | None) -> None:
-        from sae.train.sae import SAE
+        from sae.train.config import TrainConfig
+        from sae.train.trainer import Trainer
         from sae.train.variants import build_penalty
 
         self.args, self.dev = args, torch.device(args.device)
-        self.sae = SAE(args.d_in, F, "topk", args.k)
-        self.sae.init_weights(torch.Generator().manual_seed(args.seed))
-        self.sae.to(self.dev)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=1e-4)
+        cfg = TrainConfig(d_sae=F, k=args.k, batch_size=args.batch, lr=1e-4, seed=args.seed,
+                          variant=variant or "topk")
+        self.trainer = Trainer(cfg, d_in=args.d_in, total_steps=10_000, device=self.dev)
+        self.sae = self.trainer.sae
+        self.no_penalty = build_penalty("topk", F, args.d_in).to(self.dev)
+        self.penalty = self.trainer.penalty if variant else None
         self.data = synthetic_batches(4, args.batch, args.d_in, 2 * F, args.seed, args.device)
-        self.penalty = build_penalty(variant, F, args.d_in, {}).to(self.dev) if variant else None
         self.n = 0
         self.pen_step = 0
 
@@ -150,16 +154,14 @@ class Bench:
             torch.cuda.synchronize()
 
     def codes(self, x: torch.Tensor):
+        """The trainer's TopK codes of ``x`` (differentiable values, sparse backward)."""
         from sae.train.sae import SparseCodes
+        from sae.train.sparse_ops import gather_pre_acts
 
         sae = self.sae
         x_c = x - sae.b_dec
-        try:
-            from sae.train.sparse_ops import gather_pre_acts
-        except ImportError:  # fall back to autograd through the dense pre-activations
-            return sae.codes_from_pre(x_c @ sae.W_enc + sae.b_enc)
         with torch.no_grad():
-            pre = x_c @ sae.W_enc + sae.b_enc
+            pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
             idx = pre.topk(sae.k, dim=-1, sorted=False).indices
         return SparseCodes(torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)), idx)
 
@@ -180,23 +182,13 @@ class Bench:
         self.sae.W_dec.grad = None
 
     def step(self, with_penalty: bool) -> float:
-        """One optimiser step; returns its wall time in seconds."""
+        """One ``Trainer.step``; returns its wall time in seconds."""
         x = self.data[self.n % len(self.data)]
         self.n += 1
+        self.trainer.penalty = self.penalty if with_penalty and self.penalty is not None else self.no_penalty
         self.sync()
         t0 = time.perf_counter()
-        sae = self.sae
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
-        codes = self.codes(x)
-        loss = (x - sae.decode_sparse(codes)).pow(2).sum() / total_var
-        if with_penalty and self.penalty is not None:
-            pen, _ = self.penalty(self.context(codes))
-            loss = loss + pen
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        sae.project_decoder_grad_()
-        self.opt.step()
-        sae.normalize_decoder_()
+        self.trainer.step(x)
         self.sync()
         return time.perf_counter() - t0
 
@@ -225,7 +217,7 @@ def run_variant(F: int, variant: str, args: argparse.Namespace) -> dict[str, Any
                            "state_mb": sum(t.numel() * t.element_size() for t in b.penalty.buffers()) / 2**20}
     if variant == "adaptive":
         t0 = time.perf_counter()
-        b.penalty.refresh(b.pen_step)
+        b.penalty.refresh(b.trainer.step_idx)
         out["periodic"] = f"refresh {time.perf_counter() - t0:.2f}s/{b.penalty.config.refresh_every} steps"
     return out
 

@@ -79,9 +79,10 @@ def test_harvested_rows_match_a_direct_forward(tiny_lm, tiny_store) -> None:
     assert s.attrs["status"] == "complete" and s.attrs["layers"] == [1, 2]
 
 
-def test_resume_after_kill_gives_identical_store(tiny_lm, tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("background_writes", [False, True])
+def test_resume_after_kill_gives_identical_store(tiny_lm, tmp_path, monkeypatch, background_writes) -> None:
     base = dict(layers=[1], model=tiny_lm.model_id, tokens=6144, context_size=64, batch_size=8,
-                dtype="bfloat16", chunk_tokens=1024, device="cpu")
+                dtype="bfloat16", chunk_tokens=1024, device="cpu", background_writes=background_writes)
     ref = harvest(HarvestConfig(**base, out=str(tmp_path / "ref.zarr")), loaded=tiny_lm, quiet=True)
     calls = {"n": 0}
     real = harvest_mod.StoreWriter.append

@@ -29,6 +29,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def _fused_adam_ok(device: str | torch.device) -> bool:
+    """Fused (single-kernel) Adam exists for CPU and CUDA in torch ≥ 2.4; elsewhere use the default."""
+    return torch.device(device).type in ("cpu", "cuda")
+
+
 class Trainer(nn.Module):
     """Trains one SAE. ``state_dict`` holds the SAE, the penalty buffers and dead-latent counters;
     :meth:`checkpoint_state` adds the optimiser and step for resuming.
@@ -49,7 +54,8 @@ class Trainer(nn.Module):
         self.penalty = build_penalty(cfg.variant, d_sae, d_in, cfg.variant_params)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.to(device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas))
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
+                                    fused=_fused_adam_ok(device))
         self.step_idx = 0
         self.aux_k = cfg.aux_k or d_in // 2
 
@@ -79,7 +85,7 @@ class Trainer(nn.Module):
         logs: dict[str, Any] = {}
         if sae.activation == "topk":
             with torch.no_grad():
-                pre = x_c @ sae.W_enc + sae.b_enc
+                pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)  # bias fused into the GEMM
                 idx = pre.topk(sae.k, dim=-1, sorted=False).indices
             codes = SparseCodes(torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)), idx)
         else:
