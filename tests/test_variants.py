@@ -14,6 +14,7 @@ import torch
 from sae.train.sae import SAE, SparseCodes
 from sae.train.variants import PenaltyContext, build_penalty, make_config, variant_names
 from sae.train.variants.adaptive import greedy_groups, group_condition_numbers
+from sae.train.variants.ortsae import chunk_partners
 from sae.train.variants.progressive import lambda2, threshold
 from sae.train.variants.static_ortho import random_chunks
 from sae.train.variants.topk_pairs import cofiring_pairs, cofiring_penalty, jaccard, n_keep
@@ -349,13 +350,31 @@ def test_ortsae_matches_reference(chunk: int) -> None:
     F = 40
     W = unit_rows(F, 12, shared=0.4)
     codes = make_codes("relu", F)
-    p = build_penalty("ortsae", F, 12, {"lambda_": 2.0, "chunk_size": chunk})
+    p = build_penalty("ortsae", F, 12, {"lambda_": 2.0, "chunk_size": chunk, "search_dtype": "float32"})
     val, logs = p(ctx_for(W, codes, step=3))
     chunks = random_chunks(F, chunk, 0, torch.Generator().manual_seed(3))
     assert_close_val_grad(val, ref.ortsae(W, 2.0, chunks), W)
     assert_no_grad_to_vals(val, codes)
     expect = F if chunk >= F else F - (F % chunk == 1)
     assert logs["pairs"] == expect
+
+
+def test_ortsae_bf16_partner_search_is_within_rounding_of_the_max() -> None:
+    F, chunk = 300, 100
+    W = unit_rows(F, 12, shared=0.4)
+    chunks = random_chunks(F, chunk, 0, torch.Generator().manual_seed(5))
+    i32, j32 = chunk_partners(W, chunks, torch.float32)
+    i16, j16 = chunk_partners(W, chunks, torch.bfloat16)
+    assert torch.equal(i32, i16)  # same latents, partners may differ only at near-ties
+    best = (W[i32] * W[j32]).sum(1).square()
+    got = (W[i16] * W[j16]).sum(1).square()
+    assert (got >= best * 0.98).all() and (got <= best + 1e-6).all()
+    assert (j16 == j32).float().mean() > 0.8
+    p = build_penalty("ortsae", F, 12, {"chunk_size": chunk, "search_dtype": "bfloat16"})
+    val = p(ctx_for(W, make_codes("relu", F), step=5))[0]
+    torch.testing.assert_close(val.double(), ref.ortsae(W, 1.0, chunks).double(), rtol=0.02, atol=0)
+    with pytest.raises(ValueError, match="search_dtype"):
+        build_penalty("ortsae", F, 12, {"search_dtype": "int8"})
 
 
 # -- temporal -------------------------------------------------------------------------------------

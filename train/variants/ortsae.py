@@ -10,6 +10,7 @@ with the chunks a fresh random partition of the F latents into pieces of ``chunk
 without autograd (``O(F·c·d)`` time, ``O(block·c²)`` memory) only to find each latent's partner
 ``j*(i) = argmax_j cos_ij²``; the loss is then ``λ · mean_i cos_{i j*(i)}²`` on those F pairs
 (:func:`~.topk_pairs.pair_penalty`, ``O(F·d)``), whose gradient equals autograd's through the max.
+The partner search may run in bfloat16 (``search_dtype``); the loss on the chosen pairs is exact.
 """
 
 from __future__ import annotations
@@ -24,20 +25,42 @@ from .static_ortho import CHUNK_BLOCK, padded, random_chunks
 from .topk_pairs import pair_penalty
 
 
+def _cpu_has_bf16_matmul() -> bool:
+    """True when this (Linux) CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read(1 << 16)
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_search_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``"auto"`` → bfloat16 on CUDA and on CPUs with native bf16 matmul, else float32."""
+    if name == "auto":
+        fast = device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16_matmul())
+        return torch.bfloat16 if fast else torch.float32
+    if name not in ("bfloat16", "float32"):
+        raise ValueError(f"ortsae: search_dtype must be auto, bfloat16 or float32, got {name!r}")
+    return getattr(torch, name)
+
+
 @torch.no_grad()
-def chunk_partners(W: Tensor, chunks: Tensor) -> tuple[Tensor, Tensor]:
+def chunk_partners(W: Tensor, chunks: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
     """For chunks ``[m, c]`` (padding index F), each latent's max-``cos²`` partner in its chunk.
 
+    The Gram matrices are formed in ``dtype`` (only the argmax is used: with bfloat16 the chosen
+    partner's ``cos²`` is within bf16 rounding, ~1 %, of the true maximum).
     Returns ``(i, j)`` long vectors over the latents whose chunk has another latent.
     """
     F = W.shape[0]
     chunks = chunks.to(W.device)
-    Wp = padded(W)
+    Wp = padded(W.detach().to(dtype))
     parts_i, parts_j = [], []
     for s in range(0, chunks.shape[0], CHUNK_BLOCK):
         ch = chunks[s:s + CHUNK_BLOCK]
         Wc = Wp[ch]
-        G2 = torch.bmm(Wc, Wc.transpose(1, 2)).square_()
+        G2 = torch.bmm(Wc, Wc.transpose(1, 2)).float().square_()  # fp32 argmax is 5x faster than bf16 on CPU
         G2.diagonal(dim1=1, dim2=2).fill_(-1.0)
         G2.masked_fill_((ch >= F).unsqueeze(1), -1.0)  # padding is never a partner
         best = G2.argmax(-1)
@@ -59,16 +82,23 @@ class OrtSAEPenalty(Penalty):
         """Defaults: ``lambda_=1.0`` (at random init in d_in = 640 the chunk-max ``cos²`` is ≈ 0.02 for
         c = 1024, so the penalty starts ≈ 0.02 and grows to ≈ 0.1–0.3 only if near-duplicate latents
         form), ``chunk_size=1024`` (mission: "e.g. 1024"), ``chunks_per_step=0`` (every latent every
-        step, as in OrtSAE; ``n > 0`` uses only the first n chunks)."""
+        step, as in OrtSAE; ``n > 0`` uses only the first n chunks), ``search_dtype="auto"`` (precision of
+        the no-grad partner search: bfloat16 on CUDA and bf16-capable CPUs, 3.8× faster than fp32 on
+        this machine's CPU; the penalty and its gradient are always computed in the SAE's dtype)."""
 
         lambda_: float = 1.0
         chunk_size: int = 1024
         chunks_per_step: int = 0
+        search_dtype: str = "auto"
+
+    def __init__(self, d_sae: int, d_in: int, config: Config) -> None:
+        super().__init__(d_sae, d_in, config)
+        resolve_search_dtype(config.search_dtype, torch.device("cpu"))  # validate early
 
     def forward(self, ctx: PenaltyContext) -> tuple[Tensor, dict[str, float]]:
         W = ctx.W_dec
         chunks = random_chunks(self.d_sae, self.config.chunk_size, self.config.chunks_per_step, ctx.generator)
-        i, j = chunk_partners(W, chunks)
+        i, j = chunk_partners(W, chunks, resolve_search_dtype(self.config.search_dtype, W.device))
         n = int(i.numel())
         if n == 0:
             return W.sum() * 0.0, {"penalty": 0.0, "weight": float(self.config.lambda_), "pairs": 0.0}

@@ -133,14 +133,14 @@ class TemporalPenalty(SparseStatePenalty):
         """
         cfg = self.config
         n_avg = self.avg_keys.numel()
-        g = group_keys(torch.cat([self.avg_keys, self.win_keys]))
-        src = g.perm
-        from_avg = src < n_avg
-        U = g.keys.numel()
-        old = torch.zeros(U, dtype=torch.float64, device=src.device)
-        old[g.grp[from_avg]] = self.avg_vals[src[from_avg]].double()
-        counts = torch.zeros(U, dtype=torch.float64, device=src.device)
-        counts[g.grp[~from_avg]] = self.win_counts[src[~from_avg] - n_avg].double()
+        g = group_keys(torch.cat([self.avg_keys, self.win_keys]), runs=True)
+        U, dev = g.keys.numel(), g.perm.device
+        n_win = self.win_keys.numel()
+        # each key occurs at most once per side: scatter both sides' values by group (no masks)
+        avg_side = torch.cat([self.avg_vals.double(), torch.zeros(n_win, dtype=torch.float64, device=dev)])
+        win_side = torch.cat([torch.zeros(n_avg, dtype=torch.float64, device=dev), self.win_counts.double()])
+        old = torch.zeros(U, dtype=torch.float64, device=dev).index_add_(0, g.grp, avg_side[g.perm])
+        counts = torch.zeros(U, dtype=torch.float64, device=dev).index_add_(0, g.grp, win_side[g.perm])
         c = counts / float(self.win_tokens)
         alpha = (counts / cfg.count_scale).clamp(max=cfg.alpha_base)
         new = (1 - alpha) * old + alpha * c

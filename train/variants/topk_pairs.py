@@ -15,7 +15,7 @@ This module also holds the sparse co-firing machinery shared by ``adaptive``, ``
   token counts and optional scores. Time and memory ``O(B·K²)``, independent of ``F``.
 * :func:`pair_penalty` computes ``Σ_p w_p · max(0, |cos_p| − τ_p)^q`` for a list of pairs as a
   sampled dense-dense product (``torch.sparse.sampled_addmm`` on the CSR pattern of the pairs) with
-  a sparse-dense backward (``S·W + Sᵀ·W``): ``O(P·d)`` time, ``O(P)`` extra memory.
+  a sparse-dense backward (``(S + Sᵀ)·W``): ``O(P·d)`` time, ``O(P)`` extra memory.
 * :func:`token_pair_penalty` computes the same sum through each token's ``K×K`` Gram matrix of its
   active decoder rows (batched matmul, ``O(B·K²·d)``, one ``[chunk, K, d]`` gather at a time),
   spreading each pair's weight over its occurrences — cheaper when most co-firing pairs are used.
@@ -51,18 +51,20 @@ def pair_keys(i: Tensor, j: Tensor, d_sae: int) -> Tensor:
     return torch.minimum(i, j).long() * d_sae + torch.maximum(i, j).long()
 
 
-def sort_with_perm(keys: Tensor) -> tuple[Tensor, Tensor]:
+def sort_with_perm(keys: Tensor, runs: bool = False) -> tuple[Tensor, Tensor]:
     """``(sorted keys, perm)`` of an int64 vector, equal to ``torch.sort(keys, stable=True)``.
 
     On CPU the position is packed into the low bits of non-negative keys so NumPy's (SIMD) sort of
-    plain integers replaces an argsort (several times faster); elsewhere ``torch.sort``.
+    plain integers replaces an argsort (several times faster); elsewhere ``torch.sort``. ``runs``:
+    the input is a concatenation of a few sorted runs (NumPy's stable sort then merges them in
+    linear time; 1.5× faster than the SIMD quicksort for two runs).
     """
     n = keys.numel()
     if n and keys.device.type == "cpu":
         nbits = max(n - 1, 1).bit_length()
         if int(keys.min()) >= 0 and int(keys.max()).bit_length() + nbits <= 62:
             packed = (keys.long() << nbits) | torch.arange(n, dtype=torch.long)
-            s = torch.from_numpy(np.sort(packed.numpy()))
+            s = torch.from_numpy(np.sort(packed.numpy(), kind="stable" if runs else "quicksort"))
             return s >> nbits, s & ((1 << nbits) - 1)
     return torch.sort(keys.long(), stable=True)
 
@@ -86,9 +88,9 @@ class Groups:
         return inv
 
 
-def group_keys(keys: Tensor) -> Groups:
-    """Group an int64 vector by value (stable order within a value)."""
-    sk, perm = sort_with_perm(keys)
+def group_keys(keys: Tensor, runs: bool = False) -> Groups:
+    """Group an int64 vector by value (stable order within a value); ``runs``: see :func:`sort_with_perm`."""
+    sk, perm = sort_with_perm(keys, runs)
     n = sk.numel()
     new = torch.ones(n, dtype=torch.bool, device=sk.device)
     if n > 1:
@@ -107,7 +109,7 @@ def sort_unique(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def merge_sparse(keys_a: Tensor, vals_a: Tensor, keys_b: Tensor, vals_b: Tensor) -> tuple[Tensor, Tensor]:
     """Sum two sparse vectors given as (sorted unique int64 keys, values); returns the same form."""
-    g = group_keys(torch.cat([keys_a, keys_b]))
+    g = group_keys(torch.cat([keys_a, keys_b]), runs=True)
     vals = torch.cat([vals_a, vals_b.to(vals_a.dtype)])[g.perm]
     out = torch.zeros(g.keys.numel(), dtype=vals_a.dtype, device=vals_a.device)
     return g.keys, out.index_add_(0, g.grp, vals)
@@ -237,11 +239,13 @@ class _PairPenalty(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _grad_cos: Tensor) -> tuple[Tensor | None, ...]:
         W, rows, cols, g = ctx.saved_tensors
-        S = _csr(W.shape[0], rows, cols, g * grad)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            gW = S @ W + S.t() @ W
-        return gW, None, None, None, None, None
+        F = W.shape[0]
+        # ∂/∂W = (S + Sᵀ) W as one symmetric sparse product: one dense [F, d] output instead of two
+        # (measured 2.2× faster than S·W + Sᵀ·W at P = F = 16 384 on CPU)
+        gg = g * grad
+        S = torch.sparse_coo_tensor(torch.stack([torch.cat([rows, cols]), torch.cat([cols, rows])]),
+                                    torch.cat([gg, gg]), (F, F))
+        return torch.sparse.mm(S, W), None, None, None, None, None
 
 
 def pair_penalty_sorted(W: Tensor, keys: Tensor, weight: Tensor | float, tau: Tensor | float = 0.0,
