@@ -17,7 +17,14 @@ from sae.train.variants.adaptive import greedy_groups, group_condition_numbers
 from sae.train.variants.ortsae import chunk_partners
 from sae.train.variants.progressive import lambda2, threshold
 from sae.train.variants.static_ortho import random_chunks
-from sae.train.variants.topk_pairs import cofiring_pairs, cofiring_penalty, jaccard, n_keep
+from sae.train.variants.topk_pairs import (
+    cofiring_pairs,
+    cofiring_penalty,
+    jaccard,
+    merge_sparse,
+    n_keep,
+    occurrence_keys,
+)
 from tests import reference_penalties as ref
 
 VARIANTS = ("topk_pairs", "adaptive", "progressive", "temporal", "static_ortho", "ortsae")
@@ -111,6 +118,24 @@ def test_cofiring_pairs_match_dense_counts_and_scores(act: str) -> None:
     assert bool((cof.i < cof.j).all())
     assert torch.equal(cof.counts, C[ii, jj].long())
     torch.testing.assert_close(cof.scores.double(), S[ii, jj], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_occurrence_keys_group_to_cofiring_counts(act: str) -> None:
+    F = 48
+    codes = make_codes(act, F)
+    occ = occurrence_keys(codes, F)
+    cof = cofiring_pairs(codes, F)
+    keys, counts = torch.unique(occ, return_counts=True)
+    assert torch.equal(keys, cof.keys) and torch.equal(counts, cof.counts)
+    assert occ.numel() == int(cof.counts.sum())
+    # merging unsorted occurrences into a sorted sparse vector sums them
+    base_k, base_v = cof.keys[::2], torch.full_like(cof.keys[::2], 10)
+    mk, mv = merge_sparse(base_k, base_v, occ, torch.ones_like(occ), b_sorted=False)
+    assert torch.equal(mk, cof.keys)
+    want = cof.counts.clone()
+    want[::2] += 10
+    assert torch.equal(mv, want)
 
 
 @pytest.mark.parametrize("act", ACTS)

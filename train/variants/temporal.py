@@ -43,9 +43,9 @@ from ..sae import SparseCodes
 from .base import PenaltyContext, register
 from .topk_pairs import (
     SparseStatePenalty,
-    cofiring_pairs,
     group_keys,
     merge_sparse,
+    occurrence_keys,
     pair_penalty,
     pair_penalty_sorted,
 )
@@ -113,10 +113,9 @@ class TemporalPenalty(SparseStatePenalty):
         while pos < n:
             take = min(n - pos, W_tok - int(self.win_tokens))
             sub = SparseCodes(codes.vals[pos:pos + take].detach(), codes.idx[pos:pos + take])
-            cof = cofiring_pairs(sub, self.d_sae)
-            self.win_keys, self.win_counts = merge_sparse(self.win_keys, self.win_counts,
-                                                          cof.keys.to(self.win_keys.device),
-                                                          cof.counts.to(self.win_keys.device))
+            occ = occurrence_keys(sub, self.d_sae).to(self.win_keys.device)  # one sort per batch
+            self.win_keys, self.win_counts = merge_sparse(self.win_keys, self.win_counts, occ,
+                                                          torch.ones_like(occ), b_sorted=False)
             self.win_tokens += take
             pos += take
             if int(self.win_tokens) == W_tok:

@@ -107,9 +107,12 @@ def sort_unique(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return g.keys, g.inverse(), g.counts
 
 
-def merge_sparse(keys_a: Tensor, vals_a: Tensor, keys_b: Tensor, vals_b: Tensor) -> tuple[Tensor, Tensor]:
-    """Sum two sparse vectors given as (sorted unique int64 keys, values); returns the same form."""
-    g = group_keys(torch.cat([keys_a, keys_b]), runs=True)
+def merge_sparse(keys_a: Tensor, vals_a: Tensor, keys_b: Tensor, vals_b: Tensor,
+                 b_sorted: bool = True) -> tuple[Tensor, Tensor]:
+    """Sum two sparse vectors given as (int64 keys, values); returns sorted unique keys and sums.
+
+    ``keys_a`` is sorted unique; ``keys_b`` too when ``b_sorted``, else any order with repeats."""
+    g = group_keys(torch.cat([keys_a, keys_b]), runs=b_sorted)
     vals = torch.cat([vals_a, vals_b.to(vals_a.dtype)])[g.perm]
     out = torch.zeros(g.keys.numel(), dtype=vals_a.dtype, device=vals_a.device)
     return g.keys, out.index_add_(0, g.grp, vals)
@@ -160,6 +163,21 @@ class CoFiring:
     @property
     def j(self) -> Tensor:
         return self.keys % self.d_sae
+
+
+def occurrence_keys(codes: SparseCodes, d_sae: int) -> Tensor:
+    """Keys ``i·F + j`` (``i < j``) of every (token, pair) occurrence in which both latents fire:
+    ``[n_occ]`` int64, unsorted, with repeats (``n_occ ≤ B·K(K−1)/2``). The same multiset as the
+    occurrences :func:`cofiring_pairs` groups, without grouping them."""
+    vals, idx = codes.vals.detach(), codes.idx
+    K = idx.shape[1]
+    idx, order = idx.sort(dim=1)
+    act = vals.gather(1, order) > 0
+    a, b = torch.triu_indices(K, K, 1, device=idx.device)
+    ia, ib = idx[:, a], idx[:, b]
+    keys = ia * d_sae + ib
+    ok = act[:, a] & act[:, b] & (ia != ib)
+    return keys.reshape(-1) if bool(ok.all()) else keys[ok]
 
 
 def cofiring_pairs(codes: SparseCodes, d_sae: int, with_scores: bool = False) -> CoFiring:
