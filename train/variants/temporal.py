@@ -100,6 +100,7 @@ class TemporalPenalty(SparseStatePenalty):
         self.register_buffer("last_c", torch.zeros(0, **flt))
         self.register_buffer("last_w", torch.zeros(0, **flt))
         self.register_buffer("n_windows", torch.zeros((), **lng))
+        self._summary: tuple[tuple[int, int], dict[str, Any]] | None = None
 
     # -- tracker ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -153,6 +154,24 @@ class TemporalPenalty(SparseStatePenalty):
         self.win_counts = self.win_counts.new_zeros(0)
         self.win_tokens.zero_()
         self.n_windows += 1
+        self._summary = None
+
+    @torch.no_grad()
+    def _window_summary(self) -> dict[str, Any]:
+        """What every step until the next window end reuses: the sampling CDF of ``w`` (float64, CPU),
+        ``Σw``, mean ``w`` and mean stability. Derived from the buffers (never saved); recomputed
+        after a window closes or a state dict is loaded."""
+        key = (int(self.n_windows), int(self.last_keys.numel()))
+        if self._summary is None or self._summary[0] != key:
+            w = self.last_w
+            stab = w / self.last_c.clamp_min(self.config.eps) - 1
+            self._summary = (key, {"cdf": torch.cumsum(w.double().cpu(), 0), "total_w": float(w.double().sum()),
+                                   "mean_w": float(w.mean()), "mean_stability": float(stab.mean())})
+        return self._summary[1]
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._summary = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     # -- penalty ------------------------------------------------------------------------------------
     def forward(self, ctx: PenaltyContext) -> tuple[Tensor, dict[str, float]]:
@@ -166,22 +185,21 @@ class TemporalPenalty(SparseStatePenalty):
         if P == 0:
             logs.update(penalty=0.0, pairs=0.0)
             return W.sum() * 0.0, logs
-        i, j = self.last_keys // self.d_sae, self.last_keys % self.d_sae
         w = self.last_w
+        summary = self._window_summary()
         M = int(cfg.sample_pairs)
         if M <= 0 or P <= M:
             val, cos = pair_penalty_sorted(W, self.last_keys, cfg.lambda_ * w, 0.0, power=1)
         else:
-            total_w = float(w.double().sum())
-            cdf = torch.cumsum(w.detach().double().cpu(), 0)
+            cdf = summary["cdf"]
             u = torch.rand(M, generator=ctx.generator, dtype=torch.float64) * cdf[-1]
             pick = torch.searchsorted(cdf, u, right=True).clamp_(max=P - 1).to(w.device)
-            val, cos = pair_penalty(W, i[pick], j[pick], cfg.lambda_ * total_w / M, 0.0, power=1)
-        with torch.no_grad():
-            stab = self.last_w / self.last_c.clamp_min(cfg.eps) - 1
+            keys = self.last_keys[pick]
+            val, cos = pair_penalty(W, keys // self.d_sae, keys % self.d_sae,
+                                    cfg.lambda_ * summary["total_w"] / M, 0.0, power=1)
         logs.update(penalty=float(val.detach()), pairs=float(min(P, M) if M > 0 else P),
-                    last_window_pairs=float(P), mean_w=float(w.mean()), mean_stability=float(stab.mean()),
-                    mean_abs_cos=float(cos.abs().mean()))
+                    last_window_pairs=float(P), mean_w=summary["mean_w"],
+                    mean_stability=summary["mean_stability"], mean_abs_cos=float(cos.abs().mean()))
         return val, logs
 
     @torch.no_grad()
