@@ -519,6 +519,22 @@ def test_temporal_no_penalty_before_first_window_then_sampling_is_unbiased() -> 
     assert float(again.detach()) == float(est[7])  # deterministic given the step generator
 
 
+def test_temporal_window_summary_is_rebuilt_after_loading_state() -> None:
+    F = 64
+    W = unit_rows(F, 8, shared=0.5)
+    stream = token_stream(1000, F)
+    perm = torch.randperm(F, generator=torch.Generator().manual_seed(1))
+    cfg = {"window_tokens": 1000, "sample_pairs": 16}
+    a, b = build_penalty("temporal", F, 8, cfg), build_penalty("temporal", F, 8, cfg)
+    a(ctx_for(W, stream))
+    b(ctx_for(W, SparseCodes(stream.vals, perm[stream.idx])))  # same pair count, other pairs
+    assert int(a.n_windows) == int(b.n_windows) == 1 and a.last_keys.numel() == b.last_keys.numel()
+    empty = SparseCodes(stream.vals[:0], stream.idx[:0])
+    b(ctx_for(W, empty, step=3))  # b caches its own window summary
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(ctx_for(W, empty, step=5))[0], a(ctx_for(W, empty, step=5))[0], rtol=0, atol=0)
+
+
 # -- state round trip -----------------------------------------------------------------------------
 PARAMS = {
     "topk_pairs": {"tau_mode": "adaptive", "rho": 0.05},
