@@ -15,6 +15,7 @@ The partner search may run in bfloat16 (``search_dtype``); the loss on the chose
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from .static_ortho import CHUNK_BLOCK, padded, random_chunks
 from .topk_pairs import pair_penalty
 
 
+@functools.cache
 def _cpu_has_bf16_matmul() -> bool:
     """True when this (Linux) CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
     try:
