@@ -500,23 +500,29 @@ def _runs_section(runs: list[RunInfo]) -> str:
     return _table(header, rows) + notes
 
 
+def _headline_cols(runs: list[RunInfo]) -> list[tuple]:
+    """The :data:`HEADLINE` columns that at least one run has results for."""
+    return [h for h in HEADLINE if any(h[1] in r.results for r in runs)]
+
+
+def _headline_values(r: RunInfo, cols: list[tuple]) -> list[Any]:
+    """Run ``r``'s value per headline column (the first of a column's metric names it reports)."""
+    out: list[Any] = []
+    for _, eval_id, cat, names in cols:
+        if eval_id == "absorption":
+            out.append(_absorption(r)[1])
+            continue
+        vals = [_metric(r, eval_id, cat, n) for n in names] if names else [_metric(r, eval_id, cat, None)]
+        vals = [v for v in vals if v is not None]
+        out.append(vals[0] if vals else None)
+    return out
+
+
 def _headline_section(runs: list[RunInfo]) -> str:
-    cols = [h for h in HEADLINE if any(h[1] in r.results for r in runs)]
+    cols = _headline_cols(runs)
     if not cols:
         return _missing(f"{NOT_EVALUATED}: no run has evaluation results (run `sae evaluate` first)")
-    rows = []
-    for r in runs:
-        row: list[Any] = [r.label, r.variant]
-        for _, eval_id, cat, names in cols:
-            if eval_id == "absorption":
-                row.append(_absorption(r)[1])
-                continue
-            vals = [_metric(r, eval_id, cat, n) for n in names] if names else []
-            vals = [v for v in vals if v is not None]
-            if not names:
-                vals = [_metric(r, eval_id, cat, None)]
-            row.append(vals[0] if vals else None)
-        rows.append(row)
+    rows = [[r.label, r.variant, *_headline_values(r, cols)] for r in runs]
     note = ('<p class="note">– = not evaluated (or not reported). Every metric is in the tables of '
             '<a href="#metrics">All evaluation metrics</a>.</p>')
     return _table(["run", "variant", *[h[0] for h in cols]], rows) + note
@@ -526,18 +532,12 @@ def headline_markdown(run_dirs: Sequence[str | Path]) -> str:
     """The headline metrics of :data:`HEADLINE` as a Markdown table (one row per run)."""
     dirs = resolve_run_dirs(run_dirs)
     runs = [load_run(d, label) for d, label in zip(dirs, _labels(dirs), strict=True)]
-    cols = [h for h in HEADLINE if any(h[1] in r.results for r in runs)]
+    cols = _headline_cols(runs)
     lines = ["| run | variant | " + " | ".join(h[0].replace("|", "\\|") for h in cols) + " |",
              "| --- | --- | " + " | ".join("---:" for _ in cols) + " |"]
     for r in runs:
-        cells = []
-        for _, eval_id, cat, names in cols:
-            if eval_id == "absorption":
-                v = _absorption(r)[1]
-            else:
-                vals = [v for v in (_metric(r, eval_id, cat, n) for n in names) if v is not None]
-                v = vals[0] if vals else None
-            cells.append("–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
+        cells = ["–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+                 for v in _headline_values(r, cols)]
         lines.append(f"| {r.label} | {r.variant} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
