@@ -40,8 +40,8 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> 
     page-faulted in again each step: reusing one buffer made the encoder GEMM 12 % faster here
     (134 vs 152 ms; the whole step 258 → 212 ms). One buffer is shared by all trainers of a thread
     (a sweep steps them one after another, and nothing keeps ``pre`` past the step; the sweep ≡
-    alone test covers the sharing). CUDA's caching allocator
-    already reuses memory, so there this returns None (a fresh output).
+    alone test covers the sharing). CUDA's caching allocator already reuses memory, so there this
+    returns None (a fresh output).
     """
     if device.type != "cpu":
         return None
