@@ -155,15 +155,9 @@ class Bench:
 
     def codes(self, x: torch.Tensor):
         """The trainer's TopK codes of ``x`` (differentiable values, sparse backward)."""
-        from sae.train.sae import SparseCodes
-        from sae.train.sparse_ops import gather_pre_acts
+        from sae.train.trainer import topk_codes
 
-        sae = self.sae
-        x_c = x - sae.b_dec
-        with torch.no_grad():
-            pre = torch.addmm(sae.b_enc, x_c, sae.W_enc)
-            idx = pre.topk(sae.k, dim=-1, sorted=False).indices
-        return SparseCodes(torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)), idx)
+        return topk_codes(self.sae, x - self.sae.b_dec)[0]
 
     def context(self, codes: Any):
         from sae.train.variants import PenaltyContext

@@ -51,6 +51,20 @@ def _scratch(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> 
     return _SCRATCH.buf
 
 
+def topk_codes(sae: SAE, x_c: torch.Tensor) -> tuple[SparseCodes, torch.Tensor]:
+    """TopK codes of ``x_c = x − b_dec`` ``[batch, d_in]`` as trained: the dense pre-activations
+    ``[batch, d_sae]`` come from one no-grad GEMM with the bias fused in (into a reused buffer on
+    CPU), only the ``k`` selected values carry gradients (sparse backward, ``sparse_ops``).
+
+    Returns ``(codes, pre)``; ``pre`` is only valid until the next call on this thread.
+    """
+    with torch.no_grad():
+        pre = torch.addmm(sae.b_enc, x_c, sae.W_enc,
+                          out=_scratch(x_c.shape[0], sae.d_sae, x_c.dtype, x_c.device))
+        idx = pre.topk(sae.k, dim=-1, sorted=False).indices
+    return SparseCodes(torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)), idx), pre
+
+
 def _fused_adam_ok(device: str | torch.device) -> bool:
     """Fused (single-kernel) Adam exists for CPU and CUDA in torch ≥ 2.4; elsewhere use the default."""
     return torch.device(device).type in ("cpu", "cuda")
@@ -106,11 +120,7 @@ class Trainer(nn.Module):
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         logs: dict[str, Any] = {}
         if sae.activation == "topk":
-            with torch.no_grad():
-                pre = torch.addmm(sae.b_enc, x_c, sae.W_enc,  # bias fused into the GEMM
-                                  out=_scratch(x.shape[0], sae.d_sae, x.dtype, x.device))
-                idx = pre.topk(sae.k, dim=-1, sorted=False).indices
-            codes = SparseCodes(torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)), idx)
+            codes, pre = topk_codes(sae, x_c)
         else:
             pre = x_c @ sae.W_enc + sae.b_enc
             codes = sae.codes_from_pre(pre)
