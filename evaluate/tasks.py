@@ -86,6 +86,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..errors import UnavailableError
 from ..harvest.corpus import EMBEDDED_SOURCES, PLAY_GENRES, in_split
 
 DEFAULT_MIN_CHARS = 150
@@ -568,7 +569,7 @@ def hf_multiclass_dataset(spec: str, n_train: int = 150, n_test: int = 50, max_c
     """
     reason = hf_unavailable_reason(spec)
     if reason:
-        raise RuntimeError(reason)
+        raise UnavailableError(reason)
     import datasets
 
     ds_id, text_col, label_col = _hf_parse(spec)

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import UnavailableError
+
 SPLITS = ("train", "test", "all")
 HELD_OUT_PERCENT = 5
 EMBEDDED_WEIGHTS = {"shakespeare": 0.5, "prose": 0.2, "code": 0.3}
@@ -162,7 +164,7 @@ def _hf_documents(spec: str, text_column: str) -> Iterator[Document]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"dataset {spec!r} needs `pip install datasets` (and network access)") from e
+        raise UnavailableError(f"dataset {spec!r} needs `pip install datasets` (and network access)") from e
     name, _, config = spec[3:].partition(":")
     ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
     for i, row in enumerate(ds):

@@ -11,9 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model import LoadedModel, capture_resid_post, check_layers, hook_name_for, load_model
+from ..errors import ConfigError
+from ..model import LoadedModel, capture_resid_post, check_device, check_layers, hook_name_for, load_model
+from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store
 from ..progress import progress_bar
-from ..store import CodecSpec, StoreWriter
+from ..store import CodecSpec, StoreError, StoreWriter
 from .corpus import iter_documents
 from .tokens import pack_sequences
 
@@ -45,31 +47,83 @@ class HarvestConfig:
     """Write chunk i on a background thread while chunk i+1 runs through the model.
     None = on for accelerators, off on CPU (where it slows the forward; see ``harvest``)."""
 
+    def validate(self) -> None:
+        """Check every option's type and range (no side effects). Raises ``ConfigError`` naming the
+        option and its allowed values."""
+        _positive("--tokens", self.tokens)
+        _positive("--batch-size", self.batch_size)
+        if not isinstance(self.context_size, int) or self.context_size < 2:
+            raise ConfigError(f"--context-size {self.context_size!r} must be an integer >= 2 (BOS + one token)")
+        _positive("--chunk-tokens", self.chunk_tokens)
+        if self.chunk_tokens % self.context_size:
+            fit = max(1, self.chunk_tokens // self.context_size) * self.context_size
+            raise ConfigError(f"--chunk-tokens {self.chunk_tokens} must be a multiple of --context-size "
+                              f"{self.context_size} (e.g. {fit})")
+        if not self.layers or any(not isinstance(L, int) or L < 0 for L in self.layers):
+            raise ConfigError(f"--layer {self.layers!r}: give one or more layer indices >= 0")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite are exclusive: pick one")
+        try:
+            CodecSpec.parse(self.codec, self.dtype)
+        except ValueError as e:
+            raise ConfigError(f"--codec/--dtype: {e}") from e
+        if self.split not in ("train", "test", "all"):
+            raise ConfigError(f"--split {self.split!r}: choose train, test or all")
+        check_device(self.device)
+        check_output_location(self.out, "--out")
+
+
+def _positive(option: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{option} {value!r} must be a positive integer")
+
 
 def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool = False) -> Path:
     """Run the harvest described by ``cfg`` and return the store path.
 
-    Writes ``chunk_tokens`` rows at a time; with ``cfg.resume`` continues from the last committed
-    chunk (the result is identical to an uninterrupted run because corpus order, packing and
-    per-chunk batching are deterministic).
+    Every option is validated, the output location and the corpus are checked before the model
+    loads; the store is created only once the corpus has yielded a first full sequence. Writes
+    ``chunk_tokens`` rows at a time; with ``cfg.resume`` continues from the last committed chunk
+    (identical to an uninterrupted run: corpus order, packing and per-chunk batching are
+    deterministic). ``cfg.overwrite`` replaces only a store of ours, built beside it and swapped in
+    at the end: a failed or killed overwrite leaves the old store intact. A failed new harvest with
+    no committed chunk removes what it created.
 
     Raises:
-        ValueError: bad layer, codec or dataset. StoreError: existing output, resume mismatch.
+        ConfigError: bad option, layer, codec or dataset. StoreError: existing output, resume
+        mismatch, not a store of ours. NonFiniteError: NaN/inf activations (chunk not committed).
     """
-    if cfg.resume and cfg.overwrite:
-        raise ValueError("--resume and --overwrite are exclusive: pick one")
-    codec = CodecSpec.parse(cfg.codec, cfg.dtype)
-    if cfg.chunk_tokens % cfg.context_size:
-        raise ValueError(f"--chunk-tokens {cfg.chunk_tokens} must be a multiple of --context-size {cfg.context_size}")
+    cfg.validate()
     out = Path(cfg.out)
-    if out.exists() and not (cfg.resume or cfg.overwrite):
-        from ..store import StoreError
-
-        raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    if out.exists() and not is_empty_dir(out):
+        if (cfg.resume or cfg.overwrite) and not is_sae_store(out):
+            what = "resume" if cfg.resume else "delete"
+            raise StoreError(f"{out} exists and is not an sae store; refusing to {what} it "
+                             "(pick another --out)")
+        if not (cfg.resume or cfg.overwrite):
+            raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+    docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
+    try:
+        first_doc = next(docs_iter, None)
+    except (KeyError, OSError, ValueError) as e:
+        raise ConfigError(f"--dataset {cfg.dataset!r}: cannot read it ({e.__class__.__name__}: {e})") from e
+    if first_doc is None:
+        raise ConfigError(f"--dataset {cfg.dataset!r} has no documents in split {cfg.split!r}: "
+                          "pick another dataset or --split")
     lm = loaded or load_model(cfg.model, cfg.device)
-    check_layers(cfg.layers, lm.n_layers)
+    try:
+        check_layers(cfg.layers, lm.n_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     layers = sorted(set(cfg.layers))
     hooks = [hook_name_for(L) for L in layers]
+    seqs = pack_sequences((d.text for d in itertools.chain([first_doc], docs_iter)), lm.tokenizer,
+                          cfg.context_size, lm.bos_token_id)
+    first_seq = next(seqs, None)
+    if first_seq is None:
+        raise ConfigError(f"--dataset {cfg.dataset!r} (split {cfg.split!r}) is too small: it does not fill one "
+                          f"sequence of --context-size {cfg.context_size} tokens")
+    seqs = itertools.chain([first_seq], seqs)
     meta = {
         "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
         "tokenizer": getattr(lm.tokenizer, "name_or_path", ""),
@@ -77,13 +131,29 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         "text_column": cfg.text_column, "seed": cfg.seed, "special_token_ids": lm.special_token_ids,
         "bos_token_id": lm.bos_token_id, "harvest_config": asdict(cfg),
     }
-    mode = "resume" if cfg.resume else ("overwrite" if cfg.overwrite else "create")
-    writer = StoreWriter(out, meta, hooks, lm.d_model, cfg.context_size, cfg.tokens, codec, cfg.chunk_tokens, mode)
+    args = (meta, hooks, lm.d_model, cfg.context_size, cfg.tokens)
+    if cfg.resume and out.exists() and not is_empty_dir(out):
+        codec = CodecSpec.parse(cfg.codec, cfg.dtype)
+        writer = StoreWriter(out, *args, codec, cfg.chunk_tokens, "resume")
+        _run_harvest(cfg, writer, lm, layers, seqs, quiet)
+    else:
+        holder: list[StoreWriter] = []
+        with build_output(out, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
+                          keep_partial=lambda: bool(holder) and holder[0].n_written > 0) as target:
+            writer = StoreWriter(target, *args, CodecSpec.parse(cfg.codec, cfg.dtype), cfg.chunk_tokens, "create")
+            holder.append(writer)
+            _run_harvest(cfg, writer, lm, layers, seqs, quiet)
+    if not quiet:
+        print(f"→ {out}")
+    return out
+
+
+def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layers: list[int], seqs, quiet: bool
+                 ) -> None:  # noqa: ANN001
+    """The chunk loop: model forward, encode, write and commit chunk after chunk, then finalize."""
     if writer.group.attrs.get("status") == "complete":
-        return out
+        return
     seq_per_chunk = cfg.chunk_tokens // cfg.context_size
-    docs = (d.text for d in iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column))
-    seqs = pack_sequences(docs, lm.tokenizer, cfg.context_size, lm.bos_token_id)
     skip = writer.n_written // cfg.context_size
     seqs = itertools.islice(seqs, skip, None)
     special = np.asarray(lm.special_token_ids, dtype=np.int64)
@@ -120,12 +190,14 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         if pending is not None:
             pending.result()
             bar.update(task, completed=writer.n_written)
+    if writer.n_written == 0:
+        raise ConfigError(f"--dataset {cfg.dataset!r} yielded no complete sequence: nothing to store")
     writer.finalize()
     if not quiet:
         dt = time.perf_counter() - t0
-        print(f"harvested {writer.n_written - done0} tokens in {dt:.1f}s "
-              f"({(writer.n_written - done0) / max(dt, 1e-9):.0f} tokens/s) → {out}")
-    return out
+        short = " (the corpus ran out)" if writer.n_written < total else ""
+        print(f"harvested {writer.n_written - done0} tokens{short} in {dt:.1f}s "
+              f"({(writer.n_written - done0) / max(dt, 1e-9):.0f} forward+write tokens/s, model load excluded)")
 
 
 class _Writer:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..outputs import build_output, check_output_location, is_sae_store
 from .codecs import CodecSpec
-from .format import RESUME_KEYS
+from .format import RESUME_KEYS, StoreError
 from .reader import ActivationStore
 from .writer import StoreWriter
 
@@ -16,10 +17,19 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
     with ``codec``/``dtype`` (default: the source dtype). Statistics are recomputed from the new
     stored values; identity attributes (model, dataset, ...) are kept.
 
-    Raises ``StoreError`` for a missing/incomplete source or an existing ``dst`` without ``overwrite``.
+    ``overwrite`` replaces only a store of ours, atomically (built beside, swapped at the end).
+
+    Raises ``StoreError`` for a missing/incomplete source, ``SaeError`` for an existing ``dst``
+    without ``overwrite``, a ``dst`` that is not a store of ours, or an unwritable ``dst``.
     """
+    spec = CodecSpec.parse(codec, dtype or "float32")
     s = ActivationStore(src)
     spec = CodecSpec.parse(codec, dtype or s.attrs["dtype"])
+    if n_tokens is not None and n_tokens < s.context_size:
+        raise StoreError(f"--tokens {n_tokens} is less than one sequence ({s.context_size} tokens)")
+    if Path(dst).resolve() == Path(str(src)).resolve():
+        raise StoreError(f"destination {dst} is the source store: pick another destination")
+    check_output_location(dst, "destination")
     n = min(n_tokens or s.n_tokens, s.n_tokens)
     n -= n % s.context_size
     keep = {k: v for k, v in s.attrs.items() if k not in RESUME_KEYS or k in ("model_id", "model_fingerprint",
@@ -30,12 +40,12 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
         keep.pop(k, None)
     keep["converted_from"] = {"path": str(src), "store_id": s.attrs.get("store_id"), "codec": s.attrs["codec"],
                               "dtype": s.attrs["dtype"]}
-    w = StoreWriter(dst, keep, s.hook_names, s.d_model, s.context_size, n, spec, s.chunk_tokens,
-                    mode="overwrite" if overwrite else "create")
-    tokens = s.tokens
-    for start in range(0, n, s.chunk_tokens):
-        stop = min(start + s.chunk_tokens, n)
-        tok = tokens[start:stop]
-        w.append(tok, {h: s.read_rows(h, start, stop) for h in s.hook_names}, s.valid_mask(tok))
-    w.finalize()
+    with build_output(dst, overwrite=overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError) as target:
+        w = StoreWriter(target, keep, s.hook_names, s.d_model, s.context_size, n, spec, s.chunk_tokens)
+        tokens = s.tokens
+        for start in range(0, n, s.chunk_tokens):
+            stop = min(start + s.chunk_tokens, n)
+            tok = tokens[start:stop]
+            w.append(tok, {h: s.read_rows(h, start, stop) for h in s.hook_names}, s.valid_mask(tok))
+        w.finalize()
     return Path(dst)

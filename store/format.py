@@ -12,6 +12,8 @@ Row ``r`` belongs to sequence ``r // context_size`` at position ``r % context_si
 
 from __future__ import annotations
 
+from ..errors import SaeError
+
 FORMAT_VERSION = 1
 TOKENS = "tokens"
 SCALE_SUFFIX = ".scale"
@@ -22,8 +24,12 @@ STATUS_IN_PROGRESS = "in_progress"
 RESUME_KEYS = ("model_id", "model_fingerprint", "hook_names", "d_model", "context_size", "dataset", "split",
                "n_tokens_target", "dtype", "codec", "chunk_tokens", "seed")
 
+# Attributes every readable store has.
+REQUIRED_ATTRS = ("hook_names", "d_model", "context_size", "n_tokens_written", "chunk_tokens", "codec", "dtype",
+                  "stats", "store_id", "model_id")
 
-class StoreError(ValueError):
+
+class StoreError(SaeError):
     """A store is missing, incomplete, corrupt or does not match what was asked of it."""
 
 

@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from .codecs import CodecSpec
-from .format import FORMAT_VERSION, STATUS_COMPLETE, TOKENS, StoreError, scale_array_name
+from .format import FORMAT_VERSION, REQUIRED_ATTRS, STATUS_COMPLETE, TOKENS, StoreError, scale_array_name
 
 
 class ActivationStore:
@@ -26,18 +26,34 @@ class ActivationStore:
         self.path = str(path)
         if "://" not in self.path and not Path(self.path).exists():
             raise StoreError(f"no store at {self.path}: run `sae harvest --out {self.path}` first")
+        if "://" not in self.path and not Path(self.path).is_dir():
+            raise StoreError(f"{self.path} is a file, not a store directory: pass a store written by `sae harvest`")
         try:
             self.group = zarr.open_group(self.path, mode="r")
         except Exception as e:  # zarr raises several types for "not a group"
             raise StoreError(f"{self.path} is not a Zarr activation store ({e})") from e
         self.attrs: dict = dict(self.group.attrs)
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {self.attrs.get('format_version')!r} is not "
-                             f"{FORMAT_VERSION}; re-harvest with this version of sae")
+        version = self.attrs.get("format_version")
+        if version is None:
+            raise StoreError(f"{self.path} is a Zarr group but not an sae activation store (it has no "
+                             "format_version attribute): pass a store written by `sae harvest`")
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.path}: store format {version!r} is not {FORMAT_VERSION}; "
+                             "re-harvest it with this version of sae")
+        missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
+        if missing:
+            raise StoreError(f"{self.path} lacks the store attribute {missing[0]!r}: it is damaged or was not "
+                             "written by `sae harvest`; re-harvest it")
         if require_complete and self.attrs.get("status") != STATUS_COMPLETE:
             raise StoreError(f"{self.path} is incomplete ({self.attrs.get('n_tokens_written', 0)} tokens written): "
                              "finish it with `sae harvest ... --resume`")
-        self.codec = CodecSpec.parse(self.attrs["codec"], self.attrs["dtype"])
+        try:
+            self.codec = CodecSpec.parse(self.attrs["codec"], self.attrs["dtype"])
+        except ValueError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+        missing_arrays = [h for h in [TOKENS, *self.hook_names] if h not in self.group]
+        if missing_arrays:
+            raise StoreError(f"{self.path} has no array {missing_arrays[0]!r}: the store is damaged; re-harvest it")
 
     # -- metadata -----------------------------------------------------------------------------
     @property

@@ -1,14 +1,18 @@
 """Resumable, chunk-at-a-time writer of an activation store.
 
 A harvest appends whole chunks (``chunk_tokens`` rows, a multiple of ``context_size``). After the
-arrays of a chunk are written, the group attributes are updated with the new
-``n_tokens_written`` and the running statistics: that attribute write is the commit point, so a
-killed harvest resumes at the last committed chunk and recomputes nothing twice.
+arrays of a chunk are written, the group attributes are replaced by ONE write of ``zarr.json``
+holding the new ``n_tokens_written`` together with the running statistics (zarr's local store
+writes it to a temporary file and renames it): that write is the commit point. A kill at any
+moment leaves the cursor and the statistics of the same chunk, so ``--resume`` continues at the
+last committed chunk and ends with a store identical to an uninterrupted harvest (tested by
+killing real processes before, during and right after a commit).
+
+A chunk containing NaN or ±inf is never committed (:class:`~sae.errors.NonFiniteError`).
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +22,7 @@ import torch
 import zarr
 
 from .. import __version__
+from ..errors import NonFiniteError
 from .codecs import CodecSpec
 from .format import (
     FORMAT_VERSION,
@@ -42,7 +47,8 @@ class StoreWriter:
             whole sequences.
         codec: storage precision/compressor.
         chunk_tokens: rows per chunk; must be a multiple of ``context_size``.
-        mode: ``"create"`` (error if ``path`` exists), ``"overwrite"`` or ``"resume"``.
+        mode: ``"create"`` (error if ``path`` exists and is not empty) or ``"resume"``. Replacing a
+            store is the caller's job (:func:`sae.outputs.build_output` builds beside and swaps).
 
     Raises:
         StoreError: existing path without resume/overwrite; resume of a store harvested with
@@ -62,7 +68,9 @@ class StoreWriter:
         attrs.update(format_version=FORMAT_VERSION, hook_names=self.hook_names, d_model=d_model,
                      context_size=context_size, n_tokens_target=n_target, dtype=codec.dtype,
                      storage_dtype=codec.storage_dtype, codec=str(codec), chunk_tokens=chunk_tokens)
-        exists = self.path.exists()
+        if mode not in ("create", "resume"):
+            raise StoreError(f"unknown store writer mode {mode!r}: use 'create' or 'resume'")
+        exists = self.path.exists() and not (self.path.is_dir() and not any(self.path.iterdir()))
         if exists and mode == "create":
             raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
         if mode == "resume" and exists:
@@ -78,8 +86,6 @@ class StoreWriter:
             self._sq = {h: float(old["stats"][h]["sum_sq_norm"]) for h in self.hook_names}
             self._count = int(old["stats_count"])
             return
-        if exists:
-            shutil.rmtree(self.path)
         self.group = zarr.open_group(str(self.path), mode="w")
         self.group.create_array(TOKENS, shape=(n_target,), chunks=(chunk_tokens,), dtype="int32",
                                 fill_value=-1)
@@ -95,20 +101,25 @@ class StoreWriter:
         self._count = 0
         attrs.update(store_id=uuid.uuid4().hex[:16], package_version=__version__,
                      created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self.group.attrs.update(attrs)
-        self._commit(status=STATUS_IN_PROGRESS)
+        self._commit(status=STATUS_IN_PROGRESS, extra=attrs)
 
     @property
     def n_target(self) -> int:
         return int(self.group.attrs["n_tokens_target"])
 
-    def _commit(self, status: str) -> None:
+    def _commit(self, status: str, extra: dict | None = None) -> None:
+        """Write cursor, statistics and status in ONE ``zarr.json`` write (the commit point).
+
+        (``group.attrs.update(...)`` would write ``zarr.json`` once per key: a kill between those
+        writes left the cursor a chunk ahead of the statistics.)"""
         count = max(self._count, 1)
         stats = {h: {"sum": self._sums[h].tolist(), "sum_sq_norm": self._sq[h],
                      "mean": (self._sums[h] / count).tolist(), "mean_sq_norm": self._sq[h] / count}
                  for h in self.hook_names}
-        self.group.attrs.update(n_tokens_written=self.n_written, stats=stats, stats_count=self._count,
-                                status=status)
+        attrs = dict(self.group.attrs)
+        attrs.update(extra or {})
+        attrs.update(n_tokens_written=self.n_written, stats=stats, stats_count=self._count, status=status)
+        self.group.update_attributes(attrs)
 
     def append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
         """Write one chunk at the cursor and commit it.
@@ -121,6 +132,15 @@ class StoreWriter:
         start = self.n_written
         if start % self.chunk_tokens or start + rows > self.n_target:
             raise StoreError(f"chunk of {rows} rows at row {start} does not fit the store's chunk grid")
+        for h in self.hook_names:
+            finite = torch.isfinite(acts[h]).all(dim=-1) if acts[h].ndim == 2 else torch.isfinite(acts[h])
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten()
+                raise NonFiniteError(
+                    f"{h}: {len(bad)} rows of the chunk at rows {start}:{start + rows} contain NaN or inf "
+                    f"(first: row {start + int(bad[0])}); refusing to commit it. Harvest in float32 "
+                    "(--dtype float32, or a float32 model) or check the model; the store keeps its "
+                    f"{start} committed rows")
         self.group[TOKENS][start:start + rows] = tokens.astype(np.int32)
         vmask = torch.from_numpy(valid)
         for h in self.hook_names:

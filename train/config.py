@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from ..errors import ConfigError
+
+# Settings that do not change the trained weights: everything else must match for ``--resume``.
+NON_RUN_KEYS = ("store", "hook_name", "device", "out", "resume", "overwrite", "log_every", "checkpoint_every",
+                "checkpoint_minutes")
 
 
 @dataclass
@@ -55,6 +63,8 @@ class TrainConfig:
     overwrite: bool = False
     log_every: int = 10
     checkpoint_every: int = 50
+    checkpoint_minutes: float = 10.0
+    """Also checkpoint when this many minutes passed since the last checkpoint (besides SIGTERM/SIGINT)."""
 
     @property
     def activation(self) -> str:
@@ -65,21 +75,158 @@ class TrainConfig:
         d["adam_betas"] = list(self.adam_betas)
         return d
 
+    def validate(self) -> None:
+        """Check every option's type and range before anything is created (no side effects).
+
+        Raises ``ConfigError`` naming the option and its allowed values (``-p`` values included).
+        """
+        from ..model import check_device
+        from ..outputs import check_output_location
+        from .variants import make_config
+
+        def integer(option: str, value: Any, lo: int = 1) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{option} {value!r} must be an integer >= {lo}")
+
+        def number(option: str, value: Any, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False,
+                   hi_open: bool = False) -> None:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+            if not ok:
+                rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open or hi == math.inf else ']'}"
+                raise ConfigError(f"{option} {value!r} must be a finite number in {rng}")
+
+        if not isinstance(self.store, str) or not self.store:
+            raise ConfigError("--store must name a store directory (e.g. --store acts.zarr)")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite are exclusive: pick one")
+        if self.arch not in (None, "topk", "relu"):
+            raise ConfigError(f"--arch {self.arch!r}: choose topk or relu")
+        make_config(self.variant, self.variant_params)  # unknown variant / parameter, type, range
+        if self.d_sae is not None:
+            integer("--d-sae", self.d_sae)
+        integer("--expansion", self.expansion)
+        integer("--k", self.k)
+        if self.d_sae is not None and self.activation == "topk" and self.k > self.d_sae:
+            raise ConfigError(f"--k {self.k} must be at most --d-sae {self.d_sae}")
+        number("--l1-coefficient", self.l1_coefficient)
+        number("l1_warmup_frac", self.l1_warmup_frac, 0, 1)
+        number("--lr", self.lr, 0, lo_open=True)
+        integer("lr_warmup_steps", self.lr_warmup_steps, 0)
+        number("lr_decay_frac", self.lr_decay_frac, 0, 1)
+        if len(tuple(self.adam_betas)) != 2:
+            raise ConfigError(f"adam_betas {self.adam_betas!r} must be two numbers in [0, 1)")
+        for b in self.adam_betas:
+            number("adam_betas", b, 0, 1, hi_open=True)
+        integer("--tokens", self.tokens)
+        integer("--batch-size", self.batch_size)
+        if self.tokens < self.batch_size:
+            raise ConfigError(f"--tokens {self.tokens} is less than one batch of --batch-size {self.batch_size}")
+        number("aux_k_coefficient", self.aux_k_coefficient)
+        if self.aux_k is not None:
+            integer("aux_k", self.aux_k)
+        integer("dead_tokens", self.dead_tokens)
+        integer("mix_chunks", self.mix_chunks)
+        integer("--seed", self.seed, 0)
+        integer("--log-every", self.log_every)
+        integer("--checkpoint-every", self.checkpoint_every)
+        number("--checkpoint-minutes", self.checkpoint_minutes, 0, lo_open=True)
+        if not isinstance(self.normalize, bool):
+            raise ConfigError(f"normalize {self.normalize!r} must be true or false")
+        check_device(self.device)
+        check_output_location(self.out, "--out")
+
+    def run_settings(self) -> dict[str, Any]:
+        """Every setting that changes the trained weights (``--resume`` refuses a change of any),
+        with the variant's parameters completed by their defaults and the resolved base activation."""
+        import dataclasses
+
+        from .variants import make_config
+
+        d = {k: v for k, v in self.to_dict().items() if k not in NON_RUN_KEYS}
+        d["arch"] = self.activation
+        d["variant_params"] = dataclasses.asdict(make_config(self.variant, self.variant_params))
+        return d
+
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Read a TOML file: top-level keys are fields; a ``[variant_params]`` table (or a table
-        named after the variant) gives penalty hyperparameters. ``overrides`` win."""
-        data = tomllib.loads(Path(path).read_text())
-        names = {f.name for f in fields(cls)}
+        named after the variant) gives penalty hyperparameters.
+
+        Precedence: ``overrides`` (the options given explicitly on the command line) > the file >
+        the defaults. Unknown keys or tables, and syntax errors, raise ``ConfigError`` naming the
+        file and the line.
+        """
+        data, _tables = read_toml(path, overrides.get("variant"))
         params = dict(data.pop("variant_params", {}))
         variant = overrides.get("variant") or data.get("variant", "topk")
-        params.update(data.pop(variant, {}) if isinstance(data.get(variant), dict) else {})
-        unknown = [k for k in data if k not in names and not isinstance(data[k], dict)]
-        if unknown:
-            raise ValueError(f"{path}: unknown training option {unknown[0]!r}")
-        kw = {k: v for k, v in data.items() if k in names}
-        kw.update(overrides)
+        own = data.get(variant)
+        if isinstance(own, dict):
+            params.update(own)
+        kw = {k: v for k, v in data.items() if not isinstance(v, dict)}
+        kw.update({k: v for k, v in overrides.items() if k != "variant_params"})
         kw["variant_params"] = {**params, **overrides.get("variant_params", {})}
-        if "adam_betas" in kw:
+        if isinstance(kw.get("adam_betas"), list):
             kw["adam_betas"] = tuple(kw["adam_betas"])
         return cls(**kw)
+
+
+def _line_of(text: str, key: str, table: str | None = None) -> int:
+    """1-based line where ``key`` (or the header of ``table`` when key is None) is defined; 0 if not found."""
+    lines = text.splitlines()
+    start = 0
+    if table is not None:
+        pat = re.compile(rf"^\s*\[\s*{re.escape(table)}\s*\]")
+        start = next((i for i, ln in enumerate(lines) if pat.match(ln)), -1)
+        if key is None:
+            return start + 1
+        start = max(start + 1, 0)
+    pat = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for i in range(start, len(lines)):
+        if table is None and lines[i].lstrip().startswith("["):
+            break
+        if pat.match(lines[i]):
+            return i + 1
+    return 0
+
+
+def read_toml(path: str | Path, variant: str | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Parse and check a training TOML file; return ``(data, variant_tables)``.
+
+    Allowed: top-level keys naming :class:`TrainConfig` fields; a ``[variant_params]`` table (for the
+    selected variant); one table per variant name (``[adaptive]``, ``[ortsae]``...; a sweep uses each).
+    Raises ``ConfigError`` (file and line) for a missing file, a syntax error, an unknown key or table,
+    or a parameter its variant does not have.
+    """
+    from .variants import make_config, variant_names
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {p}: cannot read it ({e.strerror or e})") from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config {p}: TOML syntax error: {e}") from e
+    names = {f.name for f in fields(TrainConfig)} - {"variant_params", "resume", "overwrite"}
+    known_variants = set(variant_names())
+    tables: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key != "variant_params" and key not in known_variants:
+                raise ConfigError(f"--config {p}, line {_line_of(text, None, key)}: unknown table [{key}] "
+                                  f"(use [variant_params] or one of [{'], ['.join(sorted(known_variants))}])")
+            tables[key] = value
+        elif key not in names:
+            raise ConfigError(f"--config {p}, line {_line_of(text, key)}: unknown training option {key!r}")
+    selected = variant or data.get("variant", "topk")
+    for key, table in tables.items():
+        owner = selected if key == "variant_params" else key
+        try:
+            make_config(owner, table)
+        except ConfigError as e:
+            bad = next((k for k in table if repr(k) in str(e) or f"-p {k}=" in str(e)), None)
+            line = _line_of(text, bad, key) if bad else _line_of(text, None, key)
+            raise ConfigError(f"--config {p}, line {line}: [{key}] {e}") from e
+    return data, {k: v for k, v in tables.items() if k != "variant_params"}

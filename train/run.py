@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
+from ..errors import ConfigError, Interrupted, NonFiniteError, SaeError
 from ..model import layer_of_hook, resolve_device
+from ..outputs import RUN_MARKER, OutputBuild, is_empty_dir, is_sae_run
 from ..progress import progress_bar
-from ..store import ActivationStore, ShuffledBatches
+from ..store import ActivationStore, ShuffledBatches, StoreError
 from .config import TrainConfig
 from .sae import CFG_FILE, WEIGHTS_FILE
 from .trainer import Trainer
@@ -33,57 +38,111 @@ METRICS_FILE = "metrics.jsonl"
 DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device")
 
 
-class RunDirError(ValueError):
-    """A run directory exists (without --resume/--overwrite) or cannot be resumed."""
+class RunDirError(SaeError):
+    """A run directory exists (without --resume/--overwrite), is not ours, or cannot be resumed."""
 
 
-def _prepare_run_dir(cfg: TrainConfig) -> Path | None:
-    """Create/validate ``cfg.out``; return the checkpoint path to resume from, if any."""
-    run_dir = Path(cfg.out)
-    ckpt = run_dir / CHECKPOINT_FILE
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if cfg.overwrite:
-            shutil.rmtree(run_dir)
-        elif cfg.resume:
-            if ckpt.exists():
-                return ckpt
-            if (run_dir / WEIGHTS_FILE).exists():
-                return None  # already finished; train_many skips it
-            raise RunDirError(f"cannot resume {run_dir}: it has no {CHECKPOINT_FILE} (use --overwrite to restart)")
-        else:
-            raise RunDirError(f"{run_dir} already exists: pass --resume to continue it or --overwrite to replace it")
-    run_dir.mkdir(parents=True, exist_ok=True)
+def run_settings(cfg: TrainConfig, store: ActivationStore, hook: str) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: :meth:`TrainConfig.run_settings` plus the
+    store's identity (id and rows), the resolved hook and ``d_in``."""
+    return {**cfg.run_settings(), "store_id": store.attrs.get("store_id"), "store_rows": store.n_tokens,
+            "hook_name": hook, "d_in": store.d_model}
+
+
+def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    for key in new:
+        if key in old and json.dumps(old[key], sort_keys=True) != json.dumps(new[key], sort_keys=True):
+            return key
     return None
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _finite(trainer: Trainer) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in trainer.sae.parameters())
 
 
 class _Run:
-    """Book-keeping of one trainer inside the loop (run dir, metrics file, resume state)."""
+    """Book-keeping of one trainer inside the loop: its directory (built in place, in a staging
+    sibling for ``--overwrite``, or resumed), metrics file, checkpoints and final save."""
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
                  device: torch.device) -> None:
-        self.cfg, self.dir = cfg, Path(cfg.out)
-        ckpt = _prepare_run_dir(cfg)
-        self.finished = (self.dir / WEIGHTS_FILE).exists() and ckpt is None and cfg.resume
-        b_dec = store.mean(hook) * scale
-        self.trainer = Trainer(cfg, store.d_model, steps, b_dec_init=b_dec, device=device)
+        self.cfg, self.path = cfg, Path(cfg.out)
+        self.settings = run_settings(cfg, store, hook)
+        self.build: OutputBuild | None = None
+        self.finished = False
+        self.failed: str | None = None
+        self.last_checkpoint_step: int | None = None
+        state = self._open()  # validates the directory; creates nothing yet
+        self.trainer = Trainer(cfg, store.d_model, steps, b_dec_init=store.mean(hook) * scale, device=device)
         self.rows_consumed = 0
+        if self.finished:
+            self.metrics = None
+            return
+        if self.build is not None:  # fresh or overwrite: create the (staging) directory now
+            self.dir.mkdir(parents=True, exist_ok=True)
+            (self.dir / RUN_MARKER).write_text(json.dumps({"sae_version": __version__, "created": time.strftime(
+                "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         metrics = self.dir / METRICS_FILE
-        if ckpt is not None:
-            state = torch.load(ckpt, map_location=device, weights_only=False)
-            self.trainer.load_checkpoint_state(state["trainer"])
+        if state is not None:
+            try:
+                self.trainer.load_checkpoint_state(state["trainer"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise RunDirError(f"cannot resume {self.path}: its {CHECKPOINT_FILE} does not fit this run "
+                                  f"({str(e).splitlines()[0]}); use --overwrite to start over") from None
             self.rows_consumed = int(state["rows_consumed"])
+            self.last_checkpoint_step = self.trainer.step_idx
             torch.set_rng_state(state["torch_rng"])
-            with metrics.open("r+b") as fh:  # drop lines logged after the checkpoint
+            with metrics.open("a+b") as fh:  # drop lines logged after the checkpoint
                 fh.truncate(int(state["metrics_bytes"]))
-        elif not self.finished:
+        else:
             metrics.write_text("")
-        self.metrics = metrics.open("a") if not self.finished else None
+        self.metrics = metrics.open("a")
+
+    @property
+    def dir(self) -> Path:
+        """Where this run writes now (a staging sibling while an ``--overwrite`` is in progress)."""
+        return self.build.target if self.build is not None else self.path
+
+    def _open(self) -> dict[str, Any] | None:
+        """Decide fresh / overwrite / resume / finished for ``self.path``; return the checkpoint state
+        to resume from. Raises ``RunDirError`` for an existing path that may not be touched."""
+        cfg, path = self.cfg, self.path
+        exists = path.exists() and not is_empty_dir(path)
+        if exists and cfg.resume:
+            if not is_sae_run(path):
+                raise RunDirError(f"{path} exists and is not an sae run directory; refusing to resume it "
+                                  "(pick another --out)")
+            ckpt = path / CHECKPOINT_FILE
+            if ckpt.exists():
+                try:
+                    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+                except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+                    raise RunDirError(f"cannot resume {path}: {CHECKPOINT_FILE} is unreadable ({e.__class__.__name__});"
+                                      " use --overwrite to start over") from None
+                self._check_settings(state.get("settings"), "its checkpoint")
+                return state
+            if (path / WEIGHTS_FILE).exists() and (path / CFG_FILE).exists():
+                try:
+                    old = json.loads((path / CFG_FILE).read_text()).get("run_settings")
+                except ValueError:
+                    old = None
+                self._check_settings(old, CFG_FILE)
+                self.finished = True  # already finished: nothing to do
+                return None
+            # killed before its first checkpoint: nothing to resume, start again in place (our own files)
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+        self.build = OutputBuild(path, overwrite=cfg.overwrite, is_ours=is_sae_run, what="an sae run directory",
+                                 keep_partial=lambda: (self.dir / CHECKPOINT_FILE).exists(), error=RunDirError)
+        return None
+
+    def _check_settings(self, old: dict[str, Any] | None, source: str) -> None:
+        if not old:
+            return  # written by an older version: nothing recorded to compare
+        key = _first_difference(old, self.settings)
+        if key is not None:
+            raise RunDirError(f"cannot resume {self.path}: {key} was {old[key]!r} in {source}, now "
+                              f"{self.settings[key]!r}; rerun with the original setting, or --overwrite to start over")
 
     def log(self, record: dict[str, Any]) -> None:
         assert self.metrics is not None
@@ -91,15 +150,60 @@ class _Run:
         self.metrics.flush()
 
     def checkpoint(self, rows_consumed: int) -> None:
+        """Write ``checkpoint.pt`` atomically (temporary file + rename). Non-finite weights are never
+        checkpointed: the run fails instead and the previous checkpoint stays."""
         assert self.metrics is not None
+        if not _finite(self.trainer):
+            self.fail(f"weights are not finite at step {self.trainer.step_idx}")
+            return
         self.metrics.flush()
-        _atomic_save({"trainer": self.trainer.checkpoint_state(), "rows_consumed": rows_consumed,
-                      "metrics_bytes": self.metrics.tell(), "torch_rng": torch.get_rng_state()},
-                     self.dir / CHECKPOINT_FILE)
+        state = {"trainer": self.trainer.checkpoint_state(), "rows_consumed": rows_consumed,
+                 "metrics_bytes": self.metrics.tell(), "torch_rng": torch.get_rng_state(),
+                 "settings": self.settings}
+        path = self.dir / CHECKPOINT_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        self.last_checkpoint_step = self.trainer.step_idx
+
+    def fail(self, why: str) -> None:
+        kept = (f"its last good checkpoint (step {self.last_checkpoint_step}) is kept"
+                if self.last_checkpoint_step is not None else "no checkpoint was written, nothing is kept")
+        self.failed = (f"training {self.path} diverged: {why}; {kept}. Lower --lr, or check the store for "
+                       "NaN/inf activations")
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.build is not None:
+            self.build.abort()
+
+    def finish(self, cfg_dict: dict[str, Any], scale: float) -> None:
+        """Save the final SAE (folded to raw units), penalty state; drop the checkpoint; swap into place."""
+        if not _finite(self.trainer):
+            self.fail("final weights are not finite")
+            return
+        sae = self.trainer.sae.folded(scale)
+        sae.save(self.dir, cfg_dict)
+        pen_state = {k: v.detach().cpu().contiguous() for k, v in self.trainer.penalty.state_dict().items()}
+        if pen_state:  # final variant state (groups, EMAs...) for analysis, e.g. the geometry eval
+            save_file(pen_state, str(self.dir / PENALTY_STATE_FILE))
+        assert self.metrics is not None
+        self.metrics.close()
+        self.metrics = None
+        (self.dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if self.build is not None:
+            self.build.commit()
+
+    def abort(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        if self.build is not None:
+            self.build.abort()
 
 
 def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
-                 penalty_config: Any) -> dict[str, Any]:
+                 penalty_config: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``cfg.json`` fields besides the architecture (SAELens names first, then ours)."""
     a = store.attrs
     return {
@@ -108,9 +212,9 @@ def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: flo
         "dataset_path": a["dataset"], "prepend_bos": True, "normalize_activations": "none",
         "activation_scale_folded": scale, "device": "cpu", "sae_lens_training_version": None,
         "variant": cfg.variant, "variant_config": dataclasses.asdict(penalty_config),
-        "store_path": str(store.path), "store_fingerprint": store.fingerprint,
+        "store_path": str(store.path), "store_fingerprint": store.fingerprint, "store_id": a.get("store_id"),
         "training_tokens": steps * cfg.batch_size, "training_steps": steps,
-        "train_config": cfg.to_dict(), "sae_version": __version__,
+        "train_config": cfg.to_dict(), "run_settings": settings, "sae_version": __version__,
     }
 
 
@@ -118,62 +222,117 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
 
     All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
-    normalisation, device). Returns the run directories.
+    normalisation, device). Every config, the store and every run directory are checked before
+    anything is created. SIGTERM/SIGINT checkpoint every run and raise :class:`Interrupted`; a run
+    whose loss or weights become non-finite stops (its last good checkpoint kept) while the others
+    finish, then :class:`NonFiniteError` is raised. Returns the run directories.
 
     Raises:
-        StoreError: missing/incomplete store or hook. RunDirError: existing run dir.
-        ValueError: configs that cannot share a pass.
+        ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
+        RunDirError: existing, foreign or mismatching run dir. NonFiniteError, Interrupted.
     """
+    if not cfgs:
+        raise ConfigError("nothing to train: no configurations")
+    for c in cfgs:
+        c.validate()
     first = cfgs[0]
     for c in cfgs[1:]:
         bad = [k for k in DATA_KEYS if getattr(c, k) != getattr(first, k)]
         if bad:
-            raise ValueError(f"configs differ in {bad[0]!r}: they cannot share one pass over the store")
+            raise ConfigError(f"configs differ in {bad[0]!r}: they cannot share one pass over the store")
+    outs = [str(Path(c.out).resolve()) for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise ConfigError("two configurations share one --out directory: give each its own")
     store = ActivationStore(first.store)
     hook = store.default_hook(first.hook_name)
+    if store.n_tokens == 0:
+        raise StoreError(f"{store.path} holds no tokens: harvest into it again (`sae harvest --out {store.path}`)")
     device = resolve_device(first.device)
+    for c in cfgs:
+        d_sae = c.d_sae or c.expansion * store.d_model
+        if c.activation == "topk" and c.k > d_sae:
+            raise ConfigError(f"--k {c.k} must be at most d_sae = {d_sae}")
     scale = store.norm_scale(hook) if first.normalize else 1.0
+    if not math.isfinite(scale) or scale <= 0:
+        raise StoreError(f"{store.path}: the statistics of {hook} are not finite (E‖x‖² = "
+                         f"{store.mean_sq_norm(hook)}); re-harvest it")
     steps = first.tokens // first.batch_size
-    if steps < 1:
-        raise ValueError(f"--tokens {first.tokens} is less than one batch of {first.batch_size}")
-    runs = [_Run(c, store, hook, scale, steps, device) for c in cfgs]
-    active = [r for r in runs if not r.finished]
-    if active:
-        cursors = {r.rows_consumed for r in active}
-        if len(cursors) > 1:
-            raise RunDirError("runs of this sweep were checkpointed at different steps; resume them separately")
-        start = cursors.pop()
-        loader = ShuffledBatches(store, hook, first.batch_size, seed=first.seed, mix_chunks=first.mix_chunks,
-                                 start_row=start, scale=scale, device=device)
-        _loop(active, loader, steps, quiet, label)
-    out = []
-    for r in runs:
-        if not r.finished:
-            sae = r.trainer.sae.folded(scale)
-            sae.save(r.dir, sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config))
-            pen_state = {k: v.detach().cpu().contiguous() for k, v in r.trainer.penalty.state_dict().items()}
-            if pen_state:  # final variant state (groups, EMAs...) for analysis, e.g. the geometry eval
-                save_file(pen_state, str(r.dir / PENALTY_STATE_FILE))
-            assert r.metrics is not None
-            r.metrics.close()
-            (r.dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        out.append(r.dir)
-    return out
+    loader = ShuffledBatches(store, hook, first.batch_size, seed=first.seed, mix_chunks=first.mix_chunks,
+                             start_row=0, scale=scale, device=device)  # raises before any run dir exists
+    runs: list[_Run] = []
+    try:
+        for c in cfgs:
+            runs.append(_Run(c, store, hook, scale, steps, device))
+        active = [r for r in runs if not r.finished]
+        if active:
+            cursors = {r.rows_consumed for r in active}
+            if len(cursors) > 1:
+                raise RunDirError("runs of this sweep were checkpointed at different steps; resume them separately")
+            loader.rows_consumed = cursors.pop()
+            _loop(active, loader, steps, quiet, label)
+        for r in runs:
+            if not r.finished and r.failed is None:
+                r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
+    except BaseException:
+        for r in runs:
+            if not r.finished and r.failed is None:
+                if r.metrics is not None:
+                    r.metrics.close()
+                    r.metrics = None
+                if r.build is not None:
+                    r.build.abort()
+        raise
+    failed = [r.failed for r in runs if r.failed]
+    if failed:
+        raise NonFiniteError(failed[0] + (f" (and {len(failed) - 1} more run(s))" if len(failed) > 1 else ""))
+    return [r.path for r in runs]
+
+
+class _Signals:
+    """Record SIGTERM/SIGINT during the loop instead of dying, so the loop can checkpoint first.
+    Only in the main thread (signal handlers cannot be set elsewhere, e.g. in dask worker threads)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.saved: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
 
 
 def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, label: str) -> None:
     cfg = runs[0].cfg
     step0 = runs[0].trainer.step_idx
     t0 = time.perf_counter()
-    with progress_bar(quiet) as bar:
+    last_ckpt = time.monotonic()
+    with progress_bar(quiet) as bar, _Signals() as signals:
         task = bar.add_task(label, total=steps * cfg.batch_size, completed=step0 * cfg.batch_size)
         batches = iter(loader)
         for step in range(step0, steps):
+            live = [r for r in runs if r.failed is None]
+            if not live:
+                return
             x = next(batches)
-            for r in runs:
+            logs: dict[str, Any] = {}
+            for r in live:
                 logs = r.trainer.step(x)
                 last = step == steps - 1
                 if step % r.cfg.log_every == 0 or last:
+                    if not math.isfinite(logs["loss"]):
+                        r.fail(f"the loss is {logs['loss']} at step {step}")
+                        continue
                     record = {"step": step, "tokens": (step + 1) * cfg.batch_size,
                               "elapsed_s": round(time.perf_counter() - t0, 3), **logs}
                     diag = r.trainer.penalty.diagnostics(r.trainer.sae.W_dec.detach())
@@ -181,6 +340,18 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
                     r.log(record)
                 if (step + 1) % r.cfg.checkpoint_every == 0 and not last:
                     r.checkpoint(loader.rows_consumed)
+            last = step == steps - 1
+            if not last and (signals.signum is not None
+                             or time.monotonic() - last_ckpt >= 60 * min(r.cfg.checkpoint_minutes for r in live)):
+                for r in live:
+                    if r.failed is None and r.trainer.step_idx != r.last_checkpoint_step:
+                        r.checkpoint(loader.rows_consumed)
+                last_ckpt = time.monotonic()
+                if signals.signum is not None:
+                    name = signal.Signals(signals.signum).name
+                    raise Interrupted(f"{name} received: checkpoint saved at step {step + 1}/{steps} in "
+                                      f"{', '.join(str(r.dir) for r in live)}; continue with the same command "
+                                      "plus --resume", signals.signum)
             desc = f"{label} EV {logs['explained_variance']:.3f} L0 {logs['l0']:.0f}" if len(runs) == 1 else label
             bar.update(task, completed=(step + 1) * cfg.batch_size, description=desc)
 

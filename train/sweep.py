@@ -18,10 +18,13 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .config import TrainConfig
 from .run import DATA_KEYS, read_metrics, train_many
 from .sae import SAE
 from .variants import make_config, variant_names
+
+SCHEDULER_TIMEOUT_S = 10
 
 
 def parse_grid(items: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -34,7 +37,7 @@ def parse_grid(items: list[str]) -> dict[str, dict[str, list[str]]]:
     for item in items:
         key, sep, values = item.partition("=")
         if not sep or not values:
-            raise ValueError(f"--grid {item!r} must look like VARIANT.PARAM=V1,V2 or OPTION=V1,V2")
+            raise ConfigError(f"--grid {item!r} must look like VARIANT.PARAM=V1,V2 or OPTION=V1,V2")
         variant, dot, param = key.strip().rpartition(".")
         grid[variant if dot else "*"][param] = [v.strip() for v in values.split(",")]
     return dict(grid)
@@ -43,34 +46,42 @@ def parse_grid(items: list[str]) -> dict[str, dict[str, list[str]]]:
 def _typed(cfg: TrainConfig, name: str, value: str) -> Any:
     field = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
     if field is None:
-        raise ValueError(f"--grid: unknown training option {name!r}")
+        raise ConfigError(f"--grid: unknown training option {name!r}")
     current = getattr(cfg, name)
-    if isinstance(current, bool):
-        return value.lower() in ("1", "true", "yes")
-    if isinstance(current, int):
-        return int(value)
-    if isinstance(current, float):
-        return float(value)
+    try:
+        if isinstance(current, bool):
+            return value.lower() in ("1", "true", "yes")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except ValueError:
+        raise ConfigError(f"--grid {name}={value!r}: expected {type(current).__name__}") from None
     return value
 
 
-def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, list[str]]], out: str | Path
-           ) -> list[TrainConfig]:
+def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, list[str]]], out: str | Path,
+           tables: dict[str, dict[str, Any]] | None = None) -> list[TrainConfig]:
     """One :class:`TrainConfig` per (variant × its grid × global grid), run dirs under ``out``.
 
+    ``tables``: per-variant parameters (a ``--config`` file's ``[<variant>]`` tables), below the grid.
     Run directory names: ``<variant>`` plus ``-<param>=<value>`` for every gridded parameter.
     """
+    if not variants:
+        raise ConfigError("--variants is empty: name at least one variant")
     known = variant_names()
     for v in [*variants, *(k for k in grid if k != "*")]:
         if v not in known:
-            raise ValueError(f"unknown variant {v!r}: choose from {', '.join(known)}")
+            raise ConfigError(f"unknown variant {v!r}: choose from {', '.join(known)}")
     cfgs = []
     glob = grid.get("*", {})
     for v in variants:
         own = grid.get(v, {})
         axes = [(("v", k), vals) for k, vals in own.items()] + [(("g", k), vals) for k, vals in glob.items()]
         for combo in itertools.product(*(vals for _, vals in axes)) if axes else [()]:
-            params = dict(base.variant_params) if v == base.variant else {}
+            params = dict((tables or {}).get(v, {}))
+            if v == base.variant:
+                params.update(base.variant_params)
             overrides: dict[str, Any] = {}
             tags = []
             for ((kind, key), _), value in zip(axes, combo, strict=True):
@@ -105,6 +116,8 @@ def run_sweep(cfgs: list[TrainConfig], workers: int = 0, scheduler: str | None =
     ``workers > 0`` starts a local dask cluster of that many processes; ``scheduler`` connects to an
     existing one. Either way configurations are dealt round-robin into one group per worker.
     """
+    for c in cfgs:
+        c.validate()  # every config before any cluster starts or any run directory is made
     groups: dict[tuple, list[TrainConfig]] = defaultdict(list)
     for c in cfgs:
         groups[_data_key(c)].append(c)
@@ -117,7 +130,11 @@ def run_sweep(cfgs: list[TrainConfig], workers: int = 0, scheduler: str | None =
 
     cluster = None
     if scheduler:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as e:
+            raise ConfigError(f"--scheduler {scheduler}: no dask scheduler answered within {SCHEDULER_TIMEOUT_S} s "
+                              f"({e.__class__.__name__}); start one (`dask scheduler`) or fix the address") from None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
         client = Client(cluster)

@@ -130,7 +130,11 @@ class Trainer(nn.Module):
         loss = fvu
         logs["fvu"] = fvu.item()
         if sae.activation == "relu":
-            l1 = (codes.vals * sae.W_dec.norm(dim=1)[codes.idx]).sum(-1).mean()
+            # gather, not ``norms[codes.idx]``: advanced-indexing backward (index_put_ with accumulate)
+            # adds in a thread-dependent order on CPU, which made two ReLU runs with one seed differ
+            # from the first step (2e-4 by step ~30); gather's backward (scatter_add) is deterministic.
+            norms = sae.W_dec.norm(dim=1).gather(0, codes.idx.reshape(-1)).view_as(codes.idx)
+            l1 = (codes.vals * norms).sum(-1).mean()
             coef = self.l1_at(step)
             loss = loss + coef * l1
             logs.update(l1=l1.item(), l1_coefficient=coef)

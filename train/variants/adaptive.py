@@ -126,6 +126,11 @@ class AdaptivePenalty(SparseStatePenalty):
         the last refresh), ``track_pairs_per_latent=8`` (accumulator capacity 8·F pairs),
         ``cofire_samples=65536`` (pairs sampled for the co-firing mean; 0 = all co-firing pairs)."""
 
+        ranges = {"lambda_": ">=0", "alpha": "[0,1]", "refresh_every": ">=1", "chunk_size": ">=2",
+                  "max_group_size": ">=1", "min_coactivation": "[0,1]", "track_pairs_per_latent": ">=1",
+                  "cofire_samples": ">=0"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda_: float = 10.0
         alpha: float = 0.1
         refresh_every: int = 100

@@ -88,6 +88,10 @@ class OrtSAEPenalty(Penalty):
         the no-grad partner search: bfloat16 on CUDA and bf16-capable CPUs, 3.8× faster than fp32 on
         this machine's CPU; the penalty and its gradient are always computed in the SAE's dtype)."""
 
+        ranges = {"lambda_": ">=0", "chunk_size": ">=2", "chunks_per_step": ">=0",
+                  "search_dtype": "{auto,bfloat16,float32}"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda_: float = 1.0
         chunk_size: int = 1024
         chunks_per_step: int = 0

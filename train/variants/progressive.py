@@ -60,6 +60,9 @@ class ProgressivePenalty(Penalty):
         ``Σ_{i<j} n_ij ≈ K(K−1)/2`` at most ``K(K−1)/(2·thr)`` pairs are active, so at ``p = 0`` the
         penalty is ≤ 0.1·Σ c·|cos|, typically 0.01–0.1."""
 
+        ranges = {"lambda2_max": ">=0", "base_threshold": "(0,1]", "eps": ">0"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda2_max: float = 0.1
         base_threshold: float = 0.1
         eps: float = 1e-3

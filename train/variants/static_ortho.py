@@ -103,6 +103,9 @@ class StaticOrthoPenalty(Penalty):
         ``chunks_per_step=4`` (≤ 4096 latents per step: cost ``4·c²·d`` ≈ 3 GFLOP forward, independent
         of F; 0 = every chunk, cost ``F·c·d``)."""
 
+        ranges = {"lambda_": ">=0", "chunk_size": ">=2", "chunks_per_step": ">=0"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda_: float = 10.0
         chunk_size: int = 1024
         chunks_per_step: int = 4

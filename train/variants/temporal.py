@@ -78,6 +78,10 @@ class TemporalPenalty(SparseStatePenalty):
         ``sample_pairs=65536`` (importance-sampled pairs per step; 0 = exact sum over all pairs),
         ``prune_below=1e-6`` (drop ``c̄`` entries below it at window ends; 0 = keep all, exact)."""
 
+        ranges = {"lambda_": ">=0", "window_tokens": ">=1", "alpha_base": "[0,1]", "count_scale": ">0", "eps": ">0",
+                  "sample_pairs": ">=0", "prune_below": ">=0"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda_: float = 1e-3
         window_tokens: int = 8192
         alpha_base: float = 0.1

@@ -455,6 +455,9 @@ class TopKPairsPenalty(SparseStatePenalty):
         adaptive mode), ``tau_mode="fixed"`` or ``"adaptive"``, ``tau_ema=0.99`` (EMA decay per step of
         the adaptive τ ← clamp(ema·τ + (1−ema)·(mean + std of kept |cos|), 0.05, 0.3))."""
 
+        ranges = {"lambda_": ">=0", "rho": "(0,1]", "tau": "[0,1]", "tau_mode": "{fixed,adaptive}", "tau_ema": "[0,1)"}
+        """Allowed values, checked by ``make_config`` (not a dataclass field: no annotation)."""
+
         lambda_: float = 1.0
         rho: float = 0.001
         tau: float = 0.1
