@@ -239,17 +239,16 @@ def evaluate(
     eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
     tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 4096,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    results_dir: Annotated[Path | None, typer.Option(help="Write DIR/<run>/eval_results/ instead of into the run "
+                                                          "directories (for runs you cannot write to).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
     from . import evaluate as ev
-    from .store import StoreError
 
     evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
-    try:
-        results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet)
-    except (ValueError, RuntimeError, FileNotFoundError, StoreError) as e:
-        _fail(e)
+    results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
+                               results_dir=results_dir)
     ev.print_comparison(results)
 
 
@@ -263,12 +262,14 @@ def report(
 ) -> None:
     """Build a static HTML report: metric tables, frontier/probing/absorption plots, histograms,
     training curves and a feature browser of top-activating store contexts."""
+    from .errors import ConfigError
     from .evaluate.report import build_report
+    from .outputs import check_output_location
 
-    try:
-        index = build_report(run_dirs, out, store, latents)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        _fail(e)
+    if latents < 0:
+        raise ConfigError(f"--latents {latents} must be >= 0")
+    check_output_location(out, "--out")
+    index = build_report(run_dirs, out, store, latents)
     typer.echo(f"wrote {index}")
 
 

@@ -43,7 +43,7 @@ COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "
 
 def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
                   evals: Sequence[str] = ("core",), n_tokens: int = 4096, device: str = "auto",
-                  quiet: bool = False) -> list[dict]:
+                  quiet: bool = False, results_dir: str | Path | None = None) -> list[dict]:
     """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
 
     The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
@@ -55,28 +55,52 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     needs it. Held-out text comes from the store's dataset (else the run's ``dataset_path``) and
     context size (else the run's).
 
+    Before any model loads, every run's SAE files are loaded and validated (``SAE.load``: readable,
+    consistent, finite) and every results location is checked for writability. ``results_dir``
+    writes ``results_dir/<run name>/eval_results/`` instead of into the run directories (for runs
+    you cannot write to, e.g. a teammate's).
+
     Returns one SAEBench-shaped result dict per (run, eval), in order.
 
     Raises:
         ValueError: an unknown eval name. IncompatibleSAEError: a run does not fit the store/model.
         FileNotFoundError: a run directory without an SAE. StoreError: a bad store.
     """
-    import json
-
-    from ..model import LoadedModel, load_model
+    from ..errors import ConfigError, SaeError
+    from ..model import LoadedModel, check_device, load_model
+    from ..outputs import check_output_location
     from ..store import ActivationStore
-    from ..train.sae import CFG_FILE, SAE
+    from ..train.sae import SAE
 
+    if not evals:
+        raise ConfigError("--eval is empty: name at least one evaluation")
     for e in evals:
         eval_module(e)  # ValueError naming the choices for an unknown evaluation
+    if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
+        raise ConfigError(f"--tokens {n_tokens!r} must be a positive integer")
+    check_device(device)
+    run_dirs = [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise ConfigError("no run directories given")
+    # pass 0: every SAE loads and validates, every results location is writable — before any model
+    saes = {str(r): SAE.load(r) for r in run_dirs}
+    out_dirs: dict[str, Path] = {}
+    for run_dir in run_dirs:
+        out = Path(results_dir) / run_dir.name if results_dir is not None else run_dir
+        if results_dir is not None and out in out_dirs.values():
+            raise ConfigError(f"two runs are named {run_dir.name!r}: with --results-dir, evaluate them separately")
+        try:
+            check_output_location(out / "eval_results", "--results-dir" if results_dir is not None else "run dir")
+        except SaeError:
+            raise SaeError(f"cannot write {out / 'eval_results'}: it is not writable (a teammate's run?); "
+                           "pass --results-dir DIR to write the results elsewhere") from None
+        out_dirs[str(run_dir)] = out
     attrs = ActivationStore(store).attrs if store is not None else None
     models: dict[str | None, LoadedModel] = {}
     # pass 1: every run's cfg.json against the store and its model, before any forward pass
     plan: list[tuple[Path, LoadedModel, CoreConfig, str]] = []
-    for run_dir in map(Path, run_dirs):
-        if not (run_dir / CFG_FILE).exists():
-            SAE.load(run_dir)  # raises FileNotFoundError with the hint
-        sae_cfg = json.loads((run_dir / CFG_FILE).read_text())
+    for run_dir in run_dirs:
+        sae_cfg = saes[str(run_dir)].cfg
         if attrs is not None:
             check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"),
                              int(attrs["d_model"]), list(attrs["hook_names"]), against="store",
@@ -103,18 +127,19 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     for i, ((run_dir, lm, cfg, hook), rkey) in enumerate(zip(plan, keys, strict=True)):
         if EVAL_TYPE_ID in evals and rkey not in references:
             references[rkey] = compute_reference(lm, hook, cfg, quiet=quiet)
-        sae = SAE.load(run_dir)
+        sae = saes[str(run_dir)]
+        res_dir = out_dirs[str(run_dir)]
         if EVAL_TYPE_ID in evals:
             out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
-            write_result(run_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
+            write_result(res_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
                          sae.cfg, out["unstructured"])
-            results.append(read_result(run_dir, EVAL_TYPE_ID))
+            results.append(read_result(res_dir, EVAL_TYPE_ID))
         if last_use[rkey] == i:
             references.pop(rkey, None)
         ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),
                           context_size=int(cfg.context_size), run_dir=run_dir,
                           store_path=str(store) if store is not None else None, device=device, quiet=quiet,
-                          cache=shared_cache)
+                          cache=shared_cache, results_dir=res_dir)
         for name in evals:
             if name == EVAL_TYPE_ID:
                 continue
@@ -127,9 +152,9 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
             t0 = time.perf_counter()
             out = mod.run(sae, ctx, mod.Config())
             eval_config = {**out.eval_config, "wall_time_s": round(time.perf_counter() - t0, 2)}
-            write_result(run_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, sae.cfg,
+            write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, sae.cfg,
                          out.unstructured)
-            results.append(read_result(run_dir, mod.EVAL_TYPE_ID))
+            results.append(read_result(res_dir, mod.EVAL_TYPE_ID))
     return results
 
 

@@ -368,7 +368,7 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
 # -- the evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | Path | None = None,
-                     cfg: Config | None = None) -> EvalOutput:
+                     cfg: Config | None = None, results_dir: str | Path | None = None) -> EvalOutput:
     """All geometry metrics of ``sae`` (see the module doc); needs no model.
 
     ``run_dir`` (for learned groups, ``metrics.jsonl`` and ``core.json``) and ``store`` (densities
@@ -427,7 +427,7 @@ def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | P
                             "min_jaccard": jac["min"] if jac else None}
 
     # densities
-    density = _core_density(run_dir, F)
+    density = _core_density(Path(results_dir) if results_dir is not None else run_dir, F)
     density_source = "eval_results/core.json" if density is not None else None
     store = store or sae.cfg.get("store_path")
     if density is None and store is not None and Path(str(store)).exists():
@@ -476,4 +476,4 @@ def available(ctx: EvalContext) -> str | None:
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """The registry entry point: :func:`compute_geometry` with the context's run directory and store."""
-    return compute_geometry(sae, run_dir=ctx.run_dir, store=ctx.store_path, cfg=cfg)
+    return compute_geometry(sae, run_dir=ctx.run_dir, store=ctx.store_path, cfg=cfg, results_dir=ctx.results_dir)

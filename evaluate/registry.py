@@ -36,6 +36,8 @@ class EvalContext:
         dataset: corpus spec of the store/SAE (``embedded`` by default); ``context_size``: its
             sequence length. ``run_dir``: the SAE's run directory (metrics.jsonl, cfg.json).
         store_path: the store, when given (token ids for feature browsing).
+        results_dir: where this run's ``eval_results/`` are written (the run directory unless
+            ``sae evaluate --results-dir`` is given).
         cache: shared across all SAEs of one ``evaluate_runs`` call.
     """
 
@@ -49,6 +51,7 @@ class EvalContext:
     device: str = "auto"
     quiet: bool = True
     cache: dict[tuple, Any] = field(default_factory=dict)
+    results_dir: Path | None = None
 
     def cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
         """``fn()`` memoised under ``(model fingerprint, hook, *key)``."""

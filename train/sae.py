@@ -20,9 +20,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import SaeError
+
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 ACTIVATIONS = ("topk", "relu")
+
+
+class SAELoadError(SaeError):
+    """A run directory's ``cfg.json`` or weights file is unreadable or inconsistent."""
 
 
 @dataclass
@@ -167,19 +173,64 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load a run directory written by :meth:`save` (``.cfg`` holds ``cfg.json``).
+        """Load a run directory written by :meth:`save` (``.cfg`` holds ``cfg.json``), validated:
+        ``cfg.json`` parses and names ``d_in``/``d_sae``, the safetensors file parses and holds
+        ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, all finite.
 
-        Raises ``FileNotFoundError`` with a hint when the directory has no SAE.
+        Raises:
+            FileNotFoundError: the directory has no SAE (with a hint).
+            SAELoadError: an unreadable or inconsistent ``cfg.json`` / weights file.
+            NonFiniteError: a weight tensor holds NaN or inf.
         """
+        from ..errors import NonFiniteError
+
         run_dir = Path(run_dir)
         if not (run_dir / WEIGHTS_FILE).exists() or not (run_dir / CFG_FILE).exists():
             raise FileNotFoundError(f"{run_dir} has no {WEIGHTS_FILE} + {CFG_FILE}: is it a finished `sae train` run?")
-        cfg = json.loads((run_dir / CFG_FILE).read_text())
+        cfg = read_cfg(run_dir)
         act = cfg.get("activation_fn_str", "relu")
-        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), act, int(cfg.get("k") or 1), device=device)
-        tensors = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+        try:
+            d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k") or 1)
+            sae = cls(d_in, d_sae, act, k, device=device)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SAELoadError(f"{run_dir / CFG_FILE} does not describe an SAE ({e.__class__.__name__}: {e}); "
+                               "re-train the run or fix the file") from None
+        try:
+            tensors = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
+            raise SAELoadError(f"{run_dir / WEIGHTS_FILE} is not a readable safetensors file "
+                               f"({_first_line(e)}); re-train the run or restore the file") from None
         with torch.no_grad():
             for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
-                getattr(sae, n).copy_(tensors[n])
+                p = getattr(sae, n)
+                if n not in tensors:
+                    raise SAELoadError(f"{run_dir / WEIGHTS_FILE} has no tensor {n!r}; re-train the run")
+                if tuple(tensors[n].shape) != tuple(p.shape):
+                    raise SAELoadError(f"{run_dir / WEIGHTS_FILE}: {n} has shape {tuple(tensors[n].shape)}, but "
+                                       f"cfg.json says {tuple(p.shape)}; the files do not belong together")
+                if not bool(torch.isfinite(tensors[n]).all()):
+                    raise NonFiniteError(f"{run_dir / WEIGHTS_FILE}: {n} contains NaN or inf; this SAE cannot be "
+                                         "evaluated (re-train it, e.g. with a lower --lr)")
+                p.copy_(tensors[n])
         sae.cfg = cfg
         return sae
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {text[0]}" if text else e.__class__.__name__
+
+
+def read_cfg(run_dir: str | Path) -> dict:
+    """``run_dir/cfg.json`` as a dict. Raises ``SAELoadError`` (file and line) when it is not a JSON object."""
+    path = Path(run_dir) / CFG_FILE
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SAELoadError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                           "re-train the run or fix the file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SAELoadError(f"{path} cannot be read ({e.__class__.__name__}); check its permissions") from None
+    if not isinstance(cfg, dict):
+        raise SAELoadError(f"{path} is not a JSON object; re-train the run or fix the file")
+    return cfg
