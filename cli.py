@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
-from click.core import ParameterSource
+
+# typer ≥ 0.22 vendors click (``typer._click``), older typer uses the ``click`` package: take the
+# exception classes from typer's own public ones so both work.
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations into a Zarr store; train and evaluate SAEs from it.")
@@ -44,7 +46,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, _ClickException):
             raise
         except KeyboardInterrupt:
             if _debug():
@@ -71,7 +73,7 @@ def _explicit(ctx: typer.Context, names: list[str]) -> set[str]:
     given = set()
     for n in names:
         src = ctx.get_parameter_source(n)
-        if src in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+        if src is not None and src.name in ("COMMANDLINE", "ENVIRONMENT"):
             given.add(n)
     return given
 
@@ -331,12 +333,12 @@ def main() -> None:
     """Console entry point (``sae``): usage errors become one ``error:`` line too."""
     try:
         rv = app(standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         typer.secho("error: interrupted", fg="red", err=True)
         sys.exit(130)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except _ClickException as e:
         if _debug():
             raise
         hint = f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) is not None else ""

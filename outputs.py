@@ -18,6 +18,7 @@ import ctypes
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -70,8 +71,21 @@ def check_output_location(path: str | Path, option: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise SaeError(f"{option} {p}: {probe} is a file, so the directory cannot be created; pick another {option}")
-    if not os.access(probe, os.W_OK | os.X_OK):
+    if not os.access(probe, os.W_OK | os.X_OK) or not _can_create_in(probe):
         raise SaeError(f"{option} {p}: {probe} is not writable; pick a writable {option}")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Create and remove one empty probe file (``os.access`` says yes to root even on read-only
+    mounts and pseudo file systems)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sae-probe-", dir=directory)
+    except OSError:
+        return False
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(name)
+    return True
 
 
 def staging_sibling(path: Path) -> Path:

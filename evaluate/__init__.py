@@ -95,10 +95,11 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
             raise SaeError(f"cannot write {out / 'eval_results'}: it is not writable (a teammate's run?); "
                            "pass --results-dir DIR to write the results elsewhere") from None
         out_dirs[str(run_dir)] = out
+    needs_model = any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals)
     attrs = ActivationStore(store).attrs if store is not None else None
     models: dict[str | None, LoadedModel] = {}
     # pass 1: every run's cfg.json against the store and its model, before any forward pass
-    plan: list[tuple[Path, LoadedModel, CoreConfig, str]] = []
+    plan: list[tuple[Path, LoadedModel | None, CoreConfig, str]] = []
     for run_dir in run_dirs:
         sae_cfg = saes[str(run_dir)].cfg
         if attrs is not None:
@@ -108,18 +109,21 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
             model_id = attrs.get("model_id")
         else:
             model_id = sae_cfg.get("model_name")
-        key = canonical_model_id(model_id)
-        if key not in models:
-            models[key] = load_model(model_id, device, dtype=torch.float32)
-        lm = models[key]
-        check_compatible(sae_cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
-                         run_dir=run_dir)
+        if needs_model:
+            key = canonical_model_id(model_id)
+            if key not in models:
+                models[key] = load_model(model_id, device, dtype=torch.float32)
+            lm = models[key]
+            check_compatible(sae_cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
+                             run_dir=run_dir)
+        else:
+            lm = None  # every requested evaluation reads only the SAE (and its run directory)
         cfg = resolve_config(CoreConfig(n_eval_tokens=n_tokens, device=device,
                                         dataset=attrs.get("dataset") if attrs else None,
                                         context_size=int(attrs["context_size"]) if attrs else None), sae_cfg)
         plan.append((run_dir, lm, cfg, str(sae_cfg["hook_name"])))
     # pass 2: one shared clean/ablated reference per (model, hook, data), dropped after its last run
-    keys = [reference_key(lm, hook, cfg) for _, lm, cfg, hook in plan]
+    keys = [reference_key(lm, hook, cfg) if lm is not None else (str(run_dir),) for run_dir, lm, cfg, hook in plan]
     last_use = {k: i for i, k in enumerate(keys)}
     references: dict[tuple, CoreReference] = {}
     shared_cache: dict[tuple, object] = {}

@@ -45,6 +45,8 @@ from ..train.sae import SAE
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "geometry"
+NEEDS_MODEL = False
+"""Decoder/encoder geometry only: ``sae evaluate --eval geometry`` loads no language model."""
 SINGULAR_RTOL = 1e-6
 DENSITY_EDGES = tuple(np.round(np.linspace(-7.0, 0.0, 29), 6).tolist())
 """log10 firing-rate bin edges of the density histogram (0.25 decades; rates below 1e-7 go to the first bin)."""

@@ -32,7 +32,8 @@ class EvalContext:
     """What an evaluation may use besides the SAE.
 
     Attributes:
-        lm: the loaded model (float32), ``hook_name``/``layer``: where the SAE reads.
+        lm: the loaded model (float32); None when every requested evaluation has ``NEEDS_MODEL = False``.
+            ``hook_name``/``layer``: where the SAE reads.
         dataset: corpus spec of the store/SAE (``embedded`` by default); ``context_size``: its
             sequence length. ``run_dir``: the SAE's run directory (metrics.jsonl, cfg.json).
         store_path: the store, when given (token ids for feature browsing).
@@ -41,7 +42,7 @@ class EvalContext:
         cache: shared across all SAEs of one ``evaluate_runs`` call.
     """
 
-    lm: LoadedModel
+    lm: LoadedModel | None
     hook_name: str
     layer: int
     dataset: str

@@ -104,7 +104,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
             raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
     docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
     try:
-        first_doc = next(docs_iter, None)
+        first_doc = next((d for d in docs_iter if d.text), None)  # empty texts add no tokens
     except (KeyError, OSError, ValueError) as e:
         raise ConfigError(f"--dataset {cfg.dataset!r}: cannot read it ({e.__class__.__name__}: {e})") from e
     if first_doc is None:
