@@ -6,7 +6,6 @@ import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ from ..model import LoadedModel, capture_resid_post, check_device, check_layers,
 from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
+from ..store.location import StoreLocation, as_location
 from .corpus import iter_documents
 from .tokens import pack_sequences
 
@@ -43,6 +43,8 @@ class HarvestConfig:
     out: str = "acts.zarr"
     resume: bool = False
     overwrite: bool = False
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options for a remote ``out`` (never written into the store)."""
     background_writes: bool | None = None
     """Write chunk i on a background thread while chunk i+1 runs through the model.
     None = on for accelerators, off on CPU (where it slows the forward; see ``harvest``)."""
@@ -70,7 +72,8 @@ class HarvestConfig:
         if self.split not in ("train", "test", "all"):
             raise ConfigError(f"--split {self.split!r}: choose train, test or all")
         check_device(self.device)
-        check_output_location(self.out, "--out")
+        if "://" not in str(self.out) or str(self.out).startswith("file://"):
+            check_output_location(str(self.out).removeprefix("file://"), "--out")
 
 
 def _positive(option: str, value: object) -> None:
@@ -78,30 +81,44 @@ def _positive(option: str, value: object) -> None:
         raise ConfigError(f"{option} {value!r} must be a positive integer")
 
 
-def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool = False) -> Path:
-    """Run the harvest described by ``cfg`` and return the store path.
+def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool = False) -> str:
+    """Run the harvest described by ``cfg`` and return the store path or URL.
 
     Every option is validated, the output location and the corpus are checked before the model
-    loads; the store is created only once the corpus has yielded a first full sequence. Writes
-    ``chunk_tokens`` rows at a time; with ``cfg.resume`` continues from the last committed chunk
-    (identical to an uninterrupted run: corpus order, packing and per-chunk batching are
-    deterministic). ``cfg.overwrite`` replaces only a store of ours, built beside it and swapped in
-    at the end: a failed or killed overwrite leaves the old store intact. A failed new harvest with
-    no committed chunk removes what it created.
+    loads; the store is created only once the corpus has yielded a first full sequence. The
+    complete token array is written first (tokenisation only), then activation chunks are
+    computed from the store's own token ids and committed one by one (format 2, see
+    :mod:`sae.store.writer`). ``cfg.resume`` computes only the missing chunks: the result is
+    bit-identical to an uninterrupted harvest. ``cfg.overwrite`` replaces only a local store of
+    ours, built beside it and swapped in at the end: a failed or killed overwrite leaves the old
+    store intact. A failed new harvest with no committed chunk removes what it created.
 
     Raises:
         ConfigError: bad option, layer, codec or dataset. StoreError: existing output, resume
-        mismatch, not a store of ours. NonFiniteError: NaN/inf activations (chunk not committed).
+        mismatch, not a store of ours, remote overwrite. LeaseHeldError: another harvest is
+        writing that store. NonFiniteError: NaN/inf activations (chunk not committed).
     """
     cfg.validate()
-    out = Path(cfg.out)
-    if out.exists() and not is_empty_dir(out):
-        if (cfg.resume or cfg.overwrite) and not is_sae_store(out):
+    loc = as_location(cfg.out, cfg.storage_options)
+    if loc.read_only:
+        raise ConfigError(f"--out {cfg.out}: {loc.scheme}:// is read-only; harvest to a path, s3:// or gs://")
+    if loc.local:
+        out = loc.path
+        exists = out.exists() and not is_empty_dir(out)
+        ours = exists and is_sae_store(out)
+    else:
+        ours = exists = loc.exists("zarr.json")
+        if exists and not _remote_is_store(loc):
+            ours = False
+    if exists:
+        if (cfg.resume or cfg.overwrite) and not ours:
             what = "resume" if cfg.resume else "delete"
-            raise StoreError(f"{out} exists and is not an sae store; refusing to {what} it "
-                             "(pick another --out)")
+            raise StoreError(f"{cfg.out} exists and is not an sae store; refusing to {what} it (pick another --out)")
         if not (cfg.resume or cfg.overwrite):
-            raise StoreError(f"{out} already exists: pass --resume to continue it or --overwrite to replace it")
+            raise StoreError(f"{cfg.out} already exists: pass --resume to continue it or --overwrite to replace it")
+        if cfg.overwrite and not loc.local:
+            raise StoreError(f"--overwrite of a remote store is not supported (object stores cannot swap a "
+                             f"store atomically): harvest to a new URL, or delete {cfg.out} with your storage tools")
     docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
     try:
         first_doc = next((d for d in docs_iter if d.text), None)  # empty texts add no tokens
@@ -124,80 +141,107 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         raise ConfigError(f"--dataset {cfg.dataset!r} (split {cfg.split!r}) is too small: it does not fill one "
                           f"sequence of --context-size {cfg.context_size} tokens")
     seqs = itertools.chain([first_seq], seqs)
+    record = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}  # never store credentials
     meta = {
         "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
-        "tokenizer": getattr(lm.tokenizer, "name_or_path", ""),
+        "tokenizer": getattr(lm.tokenizer, "name_or_path", ""), "vocab_size": _vocab_size(lm),
         "layers": layers, "hook_point": "resid_post", "dataset": cfg.dataset, "split": cfg.split,
         "text_column": cfg.text_column, "seed": cfg.seed, "special_token_ids": lm.special_token_ids,
-        "bos_token_id": lm.bos_token_id, "harvest_config": asdict(cfg),
+        "bos_token_id": lm.bos_token_id, "harvest_config": record,
     }
-    args = (meta, hooks, lm.d_model, cfg.context_size, cfg.tokens)
-    if cfg.resume and out.exists() and not is_empty_dir(out):
-        codec = CodecSpec.parse(cfg.codec, cfg.dtype)
-        writer = StoreWriter(out, *args, codec, cfg.chunk_tokens, "resume")
-        _run_harvest(cfg, writer, lm, layers, seqs, quiet)
-    else:
-        holder: list[StoreWriter] = []
-        with build_output(out, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
-                          keep_partial=lambda: bool(holder) and holder[0].n_written > 0) as target:
-            writer = StoreWriter(target, *args, CodecSpec.parse(cfg.codec, cfg.dtype), cfg.chunk_tokens, "create")
-            holder.append(writer)
+    codec = CodecSpec.parse(cfg.codec, cfg.dtype)
+    args = (meta, hooks, lm.d_model, cfg.context_size, cfg.tokens, codec, cfg.chunk_tokens)
+    if cfg.resume and exists:
+        writer = StoreWriter(loc, *args, mode="resume")
+        try:
             _run_harvest(cfg, writer, lm, layers, seqs, quiet)
+        finally:
+            writer.close()
+    elif loc.local:
+        holder: list[StoreWriter] = []
+        with build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store",
+                          keep_partial=lambda: bool(holder) and holder[0].n_written > 0,
+                          error=StoreError) as target:
+            writer = StoreWriter(target, *args, mode="create")
+            holder.append(writer)
+            try:
+                _run_harvest(cfg, writer, lm, layers, seqs, quiet)
+            finally:
+                writer.close()
+    else:
+        writer = StoreWriter(loc, *args, mode="create")
+        try:
+            _run_harvest(cfg, writer, lm, layers, seqs, quiet)
+        finally:
+            writer.close()
     if not quiet:
-        print(f"→ {out}")
-    return out
+        print(f"→ {cfg.out}")
+    return cfg.out
+
+
+def _remote_is_store(loc: StoreLocation) -> bool:
+    try:
+        attrs = loc.read_json("zarr.json").get("attributes") or {}
+    except (OSError, ValueError):
+        return False
+    return "format_version" in attrs and "store_id" in attrs
+
+
+def _vocab_size(lm: LoadedModel) -> int | None:
+    v = getattr(getattr(lm.model, "config", None), "vocab_size", None)
+    return int(v) if v else None
 
 
 def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layers: list[int], seqs, quiet: bool
                  ) -> None:  # noqa: ANN001
-    """The chunk loop: model forward, encode, write and commit chunk after chunk, then finalize."""
+    """Tokens first (unless already committed), then every missing chunk: forward, encode, write,
+    commit; then finalize (statistics reduced in chunk order, content digest, status)."""
     if writer.group.attrs.get("status") == "complete":
         return
-    seq_per_chunk = cfg.chunk_tokens // cfg.context_size
-    skip = writer.n_written // cfg.context_size
-    seqs = itertools.islice(seqs, skip, None)
+    ctx = cfg.context_size
+    if writer.tokens_committed():
+        tokens = writer.read_tokens()
+    else:
+        chunk = list(itertools.islice(seqs, writer.n_target // ctx))
+        if not chunk:
+            raise ConfigError(f"--dataset {cfg.dataset!r} yielded no complete sequence: nothing to store")
+        tokens = np.stack(chunk).reshape(-1)
+        writer.write_tokens(tokens)
     special = np.asarray(lm.special_token_ids, dtype=np.int64)
-    total = writer.n_target
-    t0, done0 = time.perf_counter(), writer.n_written
+    todo = writer.missing_chunks()
+    total = len(tokens)
+    done = total - sum(min(cfg.chunk_tokens, total - i * cfg.chunk_tokens) for i in todo)
+    t0, done0 = time.perf_counter(), done
     # On an accelerator, chunk i is encoded, compressed and written by one background thread while
     # chunk i+1 runs through the model (numcodecs/zarr release the GIL). On CPU the forward already
     # keeps every core busy and a concurrent writer only fights torch's OpenMP threads (measured:
     # harvest/bare-forward 0.87 with the thread vs 0.97 without, benchmarks/harvest.py), so writes
-    # run inline there. At most one write is in flight, and a chunk only counts once its commit
-    # (the attribute update) has happened, so --resume after a kill sees exactly the committed chunks.
+    # run inline there. At most one write is in flight; a chunk counts once its commit object exists.
     background = cfg.background_writes if cfg.background_writes is not None else lm.device.type != "cpu"
-    workers = 1 if background else 0
-    with progress_bar(quiet) as bar, _Writer(workers) as pool:
-        task = bar.add_task("harvest", total=total, completed=writer.n_written)
+    with progress_bar(quiet) as bar, _Writer(1 if background else 0) as pool:
+        task = bar.add_task("harvest", total=total, completed=done)
         pending: Future | None = None
-        queued = writer.n_written
-        while queued < total:
-            want = min(seq_per_chunk, (total - queued) // cfg.context_size)
-            chunk = list(itertools.islice(seqs, want))
-            if not chunk:
-                break  # corpus exhausted
-            tokens = np.stack(chunk)
-            acts = _forward_chunk(lm, tokens, layers, cfg.batch_size)
-            flat = tokens.reshape(-1)
+        pending_rows = 0
+        for i in todo:
+            flat = tokens[i * cfg.chunk_tokens:(i + 1) * cfg.chunk_tokens]
+            acts = _forward_chunk(lm, flat.reshape(-1, ctx), layers, cfg.batch_size)
             if pending is not None:
                 pending.result()  # re-raises a failed write
-                bar.update(task, completed=writer.n_written)
-            pending = pool.submit(writer.append, flat, {hook_name_for(L): acts[L] for L in layers},
+                done += pending_rows
+                bar.update(task, completed=done)
+            pending = pool.submit(writer.write_chunk, i, {hook_name_for(L): acts[L] for L in layers},
                                   ~np.isin(flat, special))
-            queued += len(flat)
-            if len(chunk) < want:
-                break
+            pending_rows = len(flat)
         if pending is not None:
             pending.result()
-            bar.update(task, completed=writer.n_written)
-    if writer.n_written == 0:
-        raise ConfigError(f"--dataset {cfg.dataset!r} yielded no complete sequence: nothing to store")
+            done += pending_rows
+            bar.update(task, completed=done)
     writer.finalize()
     if not quiet:
         dt = time.perf_counter() - t0
-        short = " (the corpus ran out)" if writer.n_written < total else ""
-        print(f"harvested {writer.n_written - done0} tokens{short} in {dt:.1f}s "
-              f"({(writer.n_written - done0) / max(dt, 1e-9):.0f} forward+write tokens/s, model load excluded)")
+        short = " (the corpus ran out)" if total < writer.n_target else ""
+        print(f"harvested {done - done0} tokens{short} in {dt:.1f}s "
+              f"({(done - done0) / max(dt, 1e-9):.0f} forward+write tokens/s, model load excluded)")
 
 
 class _Writer:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from zarr.codecs import BitRound, BloscCodec
+from zarr.codecs import BitRound, BloscCodec, Crc32cCodec
 
 # BitRound is a numcodecs codec outside the Zarr v3 core spec; zarr warns on every open. Documented.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
@@ -64,16 +64,19 @@ class CodecSpec:
             return "uint8"
         return {"bfloat16": "uint16", "float16": "float16", "float32": "float32"}[self.dtype]
 
-    def zarr_kwargs(self) -> dict:
-        """``filters``/``compressors`` arguments for ``zarr.Group.create_array``."""
+    def zarr_kwargs(self, checksum: bool = True) -> dict:
+        """``filters``/``compressors`` arguments for ``zarr.Group.create_array``. With ``checksum``
+        (format 2) every chunk ends in Zarr v3's core ``crc32c`` codec: a reader verifies it on
+        decode, and its 4 bytes are the chunk's checksum in commits and in the content digest."""
         blosc = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+        crc = [Crc32cCodec()] if checksum else []
         if self.name == "none":
-            return {"compressors": None}
+            return {"compressors": crc or None}
         if self.name == "bitround":
             with warnings.catch_warnings():  # "numcodecs codecs are not in the Zarr v3 spec": documented
                 warnings.simplefilter("ignore")
-                return {"filters": [BitRound(keepbits=self.keepbits)], "compressors": [blosc]}
-        return {"compressors": [blosc]}
+                return {"filters": [BitRound(keepbits=self.keepbits)], "compressors": [blosc, *crc]}
+        return {"compressors": [blosc, *crc]}
 
     def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """``x``: ``[rows, d]`` float tensor → (stored array, per-row float32 scale or None)."""

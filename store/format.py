@@ -1,22 +1,33 @@
-"""Names and constants of the on-disk store layout (format version 1). See README "Store format".
+"""Names and constants of the store layout. See README "Store format" for the diagram.
 
-Layout of ``acts.zarr`` (a Zarr v3 group)::
+Format version 2 (written by this version; chunk-addressed, no shared cursor)::
 
-    zarr.json                      group attributes (ATTR_* keys below)
-    tokens                         int32  [n_tokens]            chunks (chunk_tokens,)
-    blocks.<L>.hook_resid_post     <storage dtype> [n_tokens, d_model]  chunks (chunk_tokens, d_model)
-    blocks.<L>.hook_resid_post.scale   float32 [n_tokens]       only for int8/fp8 codecs
+    acts.zarr/
+      zarr.json                          group attributes: identity, layout; at the end stats, digest, status
+      tokens/                            int32 [n_tokens]                 chunks (chunk_tokens,)      + crc32c
+      blocks.<L>.hook_resid_post/        <storage dtype> [n_tokens, d_model]  chunks (chunk_tokens, d_model) + crc32c
+      blocks.<L>.hook_resid_post.scale/  float32 [n_tokens]  (int8/fp8 only)                          + crc32c
+      commits/tokens.json                the complete token array is in (its per-chunk crc32c)
+      commits/<hook>/<chunk>.json        chunk <chunk> of <hook> is in: rows, crc32c, float64 partial stats
+      lease.json                         the one writer (owner, host, pid, heartbeat); absent when idle
 
-Row ``r`` belongs to sequence ``r // context_size`` at position ``r % context_size``.
+A store's state is the set of commit objects; each is written after the data it commits. Row
+``r`` belongs to sequence ``r // context_size`` at position ``r % context_size``.
+
+Format version 1 (older stores, read-only): the same arrays without checksums, no ``commits/``;
+``n_tokens_written`` in the attributes was the commit cursor. ``sae store convert`` upgrades it.
 """
 
 from __future__ import annotations
 
 from ..errors import SaeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 TOKENS = "tokens"
 SCALE_SUFFIX = ".scale"
+COMMITS = "commits"
+LEASE_FILE = "lease.json"
 STATUS_COMPLETE = "complete"
 STATUS_IN_PROGRESS = "in_progress"
 
@@ -24,9 +35,23 @@ STATUS_IN_PROGRESS = "in_progress"
 RESUME_KEYS = ("model_id", "model_fingerprint", "hook_names", "d_model", "context_size", "dataset", "split",
                "n_tokens_target", "dtype", "codec", "chunk_tokens", "seed")
 
-# Attributes every readable store has.
-REQUIRED_ATTRS = ("hook_names", "d_model", "context_size", "n_tokens_written", "chunk_tokens", "codec", "dtype",
-                  "stats", "store_id", "model_id")
+# Attributes every readable store has (v2 in-progress stores lack the final statistics).
+REQUIRED_ATTRS = ("hook_names", "d_model", "context_size", "chunk_tokens", "codec", "dtype", "store_id", "model_id")
+
+
+def chunk_key(array: str, i: int, ndim: int) -> tuple[str, ...]:
+    """Object path parts of chunk ``i`` of a row-chunked array (zarr v3 default chunk key encoding)."""
+    return (array, "c", str(i), *(["0"] * (ndim - 1)))
+
+
+def array_names(hook_names: list[str], has_scale: bool) -> list[str]:
+    """Every array of a store in digest order: tokens, then per hook its activations (and scale)."""
+    out = [TOKENS]
+    for h in hook_names:
+        out.append(h)
+        if has_scale:
+            out.append(h + SCALE_SUFFIX)
+    return out
 
 
 class StoreError(SaeError):

@@ -9,8 +9,12 @@ The batch stream is a pure function of ``(store, hook, seed, mix_chunks)``:
 * the windows are concatenated into one endless row stream and cut into batches.
 
 So the only resume state is ``rows_consumed`` — the store cursor saved in checkpoints.
-A background thread reads and decompresses the next windows while the trainer works; on a GPU
-the window is staged in pinned memory and copied with ``non_blocking=True``.
+A background thread reads and decompresses the next windows while the trainer works, fetching
+the chunks of a window concurrently (``read_workers`` threads: remote stores are never read one
+round-trip at a time; Blosc releases the GIL); on a GPU the window is staged in pinned memory and
+copied with ``non_blocking=True``. Before and after reading a window the store's identity is
+checked, so a store replaced underneath (a teammate's ``--overwrite``) stops training with one
+line instead of mixing two stores' data.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -39,12 +44,14 @@ class ShuffledBatches:
 
     def __init__(self, store: ActivationStore, hook_name: str, batch_size: int, seed: int = 0,
                  mix_chunks: int = 4, start_row: int = 0, scale: float = 1.0,
-                 device: str | torch.device = "cpu", prefetch: int = 2, exclude_special: bool = True) -> None:
+                 device: str | torch.device = "cpu", prefetch: int = 2, exclude_special: bool = True,
+                 read_workers: int | None = None) -> None:
         store.check_hook(hook_name)
         self.store, self.hook_name, self.batch_size = store, hook_name, batch_size
         self.seed, self.mix_chunks, self.scale = seed, max(1, mix_chunks), scale
         self.device = torch.device(device)
         self.prefetch = prefetch
+        self.read_workers = max(1, read_workers or min(8, self.mix_chunks))
         self.rows_consumed = start_row
         tokens = store.tokens
         self._valid = [store.valid_mask(tokens[slice(*store.chunk_bounds(i))]) if exclude_special
@@ -68,9 +75,15 @@ class ShuffledBatches:
             rem -= n
         raise AssertionError("unreachable: row beyond epoch")
 
-    def _load_window(self, epoch: int, w: int) -> torch.Tensor:
+    def _load_window(self, epoch: int, w: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
         chunks = self._windows(epoch)[w]
-        parts = [self.store.read_chunk(self.hook_name, int(c))[torch.from_numpy(self._valid[c])] for c in chunks]
+
+        def read(c: int) -> torch.Tensor:
+            return self.store.read_chunk(self.hook_name, int(c))[torch.from_numpy(self._valid[c])]
+
+        self.store.check_unchanged()
+        parts = list(pool.map(read, chunks)) if pool is not None else [read(c) for c in chunks]
+        self.store.check_unchanged()  # unchanged before and after: every chunk came from the store we opened
         x = torch.cat(parts)
         perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, w]).permutation(len(x)))
         x = x[perm]
@@ -81,9 +94,10 @@ class ShuffledBatches:
         return x
 
     def _producer(self, q: queue.Queue, stop: threading.Event, epoch: int, w: int) -> None:
+        pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="store-read") if self.read_workers > 1 else None
         try:
             while not stop.is_set():
-                x = self._load_window(epoch, w)
+                x = self._load_window(epoch, w, pool)
                 while not stop.is_set():
                     try:
                         q.put(x, timeout=0.1)
@@ -95,6 +109,9 @@ class ShuffledBatches:
                     epoch, w = epoch + 1, 0
         except BaseException as e:  # forward errors (e.g. a corrupt chunk) to the consumer
             q.put(e)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch, w, offset = self._locate(self.rows_consumed)

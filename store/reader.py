@@ -10,42 +10,56 @@ import numpy as np
 import torch
 import zarr
 
+from ..errors import SaeError
 from .codecs import CodecSpec
-from .format import FORMAT_VERSION, REQUIRED_ATTRS, STATUS_COMPLETE, TOKENS, StoreError, scale_array_name
+from .format import COMMITS, READABLE_VERSIONS, REQUIRED_ATTRS, STATUS_COMPLETE, TOKENS, StoreError, scale_array_name
+from .location import StoreLocation, as_location
 
 
 class ActivationStore:
-    """An opened store. Arrays are read lazily, chunk by chunk; nothing is loaded whole.
+    """An opened store (a local path or an fsspec URL, see :mod:`.location`). Arrays are read
+    lazily, chunk by chunk; nothing is loaded whole. Format 1 and 2 stores are readable.
+
+    Args:
+        path: store path or URL. require_complete: refuse an unfinished store.
+        storage_options: fsspec options (e.g. ``endpoint_url``). cache: a local directory caching
+            remote chunk objects (fsspec ``simplecache``).
 
     Raises:
         StoreError: missing path, not a store, unknown format version, incomplete store
             (when ``require_complete``), or a corrupt chunk when it is read.
+        UnavailableError: the URL scheme's backend is not installed (names the extra).
     """
 
-    def __init__(self, path: str | Path, require_complete: bool = True) -> None:
-        self.path = str(path)
-        if "://" not in self.path and not Path(self.path).exists():
+    def __init__(self, path: str | Path | StoreLocation, require_complete: bool = True,
+                 storage_options: dict | None = None, cache: str | None = None) -> None:
+        self.loc = as_location(path, storage_options, cache)
+        self.path = self.loc.url
+        if self.loc.local and not self.loc.path.exists():
             raise StoreError(f"no store at {self.path}: run `sae harvest --out {self.path}` first")
-        if "://" not in self.path and not Path(self.path).is_dir():
+        if self.loc.local and not self.loc.path.is_dir():
             raise StoreError(f"{self.path} is a file, not a store directory: pass a store written by `sae harvest`")
         try:
-            self.group = zarr.open_group(self.path, mode="r")
-        except Exception as e:  # zarr raises several types for "not a group"
-            raise StoreError(f"{self.path} is not a Zarr activation store ({e})") from e
+            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r")
+        except (SaeError, ImportError):
+            raise
+        except Exception as e:  # zarr/fsspec raise several types for "not a group" / "not there"
+            raise StoreError(f"{self.path} is not a Zarr activation store ({e.__class__.__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}); check the path or URL") from None
         self.attrs: dict = dict(self.group.attrs)
         version = self.attrs.get("format_version")
         if version is None:
             raise StoreError(f"{self.path} is a Zarr group but not an sae activation store (it has no "
                              "format_version attribute): pass a store written by `sae harvest`")
-        if version != FORMAT_VERSION:
-            raise StoreError(f"{self.path}: store format {version!r} is not {FORMAT_VERSION}; "
-                             "re-harvest it with this version of sae")
+        if version not in READABLE_VERSIONS:
+            raise StoreError(f"{self.path}: store format {version!r} is not one of {READABLE_VERSIONS}; "
+                             "upgrade sae to read it")
         missing = [k for k in REQUIRED_ATTRS if k not in self.attrs]
         if missing:
             raise StoreError(f"{self.path} lacks the store attribute {missing[0]!r}: it is damaged or was not "
                              "written by `sae harvest`; re-harvest it")
         if require_complete and self.attrs.get("status") != STATUS_COMPLETE:
-            raise StoreError(f"{self.path} is incomplete ({self.attrs.get('n_tokens_written', 0)} tokens written): "
+            raise StoreError(f"{self.path} is incomplete ({self.n_tokens} tokens committed): "
                              "finish it with `sae harvest ... --resume`")
         try:
             self.codec = CodecSpec.parse(self.attrs["codec"], self.attrs["dtype"])
@@ -54,6 +68,27 @@ class ActivationStore:
         missing_arrays = [h for h in [TOKENS, *self.hook_names] if h not in self.group]
         if missing_arrays:
             raise StoreError(f"{self.path} has no array {missing_arrays[0]!r}: the store is damaged; re-harvest it")
+
+    @property
+    def format_version(self) -> int:
+        return int(self.attrs["format_version"])
+
+    @property
+    def content_digest(self) -> str | None:
+        """sha256 over every chunk's crc32c (format 2; None for format 1)."""
+        return self.attrs.get("content_digest")
+
+    def check_unchanged(self) -> None:
+        """Raise ``StoreError`` if the store at this location was replaced since it was opened
+        (another process's ``--overwrite``): its ``store_id`` differs or it is gone."""
+        try:
+            now = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r").attrs.get("store_id")
+        except Exception:  # noqa: BLE001 - gone or unreadable: both mean "not what we opened"
+            now = None
+        if now != self.attrs.get("store_id"):
+            raise StoreError(f"{self.path} was replaced or removed while being read (store_id "
+                             f"{self.attrs.get('store_id')} → {now}); nothing was trained on the new data: rerun "
+                             "(with --resume to continue from the last checkpoint)")
 
     # -- metadata -----------------------------------------------------------------------------
     @property
@@ -71,7 +106,20 @@ class ActivationStore:
     @property
     def n_tokens(self) -> int:
         """Rows committed (for a complete store: all rows)."""
-        return int(self.attrs["n_tokens_written"])
+        if "n_tokens_written" in self.attrs:
+            return int(self.attrs["n_tokens_written"])
+        return self._committed_rows()
+
+    def _committed_rows(self) -> int:
+        """Format 2 in progress: rows of chunks committed for every hook (needs a listable store)."""
+        try:
+            n = int(self.group[TOKENS].shape[0])
+            ct = int(self.attrs["chunk_tokens"])
+            sets = [{x[:-5] for x in self.loc.list_names(COMMITS, h) if x.endswith(".json")} for h in self.hook_names]
+        except Exception:  # noqa: BLE001 - e.g. HTTP cannot list
+            return 0
+        done = set.intersection(*sets) if sets else set()
+        return sum(min(ct, n - int(i) * ct) for i in done if i.isdigit())
 
     @property
     def chunk_tokens(self) -> int:
@@ -105,13 +153,20 @@ class ActivationStore:
             raise StoreError(f"{self.path} has several hooks ({', '.join(self.hook_names)}): pass --hook")
         return self.hook_names[0]
 
+    def _stats(self, hook_name: str) -> dict:
+        try:
+            return self.attrs["stats"][hook_name]
+        except (KeyError, TypeError):
+            raise StoreError(f"{self.path} has no statistics for {hook_name} (an unfinished store?): finish it "
+                             "with `sae harvest ... --resume`") from None
+
     def mean(self, hook_name: str) -> torch.Tensor:
         """Per-dimension mean ``[d_model]`` over non-special tokens (raw activation units)."""
-        return torch.tensor(self.attrs["stats"][hook_name]["mean"], dtype=torch.float32)
+        return torch.tensor(self._stats(hook_name)["mean"], dtype=torch.float32)
 
     def mean_sq_norm(self, hook_name: str) -> float:
         """E‖x‖² over non-special tokens (raw units²)."""
-        return float(self.attrs["stats"][hook_name]["mean_sq_norm"])
+        return float(self._stats(hook_name)["mean_sq_norm"])
 
     def norm_scale(self, hook_name: str) -> float:
         """Scalar ``s`` with E‖s·x‖² = d_model (SAELens ``expected_average_only_in`` normalisation)."""
@@ -121,7 +176,11 @@ class ActivationStore:
     @cached_property
     def tokens(self) -> np.ndarray:
         """All token ids ``[n_tokens]`` (int32; 4 bytes per row, read once)."""
-        return np.asarray(self.group[TOKENS][: self.n_tokens])
+        try:
+            return np.asarray(self.array(TOKENS)[: self.n_tokens])
+        except Exception as e:  # noqa: BLE001 - a corrupt token chunk
+            raise StoreError(f"corrupt token array in {self.path} ({e.__class__.__name__}): run "
+                             f"`sae store verify {self.path}`") from None
 
     def valid_mask(self, tokens: np.ndarray) -> np.ndarray:
         """Bool mask of rows whose token is not special (BOS/EOS/PAD are excluded)."""
@@ -131,17 +190,26 @@ class ActivationStore:
         start = i * self.chunk_tokens
         return start, min(start + self.chunk_tokens, self.n_tokens)
 
+    def array(self, name: str) -> zarr.Array:
+        """The zarr array ``name``, opened once (its metadata is one remote read on object stores)."""
+        cache = self.__dict__.setdefault("_arrays", {})
+        if name not in cache:
+            cache[name] = self.group[name]
+        return cache[name]
+
     def read_rows(self, hook_name: str, start: int, stop: int) -> torch.Tensor:
         """Decode rows ``[start, stop)`` → float32 ``[stop - start, d_model]`` (raw units)."""
         try:
-            stored = np.asarray(self.group[hook_name][start:stop])
-            scale = (np.asarray(self.group[scale_array_name(hook_name)][start:stop])
+            stored = np.asarray(self.array(hook_name)[start:stop])
+            scale = (np.asarray(self.array(scale_array_name(hook_name))[start:stop])
                      if self.codec.has_scale else None)
         except KeyError:
             raise
         except Exception as e:
-            raise StoreError(f"corrupt chunk in {self.path}/{hook_name} rows {start}:{stop} ({e}): "
-                             "delete the store and re-harvest (or restore it from a teammate's copy)") from e
+            chunk = start // self.chunk_tokens
+            raise StoreError(f"corrupt chunk {chunk} of {self.path}/{hook_name} (rows {start}:{stop}; "
+                             f"{e.__class__.__name__}): run `sae store verify {self.path}`, then restore or "
+                             "re-harvest the store") from None
         return self.codec.decode(stored, scale)
 
     def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
@@ -149,8 +217,11 @@ class ActivationStore:
         return self.read_rows(hook_name, *self.chunk_bounds(i))
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk of all arrays."""
-        return int(sum(self.group[name].nbytes_stored() for name in self.group.array_keys()))
+        """Bytes stored of all arrays (may list the store: a remote listing for URLs)."""
+        try:
+            return int(sum(self.group[name].nbytes_stored() for name in self.group.array_keys()))
+        except Exception:  # noqa: BLE001 - stores that cannot list (HTTP)
+            return 0
 
     def nbytes_logical(self) -> int:
         """Bytes of the activations as float32 plus tokens: the SAELens-style raw reference."""

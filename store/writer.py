@@ -1,18 +1,22 @@
-"""Resumable, chunk-at-a-time writer of an activation store.
+"""Writer of an activation store (format 2): chunk-addressed, checksummed, one writer at a time.
 
-A harvest appends whole chunks (``chunk_tokens`` rows, a multiple of ``context_size``). After the
-arrays of a chunk are written, the group attributes are replaced by ONE write of ``zarr.json``
-holding the new ``n_tokens_written`` together with the running statistics (zarr's local store
-writes it to a temporary file and renames it): that write is the commit point. A kill at any
-moment leaves the cursor and the statistics of the same chunk, so ``--resume`` continues at the
-last committed chunk and ends with a store identical to an uninterrupted harvest (tested by
-killing real processes before, during and right after a commit).
+A harvest first writes the complete ``tokens`` array and commits it (``commits/tokens.json``). It
+then computes activation chunks, in any order: each chunk of each hook is written (a chunk is one
+object; locally a temporary file renamed into place by zarr, on object stores one PUT) and only
+then committed by its own small object ``commits/<hook>/<chunk>.json`` holding its row range, its
+``crc32c`` and its float64 partial statistics. A store's state is the set of commit objects:
+there is no shared cursor, so a kill at any moment loses at most the chunks in flight, and
+``--resume`` computes exactly the missing ones. :meth:`StoreWriter.finalize` reduces the partial
+statistics in chunk-index order (exact, independent of the order chunks were computed in),
+computes the content digest and marks the store ``complete``.
 
 A chunk containing NaN or ±inf is never committed (:class:`~sae.errors.NonFiniteError`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 import time
 import uuid
 from pathlib import Path
@@ -25,144 +29,254 @@ from .. import __version__
 from ..errors import NonFiniteError
 from .codecs import CodecSpec
 from .format import (
+    COMMITS,
     FORMAT_VERSION,
     RESUME_KEYS,
     STATUS_COMPLETE,
     STATUS_IN_PROGRESS,
     TOKENS,
     StoreError,
+    array_names,
+    chunk_key,
     scale_array_name,
 )
+from .lease import Lease
+from .location import StoreLocation, as_location
+
+TOKENS_COMMIT = "tokens.json"
+
+
+def chunk_crc(loc: StoreLocation, array: str, i: int, ndim: int) -> int:
+    """The ``crc32c`` stored in the last 4 bytes of chunk ``i`` of ``array`` (little-endian)."""
+    return struct.unpack("<I", loc.tail_bytes(4, *chunk_key(array, i, ndim)))[0]
+
+
+def content_digest(crcs: list[int]) -> str:
+    """sha256 over the per-chunk crc32c values, in digest order (:func:`~sae.store.format.array_names`,
+    chunk index within each array), each as 4 little-endian bytes."""
+    return hashlib.sha256(b"".join(struct.pack("<I", c) for c in crcs)).hexdigest()
 
 
 class StoreWriter:
-    """Create (or reopen for ``resume``) a store and append committed chunks.
+    """Create (or reopen for ``resume``) a format-2 store and write committed chunks into it.
 
     Args:
-        path: store directory (``*.zarr``).
-        meta: identity attributes (``model_id``, ``model_fingerprint``, ``tokenizer``,
-            ``dataset``, ``split``, ``seed``, ``special_token_ids``, ``bos_token_id``...).
+        path: store path or URL (local, ``s3://``, ``gs://``, ``memory://``).
+        meta: identity attributes (``model_id``, ``model_fingerprint``, ``tokenizer``, ``dataset``,
+            ``split``, ``seed``, ``special_token_ids``, ``bos_token_id``...).
         hook_names: one activation array per hook, each ``[n_tokens, d_model]``.
-        d_model, context_size, n_tokens_target: shapes; ``n_tokens_target`` is rounded up to
-            whole sequences.
-        codec: storage precision/compressor.
-        chunk_tokens: rows per chunk; must be a multiple of ``context_size``.
-        mode: ``"create"`` (error if ``path`` exists and is not empty) or ``"resume"``. Replacing a
-            store is the caller's job (:func:`sae.outputs.build_output` builds beside and swaps).
+        d_model, context_size, n_tokens_target: shapes; ``n_tokens_target`` is rounded up to whole
+            sequences (the arrays shrink to the rows actually written, see :meth:`write_tokens`).
+        codec: storage precision/compressor. chunk_tokens: rows per chunk (multiple of context_size).
+        mode: ``"create"`` (a store must not exist there) or ``"resume"``. Replacing a store is the
+            caller's job (:func:`sae.outputs.build_output` builds beside and swaps).
+        storage_options: fsspec options for remote URLs.
+
+    The writer holds the store's lease (:mod:`.lease`) until :meth:`finalize` or :meth:`close`.
 
     Raises:
-        StoreError: existing path without resume/overwrite; resume of a store harvested with
-            different settings; bad chunk size.
+        StoreError: existing store for ``create``; resume of a store harvested with different
+            settings or of a format-1 store; bad chunk size. LeaseHeldError: another writer.
     """
 
-    def __init__(self, path: str | Path, meta: dict, hook_names: list[str], d_model: int, context_size: int,
-                 n_tokens_target: int, codec: CodecSpec, chunk_tokens: int, mode: str = "create") -> None:
+    def __init__(self, path: str | Path | StoreLocation, meta: dict, hook_names: list[str], d_model: int,
+                 context_size: int, n_tokens_target: int, codec: CodecSpec, chunk_tokens: int, mode: str = "create",
+                 storage_options: dict | None = None) -> None:
         if chunk_tokens % context_size:
             raise StoreError(f"chunk_tokens {chunk_tokens} must be a multiple of context_size {context_size}")
-        self.path = Path(path)
-        self.codec = codec
-        self.hook_names = list(hook_names)
-        self.chunk_tokens = chunk_tokens
+        if mode not in ("create", "resume"):
+            raise StoreError(f"unknown store writer mode {mode!r}: use 'create' or 'resume'")
+        self.loc = as_location(path, storage_options)
+        if self.loc.read_only:
+            raise StoreError(f"{self.loc}: {self.loc.scheme}:// is read-only; harvest to a path, s3:// or gs://")
+        self.codec, self.hook_names, self.chunk_tokens = codec, list(hook_names), chunk_tokens
+        self.d_model, self.context_size = d_model, context_size
         n_target = -(-n_tokens_target // context_size) * context_size
         attrs = dict(meta)
         attrs.update(format_version=FORMAT_VERSION, hook_names=self.hook_names, d_model=d_model,
                      context_size=context_size, n_tokens_target=n_target, dtype=codec.dtype,
                      storage_dtype=codec.storage_dtype, codec=str(codec), chunk_tokens=chunk_tokens)
-        if mode not in ("create", "resume"):
-            raise StoreError(f"unknown store writer mode {mode!r}: use 'create' or 'resume'")
-        exists = self.path.exists() and not (self.path.is_dir() and not any(self.path.iterdir()))
-        if exists and mode == "create":
-            raise StoreError(f"{self.path} already exists: pass --resume to continue it or --overwrite to replace it")
-        if mode == "resume" and exists:
-            self.group = zarr.open_group(str(self.path), mode="r+")
-            old = dict(self.group.attrs)
-            diff = [k for k in RESUME_KEYS if k in attrs and old.get(k) != attrs[k]]
-            if diff:
-                k = diff[0]
-                raise StoreError(f"cannot resume {self.path}: {k} was {old.get(k)!r}, now {attrs[k]!r} "
-                                 "(use the original settings, or --overwrite)")
-            self.n_written = int(old["n_tokens_written"])
-            self._sums = {h: np.asarray(old["stats"][h]["sum"], dtype=np.float64) for h in self.hook_names}
-            self._sq = {h: float(old["stats"][h]["sum_sq_norm"]) for h in self.hook_names}
-            self._count = int(old["stats_count"])
-            return
-        self.group = zarr.open_group(str(self.path), mode="w")
-        self.group.create_array(TOKENS, shape=(n_target,), chunks=(chunk_tokens,), dtype="int32",
-                                fill_value=-1)
+        self.lease = Lease(self.loc).acquire(takeover_stale=mode == "resume")
+        try:
+            exists = self.loc.exists("zarr.json")
+            if exists and mode == "create":
+                raise StoreError(f"{self.loc} already exists: pass --resume to continue it or --overwrite to "
+                                 "replace it")
+            if exists:
+                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+")
+                old = dict(self.group.attrs)
+                if old.get("format_version") != FORMAT_VERSION:
+                    raise StoreError(f"cannot resume {self.loc}: it is a format-{old.get('format_version')} store; "
+                                     "`sae store convert` it or re-harvest with --overwrite")
+                diff = [k for k in RESUME_KEYS if k in attrs and old.get(k) != attrs[k]]
+                if diff:
+                    k = diff[0]
+                    raise StoreError(f"cannot resume {self.loc}: {k} was {old.get(k)!r}, now {attrs[k]!r} "
+                                     "(use the original settings, or --overwrite)")
+            else:
+                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="a")
+                attrs.update(store_id=uuid.uuid4().hex[:16], package_version=__version__, status=STATUS_IN_PROGRESS,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                self._create_arrays(n_target)
+                self.group.update_attributes(attrs)
+        except BaseException:
+            self.lease.release()
+            raise
+        self._next = 0  # sequential chunk index for :meth:`append`
+        self._appended = 0  # rows written by :meth:`append`
+
+    def _create_arrays(self, n: int) -> None:
+        kw = {"config": {"write_empty_chunks": True}}
+        checked = CodecSpec("none", "float32").zarr_kwargs()  # crc32c only, for tokens / scales
+        self.group.create_array(TOKENS, shape=(n,), chunks=(self.chunk_tokens,), dtype="int32", fill_value=-1,
+                                **checked, **kw)
         for h in self.hook_names:
-            self.group.create_array(h, shape=(n_target, d_model), chunks=(chunk_tokens, d_model),
-                                    dtype=codec.storage_dtype, **codec.zarr_kwargs())
-            if codec.has_scale:
-                self.group.create_array(scale_array_name(h), shape=(n_target,), chunks=(chunk_tokens,),
-                                        dtype="float32")
-        self.n_written = 0
-        self._sums = {h: np.zeros(d_model, dtype=np.float64) for h in self.hook_names}
-        self._sq = dict.fromkeys(self.hook_names, 0.0)
-        self._count = 0
-        attrs.update(store_id=uuid.uuid4().hex[:16], package_version=__version__,
-                     created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        self._commit(status=STATUS_IN_PROGRESS, extra=attrs)
+            self.group.create_array(h, shape=(n, self.d_model), chunks=(self.chunk_tokens, self.d_model),
+                                    dtype=self.codec.storage_dtype, **self.codec.zarr_kwargs(), **kw)
+            if self.codec.has_scale:
+                self.group.create_array(scale_array_name(h), shape=(n,), chunks=(self.chunk_tokens,),
+                                        dtype="float32", **checked, **kw)
+
+    # -- state ------------------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.loc.url
 
     @property
     def n_target(self) -> int:
         return int(self.group.attrs["n_tokens_target"])
 
-    def _commit(self, status: str, extra: dict | None = None) -> None:
-        """Write cursor, statistics and status in ONE ``zarr.json`` write (the commit point).
+    @property
+    def n_tokens(self) -> int:
+        """Rows of the store (the token array's length)."""
+        return int(self.group[TOKENS].shape[0])
 
-        (``group.attrs.update(...)`` would write ``zarr.json`` once per key: a kill between those
-        writes left the cursor a chunk ahead of the statistics.)"""
-        count = max(self._count, 1)
-        stats = {h: {"sum": self._sums[h].tolist(), "sum_sq_norm": self._sq[h],
-                     "mean": (self._sums[h] / count).tolist(), "mean_sq_norm": self._sq[h] / count}
-                 for h in self.hook_names}
-        attrs = dict(self.group.attrs)
-        attrs.update(extra or {})
-        attrs.update(n_tokens_written=self.n_written, stats=stats, stats_count=self._count, status=status)
-        self.group.update_attributes(attrs)
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_tokens // self.chunk_tokens)
 
-    def append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
-        """Write one chunk at the cursor and commit it.
+    def tokens_committed(self) -> bool:
+        return self.loc.exists(COMMITS, TOKENS_COMMIT)
 
-        ``tokens``: int ``[rows]``; ``acts[hook]``: ``[rows, d_model]``; ``valid``: bool ``[rows]``
-        marking rows (non-special tokens) that enter the running mean / mean-squared-norm.
-        ``rows`` must be ``chunk_tokens``, except for the final chunk.
-        """
-        rows = len(tokens)
-        start = self.n_written
-        if start % self.chunk_tokens or start + rows > self.n_target:
-            raise StoreError(f"chunk of {rows} rows at row {start} does not fit the store's chunk grid")
+    def committed(self, hook_name: str) -> set[int]:
+        """Chunk indices of ``hook_name`` whose commit object exists."""
+        return {int(n[:-5]) for n in self.loc.list_names(COMMITS, hook_name) if n.endswith(".json")
+                and n[:-5].isdigit()}
+
+    def missing_chunks(self) -> list[int]:
+        """Chunk indices not yet committed for every hook, ascending."""
+        done = set.intersection(*(self.committed(h) for h in self.hook_names)) if self.hook_names else set()
+        return [i for i in range(self.n_chunks) if i not in done]
+
+    @property
+    def n_written(self) -> int:
+        """Rows of the committed chunks (all hooks)."""
+        if not self.tokens_committed() and self._next == 0:
+            return 0
+        missing = set(self.missing_chunks())
+        return sum(min(self.chunk_tokens, self.n_tokens - i * self.chunk_tokens)
+                   for i in range(self.n_chunks) if i not in missing)
+
+    def read_tokens(self) -> np.ndarray:
+        return np.asarray(self.group[TOKENS][:])
+
+    # -- writing ----------------------------------------------------------------------------------
+    def write_tokens(self, tokens: np.ndarray) -> None:
+        """Write the complete token array ``[n]`` (n ≤ the target, a multiple of context_size; the
+        arrays shrink to it) and commit it."""
+        n = len(tokens)
+        if n == 0 or n % self.context_size or n > self.n_target:
+            raise StoreError(f"token array of {n} rows does not fit the store (target {self.n_target}, "
+                             f"context {self.context_size})")
+        self._resize(n)
+        self.group[TOKENS][:] = tokens.astype(np.int32)
+        crcs = [chunk_crc(self.loc, TOKENS, i, 1) for i in range(self.n_chunks)]
+        self.loc.write_json({"rows": n, "crc32c": crcs}, COMMITS, TOKENS_COMMIT)
+
+    def _resize(self, n: int) -> None:
+        names = [TOKENS, *self.hook_names] + ([scale_array_name(h) for h in self.hook_names]
+                                               if self.codec.has_scale else [])
+        for name in names:
+            arr = self.group[name]
+            if arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+
+    def write_chunk(self, i: int, acts: dict[str, torch.Tensor], valid: np.ndarray,
+                    tokens: np.ndarray | None = None) -> None:
+        """Write and commit chunk ``i`` of every hook: ``acts[hook]`` ``[rows, d_model]``, ``valid``
+        bool ``[rows]`` (non-special rows, which enter the statistics). ``tokens``: also write these
+        token rows (sequential writers that have no complete token array up front)."""
+        start = i * self.chunk_tokens
+        rows = len(valid)
         for h in self.hook_names:
-            finite = torch.isfinite(acts[h]).all(dim=-1) if acts[h].ndim == 2 else torch.isfinite(acts[h])
+            finite = torch.isfinite(acts[h]).all(dim=-1)
             if not bool(finite.all()):
                 bad = (~finite).nonzero().flatten()
                 raise NonFiniteError(
                     f"{h}: {len(bad)} rows of the chunk at rows {start}:{start + rows} contain NaN or inf "
                     f"(first: row {start + int(bad[0])}); refusing to commit it. Harvest in float32 "
-                    "(--dtype float32, or a float32 model) or check the model; the store keeps its "
-                    f"{start} committed rows")
-        self.group[TOKENS][start:start + rows] = tokens.astype(np.int32)
+                    "(--dtype float32, or a float32 model) or check the model; committed chunks are kept")
+        if tokens is not None:
+            self.group[TOKENS][start:start + rows] = tokens.astype(np.int32)
         vmask = torch.from_numpy(valid)
         for h in self.hook_names:
             stored, scale = self.codec.encode(acts[h])
             self.group[h][start:start + rows] = stored
+            crcs = [chunk_crc(self.loc, h, i, 2)]
             if scale is not None:
                 self.group[scale_array_name(h)][start:start + rows] = scale
-            # statistics of exactly what readers will see (read back: lossy filters such as BitRound
-            # run inside zarr)
+                crcs.append(chunk_crc(self.loc, scale_array_name(h), i, 1))
+            # statistics of exactly what readers will see (read back: lossy filters run inside zarr)
             back = np.asarray(self.group[h][start:start + rows])
             x = self.codec.decode(back, scale)[vmask].double()
-            self._sums[h] += x.sum(0).numpy()
-            self._sq[h] += float(x.pow(2).sum())
-        self._count += int(valid.sum())
-        self.n_written = start + rows
-        self._commit(status=STATUS_IN_PROGRESS)
+            record = {"chunk": i, "rows": [start, start + rows], "crc32c": crcs, "count": int(valid.sum()),
+                      "sum": x.sum(0).numpy().tolist(), "sum_sq_norm": float(x.pow(2).sum())}
+            self.loc.write_json(record, COMMITS, h, f"{i}.json")  # the commit point of (h, i)
+
+    def append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
+        """Sequential writing (``sae store convert``, tests): the next chunk with its token rows."""
+        self.write_chunk(self._next, acts, valid, tokens)
+        self._next += 1
+        self._appended = self._next * self.chunk_tokens - self.chunk_tokens + len(valid)
 
     def finalize(self) -> None:
-        """Shrink arrays to the rows written and mark the store complete."""
-        n = self.n_written
-        for name in [TOKENS, *self.hook_names] + ([scale_array_name(h) for h in self.hook_names]
-                                                   if self.codec.has_scale else []):
-            arr = self.group[name]
-            arr.resize((n, *arr.shape[1:]))
-        self._commit(status=STATUS_COMPLETE)
+        """Reduce the committed chunks' statistics in chunk order, compute the content digest and
+        mark the store complete; release the lease. Raises ``StoreError`` if a chunk is missing."""
+        if self._next:  # sequential writer: shrink to what was written, then commit the tokens
+            n = self._appended
+            self._resize(n)
+            crcs = [chunk_crc(self.loc, TOKENS, i, 1) for i in range(self.n_chunks)]
+            self.loc.write_json({"rows": n, "crc32c": crcs}, COMMITS, TOKENS_COMMIT)
+        if self.n_tokens == 0 or not self.tokens_committed():
+            self.group.update_attributes({**dict(self.group.attrs), "n_tokens_written": 0, "status": STATUS_COMPLETE,
+                                          "stats": {}, "stats_count": 0, "content_digest": content_digest([])})
+            self.close()
+            return
+        missing = self.missing_chunks()
+        if missing:
+            raise StoreError(f"{self.loc}: chunks {missing[:5]} are not committed; continue with --resume")
+        crcs: dict[str, list[int]] = {TOKENS: self.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"]}
+        stats, count = {}, 0
+        for h in self.hook_names:
+            total, sq, cnt = np.zeros(self.d_model, dtype=np.float64), 0.0, 0
+            crcs[h], crcs[scale_array_name(h)] = [], []
+            for i in range(self.n_chunks):
+                rec = self.loc.read_json(COMMITS, h, f"{i}.json")
+                total += np.asarray(rec["sum"], dtype=np.float64)
+                sq += float(rec["sum_sq_norm"])
+                cnt += int(rec["count"])
+                crcs[h].append(int(rec["crc32c"][0]))
+                if self.codec.has_scale:
+                    crcs[scale_array_name(h)].append(int(rec["crc32c"][1]))
+            c = max(cnt, 1)
+            stats[h] = {"sum": total.tolist(), "sum_sq_norm": sq, "mean": (total / c).tolist(), "mean_sq_norm": sq / c}
+            count = cnt
+        order = array_names(self.hook_names, self.codec.has_scale)
+        digest = content_digest([c for name in order for c in crcs[name]])
+        self.group.update_attributes({**dict(self.group.attrs), "n_tokens_written": self.n_tokens, "stats": stats,
+                                      "stats_count": count, "status": STATUS_COMPLETE, "content_digest": digest})
+        self.close()
+
+    def close(self) -> None:
+        """Release the lease (idempotent)."""
+        self.lease.release()

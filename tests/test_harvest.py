@@ -85,19 +85,19 @@ def test_resume_after_kill_gives_identical_store(tiny_lm, tmp_path, monkeypatch,
                 dtype="bfloat16", chunk_tokens=1024, device="cpu", background_writes=background_writes)
     ref = harvest(HarvestConfig(**base, out=str(tmp_path / "ref.zarr")), loaded=tiny_lm, quiet=True)
     calls = {"n": 0}
-    real = harvest_mod.StoreWriter.append
+    real = harvest_mod.StoreWriter.write_chunk
 
-    def dying_append(self, *a, **k):
+    def dying_write(self, *a, **k):
         if calls["n"] == 3:
             raise KeyboardInterrupt("killed")
         calls["n"] += 1
         return real(self, *a, **k)
 
-    monkeypatch.setattr(harvest_mod.StoreWriter, "append", dying_append)
+    monkeypatch.setattr(harvest_mod.StoreWriter, "write_chunk", dying_write)
     out = tmp_path / "cut.zarr"
     with pytest.raises(KeyboardInterrupt):
         harvest(HarvestConfig(**base, out=str(out)), loaded=tiny_lm, quiet=True)
-    monkeypatch.setattr(harvest_mod.StoreWriter, "append", real)
+    monkeypatch.setattr(harvest_mod.StoreWriter, "write_chunk", real)
     assert ActivationStore(out, require_complete=False).n_tokens == 3072
     with pytest.raises(StoreError, match="already exists"):
         harvest(HarvestConfig(**base, out=str(out)), loaded=tiny_lm, quiet=True)

@@ -52,20 +52,19 @@ def _assert_same_store(a_path: Path, b_path: Path) -> None:
 KILLER = textwrap.dedent('''
     import os, signal, sys
     import zarr
-    from zarr.storage import LocalStore
-    from sae.store import writer as W
+    from sae.store.location import StoreLocation
     from sae.harvest.harvest import HarvestConfig, harvest
     point, n, model, out, overwrite = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
-    calls = {"commit": 0, "set": 0, "inside": False}
-    real_commit, real_set, real_put = W.StoreWriter._commit, zarr.Array.__setitem__, LocalStore.set
+    calls = {"commit": 0, "set": 0}
+    real_write, real_set = StoreLocation.write_json, zarr.Array.__setitem__
 
-    def commit(self, status, extra=None):
-        calls["commit"] += 1
-        if point == "before_commit" and calls["commit"] == n:
+    def write_json(self, obj, *parts, exclusive=False):
+        is_commit = parts[0] == "commits"
+        calls["commit"] += is_commit
+        if is_commit and point == "before_commit" and calls["commit"] == n:
             os.kill(os.getpid(), signal.SIGKILL)
-        calls["inside"] = calls["commit"] == n
-        real_commit(self, status, extra)
-        if point == "after_commit" and calls["commit"] == n:
+        real_write(self, obj, *parts, exclusive=exclusive)
+        if is_commit and point == "after_commit" and calls["commit"] == n:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def setitem(self, key, value):
@@ -74,16 +73,11 @@ KILLER = textwrap.dedent('''
             os.kill(os.getpid(), signal.SIGKILL)
         real_set(self, key, value)
 
-    async def put(self, key, value):  # the first write of the group's zarr.json inside commit n
-        await real_put(self, key, value)
-        if point == "inside_commit" and calls["inside"] and key == "zarr.json":
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    W.StoreWriter._commit = commit
+    StoreLocation.write_json = write_json
     zarr.Array.__setitem__ = setitem
-    LocalStore.set = put
     harvest(HarvestConfig(layers=[1, 2], model=model, tokens=5120, context_size=64, batch_size=8, dtype="bfloat16",
-                          chunk_tokens=1024, device="cpu", out=out, overwrite=overwrite), quiet=True)
+                          chunk_tokens=1024, device="cpu", out=out, overwrite=overwrite, resume=not overwrite),
+            quiet=True)
 ''')
 
 
@@ -100,16 +94,27 @@ def ref_store(tmp_path_factory, tiny_lm, tiny_model_dir) -> Path:
     return harvest(_harvest_cfg(tiny_model_dir, out), loaded=tiny_lm, quiet=True)
 
 
-# commit 1 is the creation; commit c (c >= 2) commits chunk c-2. Each chunk writes tokens + 2 hooks (3 sets).
-@pytest.mark.parametrize("point,n", [("after_commit", 3), ("before_commit", 4), ("mid_chunk", 8),
-                                     ("inside_commit", 4)])
-def test_harvest_sigkilled_at_a_point_resumes_identical(point, n, ref_store, tiny_lm, tiny_model_dir, tmp_path):
+# Commit objects in order: 1 = commits/tokens.json, then per chunk one per hook (2 hooks, 5 chunks: 11).
+# Array writes: 1 = the whole token array, then one per (chunk, hook).
+@pytest.mark.parametrize("point,n,rows", [("after_commit", 1, 0), ("after_commit", 4, 1024),
+                                          ("before_commit", 4, 1024), ("mid_chunk", 6, 2048)])
+def test_harvest_sigkilled_at_a_point_resumes_identical(point, n, rows, ref_store, tiny_lm, tiny_model_dir, tmp_path):
     out = tmp_path / "cut.zarr"
     _killed_harvest(point, n, tiny_model_dir, out)
     cut = ActivationStore(out, require_complete=False)
-    expect_rows = {"after_commit": 2048, "before_commit": 2048, "mid_chunk": 2048, "inside_commit": 3072}[point]
-    assert cut.n_tokens == expect_rows and cut.attrs["status"] == "in_progress"
-    assert cut.attrs["stats_count"] < ActivationStore(ref_store).attrs["stats_count"]
+    assert cut.n_tokens == rows and cut.attrs["status"] == "in_progress" and "stats" not in cut.attrs
+    assert (out / "lease.json").exists()  # the dead writer's lease: --resume takes it over
+    harvest(_harvest_cfg(tiny_model_dir, out, resume=True), loaded=tiny_lm, quiet=True)
+    _assert_same_store(ref_store, out)
+    assert not (out / "lease.json").exists()
+
+
+def test_harvest_killed_repeatedly_at_random_points_resumes_identical(ref_store, tiny_lm, tiny_model_dir, tmp_path):
+    rng = np.random.default_rng(7)
+    out = tmp_path / "cut.zarr"
+    for _ in range(3):  # each resumed process is killed again, after a random number of commits
+        _killed_harvest("after_commit", int(rng.integers(1, 4)), tiny_model_dir, out)
+    assert ActivationStore(out, require_complete=False).attrs["status"] == "in_progress"
     harvest(_harvest_cfg(tiny_model_dir, out, resume=True), loaded=tiny_lm, quiet=True)
     _assert_same_store(ref_store, out)
 
@@ -118,7 +123,7 @@ def test_killed_overwrite_leaves_the_old_store(ref_store, tiny_lm, tiny_model_di
     out = tmp_path / "acts.zarr"
     harvest(_harvest_cfg(tiny_model_dir, out, tokens=2048), loaded=tiny_lm, quiet=True)
     before = tree_hash(out)
-    _killed_harvest("after_commit", 3, tiny_model_dir, out, overwrite=True)
+    _killed_harvest("after_commit", 4, tiny_model_dir, out, overwrite=True)
     assert tree_hash(out) == before  # the replacement was built beside it
     # a later overwrite cleans the dead process's staging copy, then swaps in the new store
     harvest(_harvest_cfg(tiny_model_dir, out, overwrite=True), loaded=tiny_lm, quiet=True)

@@ -112,6 +112,9 @@ def test_store_failure_modes(tmp_path) -> None:
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(tmp_path / "p.zarr")
     assert ActivationStore(tmp_path / "p.zarr", require_complete=False).n_tokens == 128
+    with pytest.raises(StoreError, match="is being written by .* pid"):  # w holds the lease
+        StoreWriter(tmp_path / "p.zarr", meta, ["h"], 4, 64, 256, CodecSpec.parse("zstd"), 128, mode="resume")
+    w.close()
     with pytest.raises(StoreError, match="cannot resume .*context_size"):
         StoreWriter(tmp_path / "p.zarr", meta, ["h"], 4, 32, 256, CodecSpec.parse("zstd"), 128, mode="resume")
     # corrupt a chunk file: reading it is a clear error naming the rows

@@ -1,0 +1,103 @@
+"""One writer at a time: the ``lease.json`` object of a store.
+
+A writer creates ``lease.json`` atomically (``O_EXCL`` on local disk, a conditional PUT on object
+stores), refreshes its ``heartbeat`` every :data:`HEARTBEAT_S` seconds from a background thread and
+deletes it when done. A second writer finds the object and fails with one line naming the holder.
+A lease whose heartbeat is older than :data:`STALE_S` (10 minutes: its holder died), or whose
+holder was a process of this host that no longer runs, may be taken over by ``--resume``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .format import LEASE_FILE, StoreError
+from .location import StoreLocation
+
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
+
+
+def _alive(pid: object) -> bool:
+    """Whether process ``pid`` of this host still runs."""
+    try:
+        os.kill(int(pid), 0)  # type: ignore[arg-type]
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+class LeaseHeldError(StoreError):
+    """Another process holds the store's lease."""
+
+
+class Lease:
+    """The lease of ``loc``; use :meth:`acquire` / :meth:`release` (or ``with``)."""
+
+    def __init__(self, loc: StoreLocation, purpose: str = "harvest") -> None:
+        self.loc, self.purpose = loc, purpose
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        return {"owner": os.environ.get("USER", "") or str(os.getuid()), "host": socket.gethostname(),
+                "pid": os.getpid(), "purpose": self.purpose, "token": self.token, "heartbeat": time.time()}
+
+    def acquire(self, takeover_stale: bool = False) -> Lease:
+        """Create the lease or raise :class:`LeaseHeldError` naming its holder. With
+        ``takeover_stale``, a lease without a heartbeat for :data:`STALE_S` is replaced."""
+        try:
+            self.loc.write_json(self._record(), LEASE_FILE, exclusive=True)
+        except FileExistsError:
+            try:
+                held = self.loc.read_json(LEASE_FILE)
+            except (FileNotFoundError, ValueError):
+                held = {}
+            age = time.time() - float(held.get("heartbeat", 0))
+            who = f"{held.get('owner', '?')}@{held.get('host', '?')} pid {held.get('pid', '?')}"
+            dead = held.get("host") == socket.gethostname() and not _alive(held.get("pid"))
+            if takeover_stale and (age > STALE_S or dead):
+                self.loc.write_json(self._record(), LEASE_FILE)
+            else:
+                hint = ("its holder is gone: continue with --resume" if age > STALE_S or dead
+                        else "wait for it to finish, or write elsewhere")
+                raise LeaseHeldError(f"{self.loc} is being written by {who} ({held.get('purpose', '?')}, last "
+                                     f"heartbeat {age:.0f} s ago); {hint}") from None
+        self._thread = threading.Thread(target=self._beat, name="sae-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                held = self.loc.read_json(LEASE_FILE)
+                if held.get("token") != self.token:
+                    return  # taken over (we were presumed dead): stop refreshing
+                self.loc.write_json(self._record(), LEASE_FILE)
+            except (OSError, ValueError):
+                continue
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the lease if it is still ours."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            if self.loc.read_json(LEASE_FILE).get("token") == self.token:
+                self.loc.remove(LEASE_FILE)
+        except (FileNotFoundError, OSError, ValueError):
+            pass
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
