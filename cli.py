@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from .store.location import parse_storage_options
+
 # typer ≥ 0.22 vendors click (``typer._click``), older typer uses the ``click`` package: take the
 # exception classes from typer's own public ones so both work.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
@@ -96,7 +98,11 @@ def harvest(
     chunk_tokens: Annotated[int, typer.Option(help="Rows per Zarr chunk (multiple of context size).")] = 16_384,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option(help="Document order seed.")] = 0,
-    out: Annotated[Path, typer.Option(help="Output store directory.")] = Path("acts.zarr"),
+    out: Annotated[str, typer.Option(help="Output store: a path or a URL (s3://, gs://, file://...).")
+    ] = "acts.zarr",
+    storage_option: Annotated[list[str] | None, typer.Option(
+        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
 ) -> None:
@@ -106,57 +112,134 @@ def harvest(
 
     cfg = HarvestConfig(layers=layer, model=model, dataset=dataset, split=split, text_column=text_column,
                         tokens=tokens, context_size=context_size, batch_size=batch_size, dtype=dtype, codec=codec,
-                        chunk_tokens=chunk_tokens, device=device, seed=seed, out=str(out), resume=resume,
-                        overwrite=overwrite)
+                        chunk_tokens=chunk_tokens, device=device, seed=seed, out=out, resume=resume,
+                        overwrite=overwrite, storage_options=parse_storage_options(storage_option))
     cfg.validate()  # before the model loads or anything is created
     run(cfg)
 
 
 @store_app.command("info")
 @_guard
-def store_info(path: Annotated[Path, typer.Argument(help="Store directory.")]) -> None:
-    """Print a store's metadata: tokens, hooks, bytes on disk, compression ratio, status."""
+def store_info(
+    path: Annotated[str, typer.Argument(help="Store path or URL.")],
+    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Print a store's metadata: tokens, hooks, bytes stored, compression ratio, digest, status."""
     from rich.console import Console
     from rich.table import Table
 
     from .store import ActivationStore
 
-    s = ActivationStore(path, require_complete=False)
+    s = ActivationStore(path, require_complete=False, storage_options=parse_storage_options(storage_option))
     a = s.attrs
     t = Table(title=str(path), show_header=False)
     stored = s.nbytes_stored()
     rows = [
-        ("status", a.get("status")), ("model", f"{a['model_id']} ({a.get('model_fingerprint')})"),
+        ("status", a.get("status")), ("format", a.get("format_version")),
+        ("model", f"{a['model_id']} ({a.get('model_fingerprint')})"),
         ("hooks", ", ".join(s.hook_names)), ("d_model", s.d_model),
         ("tokens", f"{s.n_tokens:,} / {a.get('n_tokens_target', s.n_tokens):,}"), ("context_size", s.context_size),
         ("dataset", f"{a.get('dataset')} (split {a.get('split')})"), ("dtype / codec", f"{a['dtype']} / {a['codec']}"),
         ("chunk_tokens", f"{s.chunk_tokens:,}  ({s.n_chunks} chunks)"),
-        ("bytes on disk", f"{stored / 2**20:,.1f} MiB  ({stored / max(s.n_tokens, 1):,.0f} B/token)"),
+        ("bytes stored", f"{stored / 2**20:,.1f} MiB  ({stored / max(s.n_tokens, 1):,.0f} B/token)"),
         ("compression vs fp32", f"{s.nbytes_logical() / max(stored, 1):.2f}x"),
-        ("store id", a.get("store_id")), ("created", a.get("created")), ("sae version", a.get("package_version")),
+        ("store id", a.get("store_id")), ("content digest", a.get("content_digest")),
+        ("created", a.get("created")), ("sae version", a.get("package_version")),
     ]
     for h in s.hook_names:
-        rows.append((f"E‖x‖² {h}", f"{s.mean_sq_norm(h):,.1f}"))
+        if (a.get("stats") or {}).get(h):
+            rows.append((f"E‖x‖² {h}", f"{s.mean_sq_norm(h):,.1f}"))
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
 
 
+@store_app.command("verify")
+@_guard
+def store_verify(
+    path: Annotated[str, typer.Argument(help="Store path or URL.")],
+    workers: Annotated[int, typer.Option(help="Chunks read in parallel.")] = 4,
+    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Read every chunk of every array: checksums, token ids, row counts, recomputed statistics and
+    the content digest. Exit 0 when clean, 1 when corrupt (each bad chunk named with its rows)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .errors import ConfigError
+    from .progress import progress_bar
+    from .store import ActivationStore
+    from .store.verify import verify_store
+
+    if workers < 1:
+        raise ConfigError(f"--workers {workers} must be >= 1")
+    s = ActivationStore(path, require_complete=False, storage_options=parse_storage_options(storage_option))
+    with progress_bar(unit="chunk") as bar:
+        rep = verify_store(s, workers=workers, progress=bar)
+    con = Console()
+    t = Table(title=f"verify {path}")
+    for col in ("check", "result", "detail"):
+        t.add_column(col)
+    for name, ok, detail in rep.checks:
+        t.add_row(name, "[green]ok[/]" if ok else "[red]FAIL[/]", detail)
+    con.print(t)
+    if rep.bad_chunks:
+        b = Table(title="bad chunks")
+        for col in ("array", "chunk", "rows", "problem"):
+            b.add_column(col)
+        for array, i, rows, problem in rep.bad_chunks:
+            b.add_row(array, str(i), rows, problem)
+        con.print(b)
+    print(f"read {rep.bytes_read / 1e9:.3f} GB in {rep.seconds:.2f} s ({rep.gb_per_s:.2f} GB/s): "
+          f"{'clean' if rep.ok else 'CORRUPT'}")
+    if not rep.ok:
+        typer.secho(f"error: {path} is corrupt ({len(rep.bad_chunks)} bad chunks): restore it from a copy "
+                    "or re-harvest", fg="red", err=True)
+        raise typer.Exit(1)
+
+
+@store_app.command("ls")
+@_guard
+def store_ls(
+    prefix: Annotated[str, typer.Argument(help="Folder or bucket prefix holding stores.")],
+    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """List the sae stores under a prefix: model, hooks, tokens, codec, bytes, status, created, id."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .store.catalog import list_stores
+
+    rows = list_stores(prefix, parse_storage_options(storage_option))
+    t = Table(title=f"stores under {prefix}")
+    for col in ("name", "model", "hooks", "tokens", "codec", "bytes", "status", "created", "store id"):
+        t.add_column(col, justify="right" if col in ("tokens", "bytes") else "left")
+    for r in rows:
+        size = f"{r['bytes'] / 2**20:,.1f} MiB" if r["bytes"] is not None else "?"
+        t.add_row(r["name"], str(r["model"]), ", ".join(r["hooks"]), f"{r['tokens'] or 0:,}",
+                  f"{r['dtype']}/{r['codec']}", size, str(r["status"]), str(r["created"]), str(r["store_id"]))
+    Console(width=None if sys.stdout.isatty() else 200).print(t)
+    if not rows:
+        print(f"no sae stores under {prefix}")
+
+
 @store_app.command("convert")
 @_guard
 def store_convert(
-    src: Annotated[Path, typer.Argument(help="Source store.")],
-    dst: Annotated[Path, typer.Argument(help="Destination store.")],
+    src: Annotated[str, typer.Argument(help="Source store (path or URL; format 1 or 2).")],
+    dst: Annotated[str, typer.Argument(help="Destination store (path or URL), written in format 2.")],
     codec: Annotated[str, typer.Option(help="zstd | none | bitround:K | int8 | fp8")] = "zstd",
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 (default: the source's).")] = None,
     tokens: Annotated[int | None, typer.Option(help="Copy only the first N tokens.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
+    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
 ) -> None:
-    """Re-encode a store with another codec/precision (no model rerun)."""
+    """Re-encode a store with another codec/precision, or upgrade a format-1 store (no model rerun)."""
     from .store.convert import convert_store
 
-    convert_store(src, dst, codec, dtype, tokens, overwrite)
-    store_info(dst)
+    opts = parse_storage_options(storage_option)
+    convert_store(src, dst, codec, dtype, tokens, overwrite, storage_options=opts)
+    store_info(dst, storage_option)
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -177,7 +260,12 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 @_guard
 def train(
     ctx: typer.Context,
-    store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
+    store: Annotated[str, typer.Option(help="Activation store (path or URL) written by `sae harvest`.")
+    ] = "acts.zarr",
+    storage_option: Annotated[list[str] | None, typer.Option(
+        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+    ] = None,
+    cache: Annotated[str | None, typer.Option(help="Local directory caching a remote store's chunks.")] = None,
     hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
     variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
                                               "static_ortho | ortsae")] = "topk",
@@ -208,13 +296,14 @@ def train(
     from .train.config import TrainConfig
     from .train.run import train as run
 
-    opts: dict[str, Any] = dict(store=str(store), hook_name=hook, variant=variant, arch=arch, d_sae=d_sae,
+    opts: dict[str, Any] = dict(store=store, storage_options=parse_storage_options(storage_option), cache=cache,
+                                hook_name=hook, variant=variant, arch=arch, d_sae=d_sae,
                                 expansion=expansion, k=k, l1_coefficient=l1_coefficient, lr=lr, tokens=tokens,
                                 batch_size=batch_size, seed=seed, device=device, out=str(out) if out else None,
                                 log_every=log_every, checkpoint_every=checkpoint_every,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
                                 variant_params=_parse_params(param or []))
-    cli_names = {"hook": "hook_name", "param": "variant_params"}
+    cli_names = {"hook": "hook_name", "param": "variant_params", "storage_option": "storage_options"}
     if config is not None:
         given = {cli_names.get(n, n) for n in _explicit(ctx, [n for n in ctx.params if n not in ("config", "quiet")])}
         cfg = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
@@ -237,7 +326,13 @@ def _toml_keys(path: Path) -> set[str]:
 @_guard
 def evaluate(
     run_dirs: Annotated[list[Path], typer.Argument(help="SAE run directories (from `sae train`/`sae sweep`).")],
-    store: Annotated[Path | None, typer.Option(help="Store the SAEs were trained on (model, dataset, checks).")] = None,
+    store: Annotated[str | None, typer.Option(help="Store (path or URL) the SAEs were trained on (model, dataset, "
+                                                   "checks).")] = None,
+    storage_option: Annotated[list[str] | None, typer.Option(
+        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+    ] = None,
+    allow_other_store: Annotated[bool, typer.Option(help="Accept a --store whose content digest differs from "
+                                                         "the one the SAE was trained on.")] = False,
     eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
     tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 4096,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -250,7 +345,8 @@ def evaluate(
 
     evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
-                               results_dir=results_dir)
+                               results_dir=results_dir, storage_options=parse_storage_options(storage_option),
+                               allow_other_store=allow_other_store)
     ev.print_comparison(results)
 
 
@@ -259,7 +355,8 @@ def evaluate(
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
     out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("report"),
-    store: Annotated[Path | None, typer.Option(help="Store for the feature browser (default: each run's).")] = None,
+    store: Annotated[str | None, typer.Option(help="Store (path or URL) for the feature browser (default: each "
+                                                   "run's).")] = None,
     latents: Annotated[int, typer.Option(help="Latents shown in the feature browser.")] = 12,
 ) -> None:
     """Build a static HTML report: metric tables, frontier/probing/absorption plots, histograms,
@@ -279,7 +376,12 @@ def report(
 @_guard
 def sweep(
     ctx: typer.Context,
-    store: Annotated[Path, typer.Option(help="Activation store written by `sae harvest`.")] = Path("acts.zarr"),
+    store: Annotated[str, typer.Option(help="Activation store (path or URL) written by `sae harvest`.")
+    ] = "acts.zarr",
+    storage_option: Annotated[list[str] | None, typer.Option(
+        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
+    ] = None,
+    cache: Annotated[str | None, typer.Option(help="Local directory caching a remote store's chunks.")] = None,
     variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
         "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
     grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
@@ -313,12 +415,14 @@ def sweep(
     if workers and scheduler:
         raise ConfigError("--workers and --scheduler are exclusive: start a local cluster or use an existing one")
     check_output_location(out, "--out")
-    opts: dict[str, Any] = dict(store=str(store), hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr,
+    opts: dict[str, Any] = dict(store=store, storage_options=parse_storage_options(storage_option), cache=cache,
+                                hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr,
                                 tokens=tokens, batch_size=batch_size, seed=seed, device=device,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite)
     tables: dict[str, dict] = {}
     if config is not None:
-        given = {"hook_name" if n == "hook" else n for n in _explicit(ctx, list(ctx.params))}
+        names = {"hook": "hook_name", "storage_option": "storage_options"}
+        given = {names.get(n, n) for n in _explicit(ctx, list(ctx.params))}
         base = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
         tables = read_toml(config)[1]
     else:

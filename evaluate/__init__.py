@@ -43,7 +43,8 @@ COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "
 
 def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
                   evals: Sequence[str] = ("core",), n_tokens: int = 4096, device: str = "auto",
-                  quiet: bool = False, results_dir: str | Path | None = None) -> list[dict]:
+                  quiet: bool = False, results_dir: str | Path | None = None,
+                  storage_options: dict | None = None, allow_other_store: bool = False) -> list[dict]:
     """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
 
     The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
@@ -59,6 +60,10 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     consistent, finite) and every results location is checked for writability. ``results_dir``
     writes ``results_dir/<run name>/eval_results/`` instead of into the run directories (for runs
     you cannot write to, e.g. a teammate's).
+
+    ``store`` (path or URL, with ``storage_options``) must be the very store a run was trained on:
+    a different ``content_digest`` than the run's ``cfg.json`` records is refused unless
+    ``allow_other_store`` (e.g. a re-encoded copy of it).
 
     Returns one SAEBench-shaped result dict per (run, eval), in order.
 
@@ -96,12 +101,20 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                            "pass --results-dir DIR to write the results elsewhere") from None
         out_dirs[str(run_dir)] = out
     needs_model = any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals)
-    attrs = ActivationStore(store).attrs if store is not None else None
+    opened = ActivationStore(store, storage_options=storage_options) if store is not None else None
+    attrs = opened.attrs if opened is not None else None
     models: dict[str | None, LoadedModel] = {}
     # pass 1: every run's cfg.json against the store and its model, before any forward pass
     plan: list[tuple[Path, LoadedModel | None, CoreConfig, str]] = []
     for run_dir in run_dirs:
         sae_cfg = saes[str(run_dir)].cfg
+        if opened is not None and not allow_other_store:
+            want, have = sae_cfg.get("content_digest"), opened.content_digest
+            if want and have and want != have:
+                raise IncompatibleSAEError(
+                    f"{run_dir} was trained on a store with content digest {want[:16]}…, but {store} has "
+                    f"{have[:16]}…: pass the store it was trained on ({sae_cfg.get('store_url')}), or "
+                    "--allow-other-store to evaluate against this one anyway")
         if attrs is not None:
             check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"),
                              int(attrs["d_model"]), list(attrs["hook_names"]), against="store",

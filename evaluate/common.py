@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import SaeError
 from ..harvest.corpus import iter_documents
 from ..harvest.tokens import pack_sequences
 from ..model import (
@@ -32,7 +33,7 @@ from ..model import (
 from ..model import weights_fingerprint as _weights_fingerprint
 
 
-class IncompatibleSAEError(ValueError):
+class IncompatibleSAEError(SaeError):
     """An SAE does not fit the model or store it is evaluated with (one-line message with the fix)."""
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 from ..outputs import build_output, check_output_location, is_sae_store
 from .codecs import CodecSpec
 from .format import RESUME_KEYS, StoreError
+from .location import as_location
 from .reader import ActivationStore
 from .writer import StoreWriter
 
 
 def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | None = None, n_tokens: int | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, storage_options: dict | None = None) -> str:
     """Copy the first ``n_tokens`` rows (default all, whole chunks) of ``src`` to ``dst`` re-encoded
     with ``codec``/``dtype`` (default: the source dtype). Statistics are recomputed from the new
     stored values; identity attributes (model, dataset, ...) are kept.
@@ -23,13 +24,15 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
     without ``overwrite``, a ``dst`` that is not a store of ours, or an unwritable ``dst``.
     """
     spec = CodecSpec.parse(codec, dtype or "float32")
-    s = ActivationStore(src)
+    s = ActivationStore(src, storage_options=storage_options)
     spec = CodecSpec.parse(codec, dtype or s.attrs["dtype"])
     if n_tokens is not None and n_tokens < s.context_size:
         raise StoreError(f"--tokens {n_tokens} is less than one sequence ({s.context_size} tokens)")
-    if Path(dst).resolve() == Path(str(src)).resolve():
+    dst_loc = as_location(str(dst), storage_options)
+    if (dst_loc.local and s.loc.local and dst_loc.path.resolve() == s.loc.path.resolve()) or dst_loc.url == s.loc.url:
         raise StoreError(f"destination {dst} is the source store: pick another destination")
-    check_output_location(dst, "destination")
+    if dst_loc.local:
+        check_output_location(dst_loc.path, "destination")
     n = min(n_tokens or s.n_tokens, s.n_tokens)
     n -= n % s.context_size
     keep = {k: v for k, v in s.attrs.items() if k not in RESUME_KEYS or k in ("model_id", "model_fingerprint",
@@ -40,12 +43,25 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
         keep.pop(k, None)
     keep["converted_from"] = {"path": str(src), "store_id": s.attrs.get("store_id"), "codec": s.attrs["codec"],
                               "dtype": s.attrs["dtype"]}
-    with build_output(dst, overwrite=overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError) as target:
-        w = StoreWriter(target, keep, s.hook_names, s.d_model, s.context_size, n, spec, s.chunk_tokens)
-        tokens = s.tokens
-        for start in range(0, n, s.chunk_tokens):
-            stop = min(start + s.chunk_tokens, n)
-            tok = tokens[start:stop]
-            w.append(tok, {h: s.read_rows(h, start, stop) for h in s.hook_names}, s.valid_mask(tok))
-        w.finalize()
-    return Path(dst)
+    def copy(target: str | Path) -> None:
+        w = StoreWriter(target, keep, s.hook_names, s.d_model, s.context_size, n, spec, s.chunk_tokens,
+                        storage_options=storage_options)
+        try:
+            tokens = s.tokens
+            for start in range(0, n, s.chunk_tokens):
+                stop = min(start + s.chunk_tokens, n)
+                tok = tokens[start:stop]
+                w.append(tok, {h: s.read_rows(h, start, stop) for h in s.hook_names}, s.valid_mask(tok))
+            w.finalize()
+        finally:
+            w.close()
+
+    if dst_loc.local:
+        with build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
+                          error=StoreError) as target:
+            copy(target)
+    else:
+        if dst_loc.exists("zarr.json"):
+            raise StoreError(f"{dst} already exists (remote stores cannot be replaced atomically): pick a new URL")
+        copy(dst_loc.url)
+    return str(dst)

@@ -218,8 +218,12 @@ class ActivationStore:
 
     def nbytes_stored(self) -> int:
         """Bytes stored of all arrays (may list the store: a remote listing for URLs)."""
+        import warnings
+
         try:
-            return int(sum(self.group[name].nbytes_stored() for name in self.group.array_keys()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "commits is not a component of a Zarr hierarchy"
+                return int(sum(self.group[name].nbytes_stored() for name in self.group.array_keys()))
         except Exception:  # noqa: BLE001 - stores that cannot list (HTTP)
             return 0
 

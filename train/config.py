@@ -12,8 +12,8 @@ from typing import Any
 from ..errors import ConfigError
 
 # Settings that do not change the trained weights: everything else must match for ``--resume``.
-NON_RUN_KEYS = ("store", "hook_name", "device", "out", "resume", "overwrite", "log_every", "checkpoint_every",
-                "checkpoint_minutes")
+NON_RUN_KEYS = ("store", "storage_options", "cache", "hook_name", "device", "out", "resume", "overwrite",
+                "log_every", "checkpoint_every", "checkpoint_minutes")
 
 
 @dataclass
@@ -25,6 +25,11 @@ class TrainConfig:
     """
 
     store: str = "acts.zarr"
+    """Store path or URL (``s3://``, ``gs://``, ``http(s)://``, ``hf://``, ``file://``, ``memory://``)."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options of a remote store (e.g. ``endpoint_url``); never written to ``cfg.json``."""
+    cache: str | None = None
+    """Local directory caching a remote store's chunk objects (fsspec ``simplecache``)."""
     hook_name: str | None = None
     """Store array to train on; None = the store's only hook."""
     variant: str = "topk"
@@ -97,7 +102,9 @@ class TrainConfig:
                 raise ConfigError(f"{option} {value!r} must be a finite number in {rng}")
 
         if not isinstance(self.store, str) or not self.store:
-            raise ConfigError("--store must name a store directory (e.g. --store acts.zarr)")
+            raise ConfigError("--store must name a store path or URL (e.g. --store acts.zarr)")
+        if not isinstance(self.storage_options, dict):
+            raise ConfigError("storage_options must be a table of fsspec options")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite are exclusive: pick one")
         if self.arch not in (None, "topk", "relu"):
@@ -135,6 +142,8 @@ class TrainConfig:
             raise ConfigError(f"normalize {self.normalize!r} must be true or false")
         check_device(self.device)
         check_output_location(self.out, "--out")
+        if self.cache is not None:
+            check_output_location(self.cache, "--cache")
 
     def run_settings(self) -> dict[str, Any]:
         """Every setting that changes the trained weights (``--resume`` refuses a change of any),
@@ -209,7 +218,7 @@ def read_toml(path: str | Path, variant: str | None = None) -> tuple[dict[str, A
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {p}: TOML syntax error: {e}") from e
-    names = {f.name for f in fields(TrainConfig)} - {"variant_params", "resume", "overwrite"}
+    names = {f.name for f in fields(TrainConfig)} - {"variant_params", "resume", "overwrite", "storage_options"}
     known_variants = set(variant_names())
     tables: dict[str, dict[str, Any]] = {}
     for key, value in data.items():

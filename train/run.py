@@ -35,7 +35,8 @@ from .trainer import Trainer
 CHECKPOINT_FILE = "checkpoint.pt"
 PENALTY_STATE_FILE = "penalty_state.safetensors"
 METRICS_FILE = "metrics.jsonl"
-DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device")
+DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device",
+             "storage_options", "cache")
 
 
 class RunDirError(SaeError):
@@ -46,7 +47,7 @@ def run_settings(cfg: TrainConfig, store: ActivationStore, hook: str) -> dict[st
     """What a checkpoint must agree on to be resumed: :meth:`TrainConfig.run_settings` plus the
     store's identity (id and rows), the resolved hook and ``d_in``."""
     return {**cfg.run_settings(), "store_id": store.attrs.get("store_id"), "store_rows": store.n_tokens,
-            "hook_name": hook, "d_in": store.d_model}
+            "content_digest": store.content_digest, "hook_name": hook, "d_in": store.d_model}
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -212,9 +213,12 @@ def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: flo
         "dataset_path": a["dataset"], "prepend_bos": True, "normalize_activations": "none",
         "activation_scale_folded": scale, "device": "cpu", "sae_lens_training_version": None,
         "variant": cfg.variant, "variant_config": dataclasses.asdict(penalty_config),
-        "store_path": str(store.path), "store_fingerprint": store.fingerprint, "store_id": a.get("store_id"),
-        "training_tokens": steps * cfg.batch_size, "training_steps": steps,
-        "train_config": cfg.to_dict(), "run_settings": settings, "sae_version": __version__,
+        "store_path": str(store.path), "store_url": str(store.path), "store_fingerprint": store.fingerprint,
+        "store_id": a.get("store_id"), "content_digest": store.content_digest, "store_rows": store.n_tokens,
+        "store_format_version": store.format_version,
+        "trained_rows": steps * cfg.batch_size, "training_tokens": steps * cfg.batch_size, "training_steps": steps,
+        "train_config": {k: v for k, v in cfg.to_dict().items() if k != "storage_options"},
+        "run_settings": settings, "sae_version": __version__,
     }
 
 
@@ -243,7 +247,7 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     outs = [str(Path(c.out).resolve()) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ConfigError("two configurations share one --out directory: give each its own")
-    store = ActivationStore(first.store)
+    store = ActivationStore(first.store, storage_options=first.storage_options, cache=first.cache)
     hook = store.default_hook(first.hook_name)
     if store.n_tokens == 0:
         raise StoreError(f"{store.path} holds no tokens: harvest into it again (`sae harvest --out {store.path}`)")

@@ -98,7 +98,8 @@ def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, lis
 
 
 def _data_key(cfg: TrainConfig) -> tuple:
-    return tuple(getattr(cfg, k) for k in DATA_KEYS)
+    return tuple(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
+                 for v in (getattr(cfg, k) for k in DATA_KEYS))
 
 
 def _train_group(cfg_dicts: list[dict[str, Any]], threads: int | None = None) -> list[str]:

@@ -1,0 +1,201 @@
+"""``sae store verify``: read every chunk of every array and check a store end to end.
+
+Checks (format 2; a format-1 store has no checksums, so only decoding, ranges, counts and
+statistics are checked):
+
+* **checksums** — every chunk decodes (zarr verifies each chunk's ``crc32c`` codec), and the
+  crc32c stored in the chunk equals the one its commit object recorded;
+* **tokens** — every id lies in ``[0, vocab_size)`` (``vocab_size`` from the store's attributes;
+  ``>= 0`` when unknown), so a missing chunk (read back as the fill value ``-1``) is caught;
+* **rows** — every array has ``n_tokens`` rows and every chunk of every hook is committed;
+* **statistics** — the per-hook mean and E‖x‖² recomputed from the stored values (float64, chunk
+  order, non-special rows) equal the recorded ones (relative 1e-9);
+* **digest** — sha256 over the chunks' crc32c equals the recorded ``content_digest``.
+
+Chunks are read by ``workers`` threads in parallel.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .format import COMMITS, TOKENS, chunk_key, scale_array_name
+from .reader import ActivationStore
+from .writer import TOKENS_COMMIT, content_digest
+
+REL_TOL = 1e-9
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify_store`: ``checks`` rows ``(name, ok, detail)`` and ``bad_chunks``
+    rows ``(array, chunk, "start:stop", problem)``; ``bytes_read`` stored bytes in ``seconds``."""
+
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    bad_chunks: list[tuple[str, int, str, str]] = field(default_factory=list)
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad_chunks and all(ok for _, ok, _ in self.checks)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_read / max(self.seconds, 1e-9) / 1e9
+
+
+def _crc_at(store: ActivationStore, array: str, i: int, ndim: int) -> int:
+    return struct.unpack("<I", store.loc.tail_bytes(4, *chunk_key(array, i, ndim)))[0]
+
+
+def verify_store(store: ActivationStore, workers: int = 4, progress: object | None = None) -> VerifyReport:
+    """Verify ``store`` (opened with ``require_complete=False`` to inspect unfinished stores too).
+
+    ``progress``: an optional rich ``Progress`` to advance per chunk. Never raises for a corrupt
+    store: every problem is a row of the report.
+    """
+    rep = VerifyReport()
+    t0 = time.perf_counter()
+    n, ct = store.n_tokens, store.chunk_tokens
+    v2 = store.format_version >= 2
+    n_chunks = -(-n // ct) if n else 0
+    hooks = store.hook_names
+    arrays = [TOKENS, *hooks] + ([scale_array_name(h) for h in hooks] if store.codec.has_scale else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep.bytes_read = store.nbytes_stored()
+    # rows
+    short = [a for a in arrays if store.array(a).shape[0] < n]
+    rep.checks.append(("rows", not short, f"{n:,} rows in {n_chunks} chunks of {ct:,}" if not short
+                       else f"arrays shorter than {n:,} rows: {', '.join(short)}"))
+    commits: dict[str, list[dict | None]] = {}
+    recorded_crcs: dict[str, list[int | None]] = {a: [None] * n_chunks for a in arrays}
+    if v2:
+        try:
+            recorded_crcs[TOKENS] = list(store.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"])
+        except (OSError, ValueError, KeyError):
+            rep.bad_chunks.append((TOKENS, -1, f"0:{n}", "commits/tokens.json is missing or unreadable"))
+        for h in hooks:
+            commits[h] = []
+            for i in range(n_chunks):
+                try:
+                    rec = store.loc.read_json(COMMITS, h, f"{i}.json")
+                except (OSError, ValueError):
+                    rec = None
+                    start, stop = store.chunk_bounds(i)
+                    rep.bad_chunks.append((h, i, f"{start}:{stop}", "not committed (no commit object)"))
+                commits[h].append(rec)
+                if rec is not None:
+                    recorded_crcs[h][i] = int(rec["crc32c"][0])
+                    if store.codec.has_scale:
+                        recorded_crcs[scale_array_name(h)][i] = int(rec["crc32c"][1])
+    vocab = store.attrs.get("vocab_size")
+    special = np.asarray(store.special_token_ids, dtype=np.int64)
+    tokens_by_chunk: list[np.ndarray | None] = [None] * n_chunks
+
+    def check_chunk(array: str, i: int) -> tuple[str, int, object, list[str]]:
+        start, stop = store.chunk_bounds(i)
+        problems: list[str] = []
+        ndim = 2 if array in hooks else 1
+        if v2:
+            try:
+                crc = _crc_at(store, array, i, ndim)
+                if recorded_crcs[array][i] is not None and crc != recorded_crcs[array][i]:
+                    problems.append(f"crc32c {crc:08x} differs from the committed {recorded_crcs[array][i]:08x}")
+            except (OSError, struct.error, ValueError) as e:
+                problems.append(f"chunk object missing or unreadable ({e.__class__.__name__})")
+        value: object = None
+        try:
+            if array in hooks:
+                value = store.read_rows(array, start, stop)  # decodes data (and scale): crc32c verified
+            else:
+                value = np.asarray(store.array(array)[start:stop])
+        except Exception as e:  # noqa: BLE001 - any decode failure is corruption
+            why = str(e).splitlines()[0][:80] if str(e) else ""
+            problems.append(f"does not decode ({e.__class__.__name__}: {why})")
+        if array == TOKENS and value is not None:
+            tok = np.asarray(value)
+            bad = (tok < 0) | ((tok >= vocab) if vocab else False)
+            if bad.any():
+                problems.append(f"{int(bad.sum())} token ids outside [0, {vocab or '∞'})")
+        return array, i, value, problems
+
+    sums: dict[str, list[tuple[np.ndarray, float, int] | None]] = {h: [None] * n_chunks for h in hooks}
+    jobs = [(a, i) for a in arrays if not a.endswith(".scale") for i in range(n_chunks)]
+    jobs = [(TOKENS, i) for i in range(n_chunks)] + [(a, i) for a, i in jobs if a != TOKENS]
+    if store.codec.has_scale and v2:
+        jobs += [(scale_array_name(h), i) for h in hooks for i in range(n_chunks)]
+    task = progress.add_task("verify", total=len(jobs)) if progress is not None else None
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        # tokens first: the statistics need each chunk's special-token mask
+        for array, i, value, problems in pool.map(lambda job: check_chunk(*job), jobs[:n_chunks]):
+            tokens_by_chunk[i] = np.asarray(value) if value is not None else None
+            _record(rep, store, array, i, problems)
+            if task is not None:
+                progress.advance(task)
+
+        def hook_job(job: tuple[str, int]) -> tuple[str, int, object, list[str]]:
+            array, i, value, problems = check_chunk(*job)
+            if array in hooks and value is not None and tokens_by_chunk[i] is not None:
+                mask = ~np.isin(tokens_by_chunk[i], special)
+                x = value.double().numpy()[mask]  # type: ignore[union-attr]
+                value = (x.sum(0), float((x * x).sum()), int(mask.sum()))
+            return array, i, value, problems
+
+        for array, i, value, problems in pool.map(hook_job, jobs[n_chunks:]):
+            _record(rep, store, array, i, problems)
+            if array in hooks and isinstance(value, tuple):
+                sums[array][i] = value
+            if task is not None:
+                progress.advance(task)
+    # statistics, reduced in chunk order exactly as the writer does
+    stats = store.attrs.get("stats") or {}
+    for h in hooks:
+        parts = sums[h]
+        if not stats.get(h):
+            rep.checks.append((f"statistics {h}", False, "no recorded statistics (unfinished store?)"))
+            continue
+        if any(p is None for p in parts):
+            rep.checks.append((f"statistics {h}", False, "not recomputable: some chunks do not decode"))
+            continue
+        total, sq, cnt = np.zeros(store.d_model), 0.0, 0
+        for s, q, c in parts:  # type: ignore[misc]
+            total += s
+            sq += q
+            cnt += c
+        mean, msq = total / max(cnt, 1), sq / max(cnt, 1)
+        rec_mean = np.asarray(stats[h]["mean"], dtype=np.float64)
+        rec_msq = float(stats[h]["mean_sq_norm"])
+        err = max(float(np.abs(mean - rec_mean).max() / (np.abs(rec_mean).max() + 1e-30)),
+                  abs(msq - rec_msq) / (abs(rec_msq) + 1e-30))
+        ok = err <= REL_TOL and cnt == int(store.attrs.get("stats_count", cnt))
+        rep.checks.append((f"statistics {h}", ok, f"E‖x‖² {msq:,.4g} over {cnt:,} rows (max rel. diff {err:.1e})"))
+    if v2:
+        order = arrays
+        crcs = recorded_crcs
+        if all(c is not None for a in order for c in crcs[a]):
+            digest = content_digest([int(c) for a in order for c in crcs[a]])  # type: ignore[arg-type]
+            rec = store.content_digest
+            rep.checks.append(("content digest", digest == rec, f"{digest[:16]}…" + ("" if digest == rec else
+                                                                                 f" ≠ recorded {str(rec)[:16]}…")))
+        else:
+            rep.checks.append(("content digest", False, "not computable: chunks are not all committed"))
+    else:
+        rep.checks.append(("checksums", True, "format 1: no checksums (convert to format 2 with `sae store convert`)"))
+    bad = {(a, i) for a, i, _, _ in rep.bad_chunks}
+    rep.checks.insert(0, ("chunks", not bad, f"{len(jobs)} chunks read, {len(bad)} bad"))
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _record(rep: VerifyReport, store: ActivationStore, array: str, i: int, problems: list[str]) -> None:
+    if problems:
+        start, stop = store.chunk_bounds(i)
+        rep.bad_chunks.append((array, i, f"{start}:{stop}", "; ".join(problems)))
