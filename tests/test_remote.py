@@ -1,0 +1,237 @@
+"""Stores a team can share: S3 (moto server) and HTTP (http.server) on loopback, checksums,
+verify/ls, racing writers, a store replaced under a reader, format-1 compatibility."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sae.cli import app
+from sae.errors import SaeError
+from sae.harvest.harvest import HarvestConfig, harvest
+from sae.outputs import swap_into_place
+from sae.store import ActivationStore, ShuffledBatches, StoreError
+from sae.store.convert import convert_store
+from sae.store.lease import Lease, LeaseHeldError
+from sae.store.location import StoreLocation
+from sae.store.verify import verify_store
+from sae.train.config import TrainConfig
+from sae.train.run import train
+from tests.helpers import planted_features, write_store
+from tests.remote_servers import http_server, s3_server
+
+REPO = Path(__file__).resolve().parents[1]
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    pytest.importorskip("s3fs")
+    with s3_server("team") as opts:
+        yield opts
+
+
+def _hcfg(model_dir: Path, out: str, **kw) -> HarvestConfig:
+    return HarvestConfig(**{**dict(layers=[1], model=str(model_dir), tokens=4096, context_size=64, batch_size=8,
+                                   dtype="bfloat16", chunk_tokens=1024, device="cpu", out=out), **kw})
+
+
+def _tcfg(store: str, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{**dict(store=store, d_sae=128, k=8, batch_size=512, tokens=512 * 12, log_every=1,
+                                 device="cpu", out=str(out)), **kw})
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "sae_weights.safetensors"))
+
+
+def _same(a: Path, b: Path) -> bool:
+    wa, wb = _weights(a), _weights(b)
+    return all(torch.equal(wa[n], wb[n]) for n in wa)
+
+
+def test_harvest_into_s3_and_train_from_s3_http_and_cache_bit_identical(s3, tiny_lm, tiny_model_dir, tmp_path):
+    local = harvest(_hcfg(tiny_model_dir, str(tmp_path / "local.zarr")), loaded=tiny_lm, quiet=True)
+    url = "s3://team/shared/acts.zarr"
+    harvest(_hcfg(tiny_model_dir, url, storage_options=s3), loaded=tiny_lm, quiet=True)
+    a, b = ActivationStore(local), ActivationStore(url, storage_options=s3)
+    assert b.content_digest == a.content_digest and b.attrs["stats"] == a.attrs["stats"]
+    assert np.array_equal(a.tokens, b.tokens)
+    h = a.hook_names[0]
+    assert torch.equal(a.read_rows(h, 0, a.n_tokens), b.read_rows(h, 0, b.n_tokens))
+    assert "endpoint_url" not in json.dumps(b.attrs)  # storage options never land in the store
+    # a teammate mirrors the bucket to a static web server
+    mirror = tmp_path / "www"
+    StoreLocation(url, s3).fs.get("team/shared/acts.zarr", str(mirror / "acts.zarr"), recursive=True)
+    train(_tcfg(str(local), tmp_path / "r_local"), quiet=True)
+    r = CliRunner().invoke(app, ["train", "--store", url, "--storage-option", f"endpoint_url={s3['endpoint_url']}",
+                                 "--d-sae", "128", "--k", "8", "--batch-size", "512", "--tokens", str(512 * 12),
+                                 "--log-every", "1", "--device", "cpu", "--out", str(tmp_path / "r_s3"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert _same(tmp_path / "r_local", tmp_path / "r_s3")
+    cache = tmp_path / "cache"
+    train(_tcfg(url, tmp_path / "r_cached", storage_options=s3, cache=str(cache)), quiet=True)
+    assert _same(tmp_path / "r_local", tmp_path / "r_cached") and any(cache.iterdir())
+    with http_server(mirror) as base:
+        train(_tcfg(f"{base}/acts.zarr", tmp_path / "r_http"), quiet=True)
+        assert _same(tmp_path / "r_local", tmp_path / "r_http")
+        rep = verify_store(ActivationStore(f"{base}/acts.zarr"))
+        assert rep.ok, rep.checks
+    cfg = json.loads((tmp_path / "r_s3" / "cfg.json").read_text())
+    assert (cfg["store_url"], cfg["content_digest"], cfg["store_rows"]) == (url, a.content_digest, a.n_tokens)
+    assert cfg["store_id"] == b.attrs["store_id"] and cfg["hook_name"] == h and cfg["trained_rows"] == 512 * 12
+    assert "storage_options" not in cfg["train_config"]
+
+
+def test_evaluate_refuses_a_store_with_another_digest(tmp_path):
+    x, _ = planted_features(4096, d_in=16, n_features=32, seed=0)
+    s1 = write_store(tmp_path / "a.zarr", x)
+    s2 = write_store(tmp_path / "b.zarr", x * 2)
+    train(_tcfg(str(s1), tmp_path / "run", d_sae=32, k=4, batch_size=256, tokens=1024), quiet=True)
+    import sae.evaluate as ev
+
+    with pytest.raises(SaeError, match="trained on a store with content digest .*--allow-other-store"):
+        ev.evaluate_runs([tmp_path / "run"], store=s2, evals=["geometry"], device="cpu", quiet=True)
+    assert ev.evaluate_runs([tmp_path / "run"], store=s2, evals=["geometry"], device="cpu", quiet=True,
+                            allow_other_store=True)
+    assert ev.evaluate_runs([tmp_path / "run"], store=s1, evals=["geometry"], device="cpu", quiet=True)
+
+
+def test_store_ls_lists_the_stores_under_a_prefix(s3, tmp_path):
+    x, _ = planted_features(2048, d_in=16, n_features=32)
+    for name in ("one.zarr", "two.zarr"):
+        write_store(tmp_path / name, x)
+    (tmp_path / "notes").mkdir()
+    StoreLocation("s3://team/ls", s3).fs.put(str(tmp_path / "one.zarr"), "team/ls/one.zarr", recursive=True)
+    StoreLocation("s3://team/ls", s3).fs.put(str(tmp_path / "two.zarr"), "team/ls/two.zarr", recursive=True)
+    for prefix, extra in ((str(tmp_path), []), ("s3://team/ls", ["--storage-option",
+                                                                 f"endpoint_url={s3['endpoint_url']}"])):
+        r = CliRunner().invoke(app, ["store", "ls", prefix, *extra])
+        assert r.exit_code == 0, r.output
+        assert "one.zarr" in r.output and "two.zarr" in r.output and "notes" not in r.output
+        assert r.output.count("complete") == 2 and r.output.count("synthetic") == 2
+
+
+def test_flipped_byte_is_named_by_verify_and_stops_training(tmp_path, monkeypatch):
+    x, _ = planted_features(4096, d_in=16, n_features=32)
+    store = write_store(tmp_path / "s.zarr", x)
+    r = CliRunner().invoke(app, ["store", "verify", str(store), "--workers", "2"])
+    assert r.exit_code == 0 and "clean" in r.output, r.output
+    chunk = store / "blocks.0.hook_resid_post" / "c" / "2" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit inside the compressed data
+    chunk.write_bytes(bytes(data))
+    r = CliRunner().invoke(app, ["store", "verify", str(store)])
+    assert r.exit_code == 1, r.output
+    assert "blocks.0.hook_resid_post" in r.output and "2048:3072" in r.output and "CORRUPT" in r.output
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--d-sae", "32", "--k", "4", "--batch-size", "256",
+                                 "--tokens", "8192", "--device", "cpu", "--out", "run", "--quiet"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "corrupt chunk 2" in lines[0] and "sae store verify" in lines[0], r.output
+    assert not (tmp_path / "run").exists()  # no checkpoint yet: nothing half-made is left
+
+
+def test_two_racing_harvests_one_clear_error_no_corruption(tiny_model_dir, tmp_path):
+    out = tmp_path / "race.zarr"
+    cmd = [sys.executable, "-m", "sae", "harvest", "--model", str(tiny_model_dir), "--layer", "1", "--tokens",
+           "8192", "--context-size", "64", "--chunk-tokens", "1024", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    err = next(e for rc, e in results if rc == 2)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and ("is being written by" in lines[0] or "already exists" in lines[0]), err
+    s = ActivationStore(out)
+    assert s.n_tokens == 8192 and verify_store(s).ok
+    assert not (out / "lease.json").exists()
+
+
+def test_s3_lease_is_exclusive(s3):
+    loc = StoreLocation("s3://team/leased.zarr", s3)
+    first = Lease(loc).acquire()
+    with pytest.raises(LeaseHeldError, match="is being written by"):
+        Lease(loc).acquire()
+    first.release()
+    Lease(loc).acquire().release()
+
+
+def test_overwrite_under_a_reader_stops_it_with_one_line(tmp_path):
+    x, _ = planted_features(8192, d_in=16, n_features=32, seed=0)
+    path = write_store(tmp_path / "s.zarr", x, chunk_tokens=1024)
+    loader = ShuffledBatches(ActivationStore(path), "blocks.0.hook_resid_post", 256, mix_chunks=1, prefetch=1)
+    batches = iter(loader)
+    first = next(batches)
+    new = write_store(tmp_path / ".new.zarr", x * 3, chunk_tokens=1024)
+    swap_into_place(new, path)  # a teammate's `--overwrite` lands
+    with pytest.raises(StoreError, match="was replaced or removed while being read") as e:
+        for _ in range(64):  # 8 windows of 4 batches: the next window load must notice
+            b = next(batches)
+            assert b.abs().max() < 3 * first.abs().max() * 1.5  # never the new store's (3x larger) rows
+    assert "\n" not in str(e.value)
+
+
+def test_missing_backend_names_the_extra():
+    r = CliRunner().invoke(app, ["store", "info", "gs://bucket/acts.zarr"])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "pip install 'sae[gcs]'" in lines[0], r.output
+
+
+def _write_v1(path: Path, x: torch.Tensor, chunk: int = 1024, ctx: int = 64) -> Path:
+    """A format-1 store as older versions wrote it (no checksums, no commits, cursor attribute)."""
+    n, d = x.shape
+    tokens = (np.arange(n) % 97 + 10).astype(np.int32)
+    tokens[::ctx] = 2
+    g = zarr.open_group(str(path), mode="w")
+    g.create_array("tokens", shape=(n,), chunks=(chunk,), dtype="int32")[:] = tokens
+    g.create_array("blocks.0.hook_resid_post", shape=(n, d), chunks=(chunk, d), dtype="float32")[:] = x.numpy()
+    valid = tokens != 2
+    xs = x.double()[torch.from_numpy(valid)]
+    stats = {"blocks.0.hook_resid_post": {"sum": xs.sum(0).tolist(), "sum_sq_norm": float(xs.pow(2).sum()),
+                                          "mean": (xs.sum(0) / len(xs)).tolist(),
+                                          "mean_sq_norm": float(xs.pow(2).sum()) / len(xs)}}
+    g.update_attributes({"format_version": 1, "model_id": "synthetic", "model_fingerprint": "0", "dataset": "synthetic",
+                         "split": "train", "seed": 0, "special_token_ids": [2], "bos_token_id": 2,
+                         "hook_names": ["blocks.0.hook_resid_post"], "d_model": d, "context_size": ctx,
+                         "n_tokens_target": n, "n_tokens_written": n, "dtype": "float32", "storage_dtype": "float32",
+                         "codec": "none", "chunk_tokens": chunk, "stats": stats, "stats_count": int(valid.sum()),
+                         "status": "complete", "store_id": "v1store", "created": "2026-11-01T00:00:00Z"})
+    return path
+
+
+def test_format_1_stores_read_only_and_convert_upgrades(tmp_path, tiny_lm, tiny_model_dir):
+    x, _ = planted_features(4096, d_in=16, n_features=32)
+    v1 = _write_v1(tmp_path / "old.zarr", x)
+    s = ActivationStore(v1)
+    assert s.format_version == 1 and s.content_digest is None
+    rep = verify_store(s)
+    assert rep.ok and any("format 1" in d for _, _, d in rep.checks)
+    train(_tcfg(str(v1), tmp_path / "r1", d_sae=32, k=4, batch_size=256, tokens=2048), quiet=True)
+    v2 = convert_store(v1, tmp_path / "new.zarr", "none", "float32")
+    t = ActivationStore(v2)
+    assert t.format_version == 2 and t.content_digest and verify_store(t).ok
+    assert torch.equal(s.read_rows(s.hook_names[0], 0, 4096), t.read_rows(t.hook_names[0], 0, 4096))
+    h = s.hook_names[0]  # recomputed chunk by chunk (the helper summed all rows at once): equal to rounding
+    np.testing.assert_allclose(t.attrs["stats"][h]["mean"], s.attrs["stats"][h]["mean"], rtol=1e-12)
+    assert abs(t.mean_sq_norm(h) / s.mean_sq_norm(h) - 1) < 1e-12
+    train(_tcfg(str(v2), tmp_path / "r2", d_sae=32, k=4, batch_size=256, tokens=2048), quiet=True)
+    assert _same(tmp_path / "r1", tmp_path / "r2")
+    with pytest.raises(StoreError, match="format-1 store"):
+        harvest(HarvestConfig(layers=[0], model=str(tiny_model_dir), tokens=4096, context_size=64, chunk_tokens=1024,
+                              device="cpu", out=str(v1), resume=True), loaded=tiny_lm, quiet=True)
