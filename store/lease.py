@@ -58,7 +58,7 @@ class Lease:
             self.loc.write_json(self._record(), LEASE_FILE, exclusive=True)
         except FileExistsError:
             try:
-                held = self.loc.read_json(LEASE_FILE)
+                held = self.loc.read_json(LEASE_FILE, fresh=True)
             except (FileNotFoundError, ValueError):
                 held = {}
             age = time.time() - float(held.get("heartbeat", 0))
@@ -78,7 +78,7 @@ class Lease:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
             try:
-                held = self.loc.read_json(LEASE_FILE)
+                held = self.loc.read_json(LEASE_FILE, fresh=True)
                 if held.get("token") != self.token:
                     return  # taken over (we were presumed dead): stop refreshing
                 self.loc.write_json(self._record(), LEASE_FILE)
@@ -91,7 +91,7 @@ class Lease:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            if self.loc.read_json(LEASE_FILE).get("token") == self.token:
+            if self.loc.read_json(LEASE_FILE, fresh=True).get("token") == self.token:
                 self.loc.remove(LEASE_FILE)
         except (FileNotFoundError, OSError, ValueError):
             pass

@@ -96,13 +96,20 @@ class StoreLocation:
         when the scheme's backend is missing."""
         import fsspec
 
+        fs, root = self.base_fs_root
+        if self.cache:
+            fs = fsspec.filesystem("simplecache", fs=fs, cache_storage=str(self.cache), same_names=False)
+        return fs, root
+
+    @cached_property
+    def base_fs_root(self) -> tuple[Any, str]:
+        """Like :attr:`fs_root` but never through the local cache."""
+        import fsspec
+
         try:
             if self.local:
                 return fsspec.core.url_to_fs(str(self.path))
-            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
-            if self.cache:
-                fs = fsspec.filesystem("simplecache", fs=fs, cache_storage=str(self.cache), same_names=False)
-            return fs, root
+            return fsspec.core.url_to_fs(self.url, **self.storage_options)
         except ImportError as e:
             extra = EXTRAS.get(self.scheme, self.scheme)
             raise UnavailableError(f"{self.url}: the {self.scheme}:// backend is not installed; "
@@ -149,11 +156,13 @@ class StoreLocation:
         except (OSError, ValueError):
             return False
 
-    def read_json(self, *parts: str) -> Any:
-        """Parsed JSON object at ``parts``; raises ``FileNotFoundError`` if absent."""
+    def read_json(self, *parts: str, fresh: bool = False) -> Any:
+        """Parsed JSON object at ``parts``; raises ``FileNotFoundError`` if absent. ``fresh``: bypass
+        the local cache (for objects that change: ``zarr.json``, the lease)."""
         if self.local:
             return json.loads(self.path.joinpath(*parts).read_text())
-        return json.loads(self.fs.cat_file(self.key(*parts)))
+        fs, root = self.base_fs_root if fresh else self.fs_root
+        return json.loads(fs.cat_file("/".join([root.rstrip("/"), *parts])))
 
     def write_json(self, obj: Any, *parts: str, exclusive: bool = False) -> None:
         """Write one small JSON object in one operation: locally a temporary file renamed into place

@@ -40,7 +40,7 @@ class ActivationStore:
         if self.loc.local and not self.loc.path.is_dir():
             raise StoreError(f"{self.path} is a file, not a store directory: pass a store written by `sae harvest`")
         try:
-            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r")
+            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r", zarr_format=3)
         except (SaeError, ImportError):
             raise
         except Exception as e:  # zarr/fsspec raise several types for "not a group" / "not there"
@@ -82,7 +82,7 @@ class ActivationStore:
         """Raise ``StoreError`` if the store at this location was replaced since it was opened
         (another process's ``--overwrite``): its ``store_id`` differs or it is gone."""
         try:
-            now = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r").attrs.get("store_id")
+            now = (self.loc.read_json("zarr.json", fresh=True).get("attributes") or {}).get("store_id")
         except Exception:  # noqa: BLE001 - gone or unreadable: both mean "not what we opened"
             now = None
         if now != self.attrs.get("store_id"):

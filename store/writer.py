@@ -103,7 +103,8 @@ class StoreWriter:
                 raise StoreError(f"{self.loc} already exists: pass --resume to continue it or --overwrite to "
                                  "replace it")
             if exists:
-                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+")
+                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+",
+                                             zarr_format=3)
                 old = dict(self.group.attrs)
                 if old.get("format_version") != FORMAT_VERSION:
                     raise StoreError(f"cannot resume {self.loc}: it is a format-{old.get('format_version')} store; "
@@ -114,7 +115,7 @@ class StoreWriter:
                     raise StoreError(f"cannot resume {self.loc}: {k} was {old.get(k)!r}, now {attrs[k]!r} "
                                      "(use the original settings, or --overwrite)")
             else:
-                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="a")
+                self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="a", zarr_format=3)
                 attrs.update(store_id=uuid.uuid4().hex[:16], package_version=__version__, status=STATUS_IN_PROGRESS,
                              created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
                 self._create_arrays(n_target)

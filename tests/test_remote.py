@@ -235,3 +235,21 @@ def test_format_1_stores_read_only_and_convert_upgrades(tmp_path, tiny_lm, tiny_
     with pytest.raises(StoreError, match="format-1 store"):
         harvest(HarvestConfig(layers=[0], model=str(tiny_model_dir), tokens=4096, context_size=64, chunk_tokens=1024,
                               device="cpu", out=str(v1), resume=True), loaded=tiny_lm, quiet=True)
+
+
+def test_a_store_reads_with_plain_zarr_and_dask(tmp_path):
+    """What the README shows a teammate without sae: zarr.open_group and dask.array.from_zarr."""
+    import dask.array as da
+
+    x, _ = planted_features(2048, d_in=16, n_features=32)
+    store = write_store(tmp_path / "s.zarr", x, dtype="bfloat16")
+    g = zarr.open_group(str(store), mode="r")
+    raw = np.asarray(g["blocks.0.hook_resid_post"][:100])
+    assert raw.dtype == np.uint16 and g.attrs["dtype"] == "bfloat16"
+    as_f32 = (raw.astype(np.uint32) << 16).view(np.float32)  # bf16 bits → float32, exact
+    ours = ActivationStore(store).read_rows("blocks.0.hook_resid_post", 0, 100).numpy()
+    assert np.array_equal(as_f32, ours)
+    arr = da.from_zarr(str(store), component="blocks.0.hook_resid_post")
+    assert arr.shape == (2048, 16) and arr.chunks[0][0] == 1024
+    assert np.array_equal(np.asarray(arr[:100].compute()), raw)
+    assert np.array_equal(np.asarray(g["tokens"][:]), ActivationStore(store).tokens)
