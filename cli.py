@@ -22,6 +22,13 @@ from .store.location import parse_storage_options
 # exception classes from typer's own public ones so both work.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
+# Options shared by several commands (one definition each).
+StoreOption = Annotated[str, typer.Option("--store", help="Activation store (path or URL) written by `sae harvest`.")]
+StorageOptions = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 "
+                             "(repeatable).")]
+CacheOption = Annotated[str | None, typer.Option("--cache", help="Local directory caching a remote store's chunks.")]
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations into a Zarr store; train and evaluate SAEs from it.")
 store_app = typer.Typer(no_args_is_help=True, help="Inspect activation stores.")
@@ -100,9 +107,7 @@ def harvest(
     seed: Annotated[int, typer.Option(help="Document order seed.")] = 0,
     out: Annotated[str, typer.Option(help="Output store: a path or a URL (s3://, gs://, file://...).")
     ] = "acts.zarr",
-    storage_option: Annotated[list[str] | None, typer.Option(
-        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
-    ] = None,
+    storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
 ) -> None:
@@ -122,7 +127,7 @@ def harvest(
 @_guard
 def store_info(
     path: Annotated[str, typer.Argument(help="Store path or URL.")],
-    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Print a store's metadata: tokens, hooks, bytes stored, compression ratio, digest, status."""
     from rich.console import Console
@@ -159,7 +164,7 @@ def store_info(
 def store_verify(
     path: Annotated[str, typer.Argument(help="Store path or URL.")],
     workers: Annotated[int, typer.Option(help="Chunks read in parallel.")] = 4,
-    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Read every chunk of every array: checksums, token ids, row counts, recomputed statistics and
     the content digest. Exit 0 when clean, 1 when corrupt (each bad chunk named with its rows)."""
@@ -202,7 +207,7 @@ def store_verify(
 @_guard
 def store_ls(
     prefix: Annotated[str, typer.Argument(help="Folder or bucket prefix holding stores.")],
-    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """List the sae stores under a prefix: model, hooks, tokens, codec, bytes, status, created, id."""
     from rich.console import Console
@@ -232,7 +237,7 @@ def store_convert(
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float16 | float32 (default: the source's).")] = None,
     tokens: Annotated[int | None, typer.Option(help="Copy only the first N tokens.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing destination.")] = False,
-    storage_option: Annotated[list[str] | None, typer.Option(help="fsspec option KEY=VALUE (repeatable).")] = None,
+    storage_option: StorageOptions = None,
 ) -> None:
     """Re-encode a store with another codec/precision, or upgrade a format-1 store (no model rerun)."""
     from .store.convert import convert_store
@@ -260,12 +265,9 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 @_guard
 def train(
     ctx: typer.Context,
-    store: Annotated[str, typer.Option(help="Activation store (path or URL) written by `sae harvest`.")
-    ] = "acts.zarr",
-    storage_option: Annotated[list[str] | None, typer.Option(
-        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
-    ] = None,
-    cache: Annotated[str | None, typer.Option(help="Local directory caching a remote store's chunks.")] = None,
+    store: StoreOption = "acts.zarr",
+    storage_option: StorageOptions = None,
+    cache: CacheOption = None,
     hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
     variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
                                               "static_ortho | ortsae")] = "topk",
@@ -328,9 +330,7 @@ def evaluate(
     run_dirs: Annotated[list[Path], typer.Argument(help="SAE run directories (from `sae train`/`sae sweep`).")],
     store: Annotated[str | None, typer.Option(help="Store (path or URL) the SAEs were trained on (model, dataset, "
                                                    "checks).")] = None,
-    storage_option: Annotated[list[str] | None, typer.Option(
-        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
-    ] = None,
+    storage_option: StorageOptions = None,
     allow_other_store: Annotated[bool, typer.Option(help="Accept a --store whose content digest differs from "
                                                          "the one the SAE was trained on.")] = False,
     eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
@@ -376,12 +376,9 @@ def report(
 @_guard
 def sweep(
     ctx: typer.Context,
-    store: Annotated[str, typer.Option(help="Activation store (path or URL) written by `sae harvest`.")
-    ] = "acts.zarr",
-    storage_option: Annotated[list[str] | None, typer.Option(
-        help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable).")
-    ] = None,
-    cache: Annotated[str | None, typer.Option(help="Local directory caching a remote store's chunks.")] = None,
+    store: StoreOption = "acts.zarr",
+    storage_option: StorageOptions = None,
+    cache: CacheOption = None,
     variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
         "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
     grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
