@@ -11,73 +11,25 @@ import math
 import pytest
 import torch
 
-from sae.train.sae import SAE, SparseCodes
+from sae.train.sae import SparseCodes
 from sae.train.variants import PenaltyContext, build_penalty, make_config, variant_names
 from sae.train.variants.adaptive import greedy_groups, group_condition_numbers
+from sae.train.variants.chunks import random_chunks
 from sae.train.variants.ortsae import chunk_partners
+from sae.train.variants.pairs import cofiring_pairs, jaccard
 from sae.train.variants.progressive import lambda2, threshold
-from sae.train.variants.static_ortho import random_chunks
-from sae.train.variants.topk_pairs import (
-    cofiring_pairs,
-    cofiring_penalty,
-    jaccard,
-    merge_sparse,
-    n_keep,
-    occurrence_keys,
-)
+from sae.train.variants.topk_pairs import n_keep
 from tests import reference_penalties as ref
+from tests.penalty_helpers import assert_close_val_grad, grads, make_codes, one_thread, unit_rows  # noqa: F401 (one_thread: autouse fixture)
 
 VARIANTS = ("topk_pairs", "adaptive", "progressive", "temporal", "static_ortho", "ortsae")
 ACTS = ("topk", "relu")
-
-
-# -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost (large on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def unit_rows(F: int, d: int, seed: int = 0, shared: float = 0.0) -> torch.Tensor:
-    """``[F, d]`` random unit rows; ``shared > 0`` adds a common direction (larger cosines)."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(F, d, generator=g) + shared * torch.randn(1, d, generator=g)
-    return (W / W.norm(dim=1, keepdim=True)).requires_grad_(True)
-
-
-def make_codes(act: str, F: int = 48, B: int = 96, k: int = 6, seed: int = 0, freq_bias: float = 1.5
-               ) -> SparseCodes:
-    """Codes from the real ``SAE.codes_from_pre``: TopK (k per row) or ReLU (padded with zeros).
-
-    A descending per-latent bias makes some latents fire often, so pairs co-fire repeatedly.
-    """
-    g = torch.Generator().manual_seed(seed)
-    pre = torch.randn(B, F, generator=g) + torch.linspace(freq_bias, -freq_bias, F)
-    if act == "relu":
-        pre = pre - 1.2  # a few active latents per token, varying counts → zero-padded slots
-    sae = SAE(8, F, act, k)
-    codes = sae.codes_from_pre(pre)
-    vals = codes.vals.detach().clone().requires_grad_(True)
-    return SparseCodes(vals, codes.idx)
 
 
 def ctx_for(W: torch.Tensor, codes: SparseCodes, step: int = 0, total: int = 100, seed: int = 0
             ) -> PenaltyContext:
     return PenaltyContext(W_dec=W, codes=codes, step=step, total_steps=total,
                           generator=torch.Generator().manual_seed(seed * 1_000_003 + step))
-
-
-def grads(val: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    (g,) = torch.autograd.grad(val, W, retain_graph=True)
-    return g
-
-
-def assert_close_val_grad(val: torch.Tensor, want: torch.Tensor, W: torch.Tensor) -> None:
-    torch.testing.assert_close(val.double(), want.double(), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grads(val, W).double(), grads(want, W).double(), rtol=1e-4, atol=1e-7)
 
 
 def assert_no_grad_to_vals(val: torch.Tensor, codes: SparseCodes) -> None:
@@ -103,61 +55,6 @@ def test_registry_lists_and_builds_all_six() -> None:
         make_config("ortsae", {"nope": 1})
 
 
-# -- shared sparse machinery ----------------------------------------------------------------------
-@pytest.mark.parametrize("act", ACTS)
-def test_cofiring_pairs_match_dense_counts_and_scores(act: str) -> None:
-    F = 48
-    codes = make_codes(act, F)
-    cof = cofiring_pairs(codes, F, with_scores=True)
-    C = ref.cofire_counts(codes, F)
-    f = ref.dense(codes, F)
-    S = f.T @ f
-    m = (C > 0) & ref.upper(F)
-    ii, jj = m.nonzero(as_tuple=True)
-    assert torch.equal(cof.keys, ii * F + jj)  # unique, sorted, i < j only
-    assert bool((cof.i < cof.j).all())
-    assert torch.equal(cof.counts, C[ii, jj].long())
-    torch.testing.assert_close(cof.scores.double(), S[ii, jj], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("act", ACTS)
-def test_occurrence_keys_group_to_cofiring_counts(act: str) -> None:
-    F = 48
-    codes = make_codes(act, F)
-    occ = occurrence_keys(codes, F)
-    cof = cofiring_pairs(codes, F)
-    keys, counts = torch.unique(occ, return_counts=True)
-    assert torch.equal(keys, cof.keys) and torch.equal(counts, cof.counts)
-    assert occ.numel() == int(cof.counts.sum())
-    # merging unsorted occurrences into a sorted sparse vector sums them
-    base_k, base_v = cof.keys[::2], torch.full_like(cof.keys[::2], 10)
-    mk, mv = merge_sparse(base_k, base_v, occ, torch.ones_like(occ), b_sorted=False)
-    assert torch.equal(mk, cof.keys)
-    want = cof.counts.clone()
-    want[::2] += 10
-    assert torch.equal(mv, want)
-
-
-@pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("power", (1, 2))
-def test_pair_and_token_paths_agree(act: str, power: int) -> None:
-    F = 48
-    W = unit_rows(F, 12, shared=0.5)
-    codes = make_codes(act, F)
-    cof = cofiring_pairs(codes, F)
-    g = torch.Generator().manual_seed(3)
-    w = torch.rand(cof.n_pairs, generator=g)
-    w[::4] = 0
-    tau = 0.3 * torch.rand(cof.n_pairs, generator=g)
-    cos = ref.cosines(W)[cof.i, cof.j]
-    want = (w.double() * (cos.abs() - tau.double()).clamp_min(0) ** power).sum()
-    for path in ("pairs", "tokens"):
-        val, sel, c = cofiring_penalty(W, cof, w, tau, power, path=path)
-        assert_close_val_grad(val, want, W)
-        torch.testing.assert_close(c.double(), cos[sel].detach(), rtol=1e-5, atol=1e-6)
-
-
-# -- topk_pairs -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("rho", (0.01, 0.5))
 def test_topk_pairs_matches_reference(act: str, rho: float) -> None:

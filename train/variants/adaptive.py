@@ -12,7 +12,7 @@ in F; ``h_ij = max(0, |cos_ij| − α·[g_i = g_j])²``, ``cos_ij = d_i·d_j``):
 
 * ``P_b``: the unique pairs ``i < j`` that co-fire in at least one token of the batch (the pairs the
   seeds' co-activation weighting cared about). With ``cofire_samples = 0`` all of them are evaluated
-  (:func:`~.topk_pairs.cofiring_penalty`, ``O(B·K²·d)``); otherwise, when there are more than
+  (:func:`~.pairs.cofiring_penalty`, ``O(B·K²·d)``); otherwise, when there are more than
   ``M = cofire_samples`` of them, the mean is estimated without bias from ``M`` pairs drawn
   uniformly with replacement (``ctx.generator``), ``O(M·d)``;
 * ``R``: a uniformly random subset of ``chunk_size`` latents (``randperm(F, ctx.generator)``): the
@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from .base import PenaltyContext, register
-from .topk_pairs import SparseStatePenalty, cofiring_pairs, cofiring_penalty, merge_sparse, pair_penalty
+from .pairs import SparseStatePenalty, cofiring_pairs, cofiring_penalty, merge_sparse, pair_penalty
 
 
 def top_pairs(keys: Tensor, counts: Tensor, d_sae: int, cap: int) -> tuple[Tensor, Tensor]:

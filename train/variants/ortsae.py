@@ -9,7 +9,7 @@ with the chunks a fresh random partition of the F latents into pieces of ``chunk
 ``ctx.generator`` (:func:`~.static_ortho.random_chunks`). The per-chunk Gram matrices are formed
 without autograd (``O(F·c·d)`` time, ``O(block·c²)`` memory) only to find each latent's partner
 ``j*(i) = argmax_j cos_ij²``; the loss is then ``λ · mean_i cos_{i j*(i)}²`` on those F pairs
-(:func:`~.topk_pairs.pair_penalty`, ``O(F·d)``), whose gradient equals autograd's through the max.
+(:func:`~.pairs.pair_penalty`, ``O(F·d)``), whose gradient equals autograd's through the max.
 The partner search may run in bfloat16 (``search_dtype``); the loss on the chosen pairs is exact.
 """
 
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 
 from .base import Penalty, PenaltyContext, register
-from .static_ortho import CHUNK_BLOCK, padded, random_chunks
-from .topk_pairs import pair_penalty
+from .chunks import CHUNK_BLOCK, padded, random_chunks
+from .pairs import pair_penalty
 
 
 @functools.cache

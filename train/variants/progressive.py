@@ -10,8 +10,8 @@ Mission doc, "Orthogonality variants" §3: with training progress ``p = step/tot
 
 ``ε > 0`` keeps ``thr`` (a divisor) positive at ``p = 1``. Only pairs with ``n_ij > thr`` have
 ``c_ij > 0`` and every such pair co-fires, so the sum runs over the batch's co-firing pairs found
-by :func:`~.topk_pairs.cofiring_pairs` (``O(B·K²)``, independent of F) and the cosines are formed
-only for the selected pairs (:func:`~.topk_pairs.cofiring_penalty`) — never an ``F×F`` matrix.
+by :func:`~.pairs.cofiring_pairs` (``O(B·K²)``, independent of F) and the cosines are formed
+only for the selected pairs (:func:`~.pairs.cofiring_penalty`) — never an ``F×F`` matrix.
 (The seed applied the weights to ``|f_iᵀ f_j|`` of the activations; the mission uses decoder
 cosines, so the penalty has no gradient with respect to the codes.)
 """
@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .base import Penalty, PenaltyContext, register
-from .topk_pairs import cofiring_pairs, cofiring_penalty
+from .pairs import cofiring_pairs, cofiring_penalty
 
 
 def lambda2(p: float, lambda2_max: float) -> float:

@@ -28,29 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import Penalty, PenaltyContext, register
-
-CHUNK_BLOCK = 8  # chunks per batched matmul (bounds the temporary [block, c, d] gather)
-
-
-def random_chunks(d_sae: int, chunk_size: int, chunks_per_step: int, generator: torch.Generator) -> Tensor:
-    """A random partition of ``range(F)`` into chunks, ``[m, c]`` long (CPU), padded with ``F``.
-
-    Row ``r`` holds chunk ``r`` of ``randperm(F, generator)`` cut every ``c = min(chunk_size, F)``
-    entries; the last chunk is padded with the index ``F`` (meaning "no latent"). Only the first
-    ``chunks_per_step`` rows are returned (0 = all ``ceil(F/c)``).
-    """
-    c = max(1, min(chunk_size, d_sae))
-    perm = torch.randperm(d_sae, generator=generator)
-    m = -(-d_sae // c)
-    out = torch.full((m * c,), d_sae, dtype=torch.long)
-    out[:d_sae] = perm
-    out = out.view(m, c)
-    return out[:chunks_per_step] if 0 < chunks_per_step < m else out
-
-
-def padded(W: Tensor) -> Tensor:
-    """``W`` with one zero row appended (the padding index ``F`` of :func:`random_chunks`)."""
-    return torch.cat([W, W.new_zeros(1, W.shape[1])])
+from .chunks import CHUNK_BLOCK, padded, random_chunks
 
 
 class _ChunkOffDiagSq(torch.autograd.Function):

@@ -24,7 +24,7 @@ ends and read as 0 afterwards; for a pair seen again (``c_ij ≥ 1/W``) this cha
 (the exact rule). Merges are sorts of the keys, ``O(n log n)`` in the stored pairs, independent of F.
 
 The penalty sum has one term per pair of the last window (≈ W·K²/2 of them). ``sample_pairs = 0``
-evaluates all of them (:func:`~.topk_pairs.pair_penalty_sorted`, ``O(P·d)``). Otherwise, when the window
+evaluates all of them (:func:`~.pairs.pair_penalty_sorted`, ``O(P·d)``). Otherwise, when the window
 has more pairs than ``sample_pairs = M``, ``M`` pairs are drawn with replacement with probability
 ``w_ij / Σw`` (inverse-CDF sampling with ``ctx.generator``) and the loss is
 ``λ · (Σw / M) · Σ_samples |cos|`` — an unbiased estimate of the same sum and gradient at ``O(M·d)``
@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..sae import SparseCodes
 from .base import PenaltyContext, register
-from .topk_pairs import (
+from .pairs import (
     SparseStatePenalty,
     group_keys,
     merge_sparse,
