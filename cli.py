@@ -362,8 +362,8 @@ def report(
     """Build a static HTML report: metric tables, frontier/probing/absorption plots, histograms,
     training curves and a feature browser of top-activating store contexts."""
     from .errors import ConfigError
-    from .evaluate.report import build_report
     from .outputs import check_output_location
+    from .report import build_report
 
     if latents < 0:
         raise ConfigError(f"--latents {latents} must be >= 0")

@@ -22,7 +22,7 @@ Metrics (``eval_result_metrics``):
   ``jaccard``): ``mean_jaccard``, ``final_jaccard``, ``min_jaccard``; None when never logged.
 * ``density``: ``frac_dead`` (density 0), ``frac_dense`` (> 0.1), ``median_log10_density`` of
   alive latents, from ``eval_results/core.json`` details when present, else by encoding a sample
-  of store rows (:func:`sae.evaluate.browser.scan_store`); None when neither is available.
+  of store rows (:func:`sae.latents.scan_store`); None when neither is available.
 
 ``eval_result_details``: one dict per latent (``index``, ``max_decoder_cos``, ``nearest_decoder``,
 ``max_encoder_cos``, ``group``, ``feature_density``). Histograms (``max_decoder_cos``,
@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..latents import DENSITY_EDGES, CosineStats, pairwise_cosine_stats
+from ..train.run import jaccard_series
 from ..train.sae import SAE
 from .registry import EvalContext, EvalOutput
 
@@ -48,8 +50,6 @@ EVAL_TYPE_ID = "geometry"
 NEEDS_MODEL = False
 """Decoder/encoder geometry only: ``sae evaluate --eval geometry`` loads no language model."""
 SINGULAR_RTOL = 1e-6
-DENSITY_EDGES = tuple(np.round(np.linspace(-7.0, 0.0, 29), 6).tolist())
-"""log10 firing-rate bin edges of the density histogram (0.25 decades; rates below 1e-7 go to the first bin)."""
 
 __all__ = ["EVAL_TYPE_ID", "Config", "CosineStats", "available", "cluster_groups", "compute_geometry",
            "condition_numbers", "density_histogram", "find_learned_groups", "jaccard_series",
@@ -78,48 +78,8 @@ class Config:
     """Store rows encoded for densities when the run has no core result."""
 
 
-@dataclass
-class CosineStats:
-    """Nearest-neighbour |cosine| statistics of a set of vectors (see :func:`pairwise_cosine_stats`).
-
-    ``max_abs_cos [n]``: ``max_{j≠i} |cos_ij|``; ``nearest [n]``: the argmax j;
-    ``pairs_above``: ``{t: #{i<j : |cos_ij| > t}}``; ``n_pairs`` = n(n−1)/2.
-    """
-
-    max_abs_cos: torch.Tensor
-    nearest: torch.Tensor
-    pairs_above: dict[float, int] = field(default_factory=dict)
-    n_pairs: int = 0
 
 
-@torch.no_grad()
-def pairwise_cosine_stats(W: torch.Tensor, thresholds: tuple[float, ...] = (0.5, 0.8), chunk_size: int = 1024
-                          ) -> CosineStats:
-    """Exact all-pairs |cosine| statistics of the rows of ``W [n, d]``, in blocks of ``chunk_size`` rows.
-
-    Rows are normalised (zero rows stay zero, |cos| 0). Block ``[s, e)``: ``|Ŵ[s:e] Ŵᵀ|``
-    ``[e−s, n]`` with its diagonal zeroed gives the row maxima; pairs are counted on the upper
-    triangle (j > i) only, so each unordered pair is counted once. Cost O(n²d) flops, O(chunk·n) memory.
-    """
-    Wf = W.detach().float()
-    n = Wf.shape[0]
-    U = Wf / Wf.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    max_cos = torch.zeros(n)
-    nearest = torch.zeros(n, dtype=torch.int64)
-    counts = dict.fromkeys(thresholds, 0)
-    cols = torch.arange(n, device=U.device)
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        block = (U[s:e] @ U.T).abs()
-        rows = torch.arange(s, e, device=U.device)
-        block[rows - s, rows] = 0.0
-        if n > 1:
-            v, j = block.max(dim=1)
-            max_cos[s:e], nearest[s:e] = v.cpu(), j.cpu()
-        upper = cols[None, :] > rows[:, None]
-        for t in thresholds:
-            counts[t] += int(((block > t) & upper).sum())
-    return CosineStats(max_abs_cos=max_cos, nearest=nearest, pairs_above=counts, n_pairs=n * (n - 1) // 2)
 
 
 @torch.no_grad()
@@ -298,30 +258,6 @@ def _load_group_file(path: Path, d_sae: int) -> torch.Tensor | None:
     return None
 
 
-def jaccard_series(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Pair-selection stability over training from ``metrics.jsonl`` records, or None.
-
-    Uses ``penalty/jaccard`` if logged, else the first key containing ``jaccard``. Returns
-    ``{"key", "steps", "tokens", "values", "mean", "final", "min"}`` over the records with a
-    finite value (the Jaccard overlap |A∩B|/|A∪B| of kept-pair sets at consecutive logged steps).
-    """
-    keys = [k for r in records for k in r if "jaccard" in k.lower()]
-    if not keys:
-        return None
-    key = "penalty/jaccard" if "penalty/jaccard" in keys else keys[0]
-    steps, tokens, values = [], [], []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            steps.append(r.get("step"))
-            tokens.append(r.get("tokens"))
-            values.append(float(v))
-    if not values:
-        return None
-    return {"key": key, "steps": steps, "tokens": tokens, "values": values, "mean": float(np.mean(values)),
-            "final": values[-1], "min": float(np.min(values))}
-
-
 def _read_records(run_dir: Path | None) -> list[dict[str, Any]]:
     if run_dir is None or not (Path(run_dir) / "metrics.jsonl").exists():
         return []
@@ -433,7 +369,7 @@ def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | P
     density_source = "eval_results/core.json" if density is not None else None
     store = store or sae.cfg.get("store_path")
     if density is None and store is not None and Path(str(store)).exists():
-        from .browser import scan_store
+        from ..latents import scan_store
 
         try:
             scan = scan_store(sae, store, n_tokens=cfg.density_tokens, top_n=1)

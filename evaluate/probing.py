@@ -52,8 +52,8 @@ import torch
 from ..model import capture_resid_post
 from ..progress import progress_bar
 from ..train.sae import SAE
-from . import tasks as _T
 from .common import batches, non_special_mask
+from .datasets import tasks as _T
 from .registry import EvalContext
 
 

@@ -1,7 +1,7 @@
 """Spurious correlation removal (SAEBench ``scr``; Karvonen et al. 2024, "Evaluating Sparse
 Autoencoders on Targeted Concept Erasure Tasks", after Marks et al.'s SHIFT).
 
-Data (:func:`sae.evaluate.tasks.confounded_dataset`, pairs :data:`sae.evaluate.tasks.SCR_PAIRS`):
+Data (:func:`sae.evaluate.datasets.tasks.confounded_dataset`, pairs :data:`sae.evaluate.datasets.tasks.SCR_PAIRS`):
 two real binary attributes per pair — A = play genre comedies/histories with B = verse/prose form
 of the speech, and A = code package email/asyncio with B = "holds a comment or docstring"
 (SAEBench: A = a pair of professions, B = gender; or Amazon categories × rating). With
@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..train.sae import SAE
-from . import tasks as T
+from .datasets import tasks as T
 from .probing import (
     LinearProbe,
     PooledTexts,

@@ -1,7 +1,7 @@
 """Sparse probing (SAEBench ``sparse_probing``): how well do a few SAE latents linearly encode
 known binary concepts, compared with the model's own residual dimensions?
 
-Data: the binary tasks of :mod:`sae.evaluate.tasks` (default: Shakespeare histories vs the other
+Data: the binary tasks of :mod:`sae.evaluate.datasets.tasks` (default: Shakespeare histories vs the other
 genres, asyncio and email code vs code of four other standard-library packages, verse vs prose
 speeches — a spread of difficulties like SAEBench's datasets; ``n_train`` + ``n_train`` training and
 ``n_test`` + ``n_test`` test snippets per task, document-disjoint), plus optional
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..train.sae import SAE
-from . import tasks as T
+from .datasets import tasks as T
 from .probing import ProbeSettings, corpus_unavailable_reason, pooled_texts, probe_scores
 from .registry import EvalContext, EvalOutput
 
@@ -44,7 +44,7 @@ class Config(ProbeSettings):
     """Settings of the sparse-probing evaluation (recorded as ``eval_config``)."""
 
     tasks: tuple[str, ...] = ("genre_histories", "package_asyncio", "package_email", "verse_vs_prose")
-    """Embedded tasks (names of :data:`sae.evaluate.tasks.TASKS`)."""
+    """Embedded tasks (names of :data:`sae.evaluate.datasets.tasks.TASKS`)."""
     hf_datasets: tuple[str, ...] = ()
     """Optional ``hf:<id>[:<text col>:<label col>]`` datasets; each adds one-vs-rest tasks of its classes."""
     hf_max_classes: int = 5

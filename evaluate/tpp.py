@@ -2,7 +2,7 @@
 Autoencoders on Targeted Concept Erasure Tasks"): can ablating a few latents disable one concept's
 probe while leaving the probes of other concepts intact?
 
-Data (:func:`sae.evaluate.tasks.multiclass_dataset`): code snippets of five standard-library
+Data (:func:`sae.evaluate.datasets.tasks.multiclass_dataset`): code snippets of five standard-library
 packages (asyncio, email, multiprocessing, tkinter, xml; SAEBench: five professions of Bias-in-Bios /
 five Amazon categories), ``n_train`` / ``n_test`` per class, file-disjoint; or any other label of
 the embedded snippets (e.g. ``attr="genre"``, ``classes=TPP_GENRES``), or the classes of an
@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..train.sae import SAE
-from . import tasks as T
+from .datasets import tasks as T
 from .probing import (
     ProbeSettings,
     ablate_pooled,

@@ -5,8 +5,8 @@ Data.
 
 * Multiple-choice questions (MCQs): a *forget* set (SAEBench: WMDP-bio) and a *retain* set (SAEBench:
   four MMLU subjects). ``forget_mcq_path`` / ``retain_mcq_path`` take WMDP-format JSONL files
-  (``question``, ``choices`` [4], ``answer`` int; :func:`sae.evaluate.mcq.load_mcq_jsonl`); without
-  them the offline sets of :mod:`sae.evaluate.mcq` are used: forget = questions on Python (pydoc
+  (``question``, ``choices`` [4], ``answer`` int; :func:`sae.evaluate.datasets.mcq.load_mcq_jsonl`); without
+  them the offline sets of :mod:`sae.evaluate.datasets.mcq` are used: forget = questions on Python (pydoc
   cloze + stdlib keyword items), retain = Shakespeare line cloze, ``n_questions`` each (default 50,
   seeded; a JSONL file is cut to its first ``n_questions``).
 * Activation corpora for latent selection: forget = ``forget_corpus`` (Python docs and standard-library
@@ -16,7 +16,7 @@ Data.
   WikiText).
 
 MCQ scoring (SAEBench ``calculate_MCQ_metrics`` / ``get_output_probs_abcd``): the prompt of
-:func:`sae.evaluate.mcq.format_prompt` ("The following are multiple choice questions (with answers)
+:func:`sae.evaluate.datasets.mcq.format_prompt` ("The following are multiple choice questions (with answers)
 about {subject}. … A. … D. …\\nAnswer:", BOS first; no chat template — SAEBench wraps it in Gemma's
 instruct format for an instruction-tuned model); the predicted answer is the argmax over A–D of the
 next-token logit, each letter's logit being the max over its single-token spellings " A" and "A"
@@ -71,7 +71,7 @@ from ..harvest.tokens import pack_sequences
 from ..model import LoadedModel, capture_resid_post, splice
 from ..train.sae import SAE
 from .common import non_special_mask
-from .mcq import LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
+from .datasets.mcq import LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "unlearning"

@@ -16,18 +16,7 @@ from sae.evaluate import evaluate_runs
 from sae.evaluate import scr as scr_mod
 from sae.evaluate import sparse_probing as sp_mod
 from sae.evaluate import tpp as tpp_mod
-from sae.evaluate.probing import (
-    TextActs,
-    ablate_pooled,
-    fit_probe,
-    latent_effects,
-    probe_scores,
-    sae_pooled_codes,
-    select_top_n,
-    top_k_mean_diff,
-)
-from sae.evaluate.results import read_result, validate_result
-from sae.evaluate.tasks import (
+from sae.evaluate.datasets.tasks import (
     SCR_PAIRS,
     TASKS,
     binary_task,
@@ -39,6 +28,17 @@ from sae.evaluate.tasks import (
     verse_form,
     windows,
 )
+from sae.evaluate.probing import (
+    TextActs,
+    ablate_pooled,
+    fit_probe,
+    latent_effects,
+    probe_scores,
+    sae_pooled_codes,
+    select_top_n,
+    top_k_mean_diff,
+)
+from sae.evaluate.results import read_result, validate_result
 from sae.harvest.corpus import PLAY_GENRES, in_split
 from sae.train.sae import SAE
 

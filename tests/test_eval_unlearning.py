@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sae.evaluate import evaluate_runs, validate_result
-from sae.evaluate.mcq import (
+from sae.evaluate.datasets.mcq import (
     BLANK,
     MCQ,
     _build_cached,

@@ -297,7 +297,7 @@ def test_store_checks(tmp_path, tiny_model_dir, tiny_store):
 
 # -- results files ------------------------------------------------------------------------------------
 def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_store, monkeypatch):
-    import sae.evaluate as ev
+    import sae.evaluate.runner as ev
     import sae.model
 
     calls = {"load": 0, "reference": 0}

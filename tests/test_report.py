@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.evaluate.browser import browse, sample_ranges, scan_store, select_latents
 from sae.evaluate.geometry import compute_geometry
-from sae.evaluate.report import build_report, flatten_metrics, resolve_run_dirs
 from sae.evaluate.results import write_result
+from sae.latents import sample_ranges, scan_store, select_latents
+from sae.report import build_report, flatten_metrics, resolve_run_dirs
+from sae.report.browser import browse
 from sae.store import ActivationStore
 from sae.train.config import TrainConfig
 from sae.train.run import train

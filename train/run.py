@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -371,4 +372,29 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-__all__ = ["CFG_FILE", "CHECKPOINT_FILE", "METRICS_FILE", "RunDirError", "read_metrics", "train", "train_many"]
+def jaccard_series(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Pair-selection stability over training from ``metrics.jsonl`` records, or None.
+
+    Uses ``penalty/jaccard`` if logged, else the first key containing ``jaccard``. Returns
+    ``{"key", "steps", "tokens", "values", "mean", "final", "min"}`` over the records with a
+    finite value (the Jaccard overlap |A∩B|/|A∪B| of kept-pair sets at consecutive logged steps).
+    """
+    keys = [k for r in records for k in r if "jaccard" in k.lower()]
+    if not keys:
+        return None
+    key = "penalty/jaccard" if "penalty/jaccard" in keys else keys[0]
+    steps, tokens, values = [], [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            steps.append(r.get("step"))
+            tokens.append(r.get("tokens"))
+            values.append(float(v))
+    if not values:
+        return None
+    return {"key": key, "steps": steps, "tokens": tokens, "values": values, "mean": float(np.mean(values)),
+            "final": values[-1], "min": float(np.min(values))}
+
+
+__all__ = ["CFG_FILE", "CHECKPOINT_FILE", "METRICS_FILE", "RunDirError", "jaccard_series", "read_metrics", "train",
+           "train_many"]

@@ -86,8 +86,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..errors import UnavailableError
-from ..harvest.corpus import EMBEDDED_SOURCES, PLAY_GENRES, in_split
+from ...errors import UnavailableError
+from ...harvest.corpus import EMBEDDED_SOURCES, PLAY_GENRES, in_split
 
 DEFAULT_MIN_CHARS = 150
 DEFAULT_MAX_CHARS = 360

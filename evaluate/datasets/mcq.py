@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..harvest.corpus import Document, iter_documents
+from ...harvest.corpus import Document, iter_documents
 
 MCQ_SETS = ("python", "shakespeare")
 LETTERS = ("A", "B", "C", "D")
