@@ -65,3 +65,34 @@ def tiny_store(tmp_path_factory: pytest.TempPathFactory, tiny_lm) -> Path:
     cfg = HarvestConfig(layers=[1, 2], model=str(tiny_lm.model_id), tokens=8192, context_size=64, batch_size=8,
                         dtype="float32", chunk_tokens=2048, device="cpu", out=str(out))
     return harvest(cfg, loaded=tiny_lm, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny ops: with 2 OpenMP threads on the shared 2-core
+    machine they run up to ~40x slower. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def planted_store_factory(tmp_path_factory: pytest.TempPathFactory):
+    """``make(n_tokens, d_in, n_features, active, seed, chunk_tokens, context_size)`` → path of a complete
+    store of planted sparse features (:func:`tests.helpers.planted_features`), built once per
+    argument set for the whole session. Read-only: a test that damages a store builds its own."""
+    from tests.helpers import planted_features, write_store
+
+    made: dict[tuple, Path] = {}
+
+    def make(n_tokens: int = 4096, d_in: int = 16, n_features: int = 32, active: int = 2, seed: int = 0,
+             chunk_tokens: int = 1024, context_size: int = 64) -> Path:
+        key = (n_tokens, d_in, n_features, active, seed, chunk_tokens, context_size)
+        if key not in made:
+            x, _ = planted_features(n_tokens, d_in=d_in, n_features=n_features, active=active, seed=seed)
+            path = tmp_path_factory.mktemp("planted") / "s.zarr"
+            made[key] = write_store(path, x, context_size=context_size, chunk_tokens=chunk_tokens)
+        return made[key]
+
+    return make

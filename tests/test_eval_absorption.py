@@ -21,14 +21,7 @@ from sae.evaluate.absorption import (
 )
 from sae.train.sae import SAE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Torch is ~40x slower with 2 OpenMP threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_case(absorb_rates: dict[int, float], split_letter: int | None = None, n_train: int = 20,

@@ -27,14 +27,7 @@ from sae.evaluate.results import read_result, write_result
 from sae.train.sae import SAE
 from tests.helpers import write_store
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: one thread keeps small matmuls fast and the suite polite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_abs_cos(W: np.ndarray) -> np.ndarray:

@@ -46,13 +46,7 @@ HOOK = "blocks.1.hook_resid_post"
 CTX = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """torch is ~40x slower with 2 OpenMP threads on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- tasks ------------------------------------------------------------------------------------------

@@ -36,13 +36,7 @@ from sae.train.sae import SAE
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Torch is ~40x slower with 2 OpenMP threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- MCQ sets -------------------------------------------------------------------------------------

@@ -34,13 +34,7 @@ CTX = 64
 N_TOKENS = 512  # 8 sequences of 64 tokens: one batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is 40x slower with 2 OpenMP threads on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sae_cfg(model_dir: Path, **kw: object) -> dict:

@@ -7,9 +7,10 @@ import torch
 
 from sae.train.variants.pairs import cofiring_pairs, cofiring_penalty, merge_sparse, occurrence_keys
 from tests import reference_penalties as ref
-from tests.penalty_helpers import assert_close_val_grad, make_codes, one_thread, unit_rows  # noqa: F401 (one_thread: autouse fixture)
+from tests.penalty_helpers import assert_close_val_grad, make_codes, unit_rows
 
 ACTS = ("topk", "relu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- shared sparse machinery ----------------------------------------------------------------------

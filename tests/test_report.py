@@ -27,13 +27,7 @@ from tests.helpers import BOS, planted_features, write_store
 CS = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: one thread keeps the tiny trainings fast and the suite polite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_decode(ids: Sequence[int]) -> str:

@@ -10,13 +10,11 @@ from sae.train.config import TrainConfig
 from sae.train.run import train
 from sae.train.sae import SAE
 from sae.train.sweep import expand, max_decoder_cosines, parse_grid, run_sweep, summarize
-from tests.helpers import planted_features, write_store
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    x, _ = planted_features(8192, d_in=16, n_features=32, active=2, seed=1)
-    return write_store(tmp_path_factory.mktemp("sw") / "s.zarr", x, context_size=64, chunk_tokens=1024)
+def store(planted_store_factory):
+    return planted_store_factory(8192, d_in=16, n_features=32, active=2, seed=1)
 
 
 def test_parse_and_expand_grid(tmp_path) -> None:

@@ -20,10 +20,11 @@ from sae.train.variants.pairs import cofiring_pairs, jaccard
 from sae.train.variants.progressive import lambda2, threshold
 from sae.train.variants.topk_pairs import n_keep
 from tests import reference_penalties as ref
-from tests.penalty_helpers import assert_close_val_grad, grads, make_codes, one_thread, unit_rows  # noqa: F401 (one_thread: autouse fixture)
+from tests.penalty_helpers import assert_close_val_grad, grads, make_codes, unit_rows
 
 VARIANTS = ("topk_pairs", "adaptive", "progressive", "temporal", "static_ortho", "ortsae")
 ACTS = ("topk", "relu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ctx_for(W: torch.Tensor, codes: SparseCodes, step: int = 0, total: int = 100, seed: int = 0

@@ -9,7 +9,6 @@ from sae.train import run as run_mod
 from sae.train.config import TrainConfig
 from sae.train.run import train
 from sae.train.sae import SAE
-from tests.helpers import planted_features, write_store
 
 # small settings so every variant's state (windows, groups, EMAs) changes within a few steps
 PARAMS = {
@@ -22,13 +21,12 @@ PARAMS = {
 }
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: avoid OpenMP oversubscription
+
+
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: avoid OpenMP oversubscription on small machines
-    x, _ = planted_features(4096, d_in=16, n_features=32, active=2, seed=3)
-    yield write_store(tmp_path_factory.mktemp("vr") / "s.zarr", x, context_size=64, chunk_tokens=1024)
-    torch.set_num_threads(threads)
+def store(planted_store_factory):
+    return planted_store_factory(4096, d_in=16, n_features=32, active=2, seed=3)
 
 
 @pytest.mark.parametrize("variant", sorted(PARAMS))
