@@ -354,7 +354,7 @@ def evaluate(
 @_guard
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
-    out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("report"),
+    out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("sae-report"),
     store: Annotated[str | None, typer.Option(help="Store (path or URL) for the feature browser (default: each "
                                                    "run's).")] = None,
     latents: Annotated[int, typer.Option(help="Latents shown in the feature browser.")] = 12,
