@@ -18,17 +18,16 @@ Entry points: :func:`browse` (→ :class:`BrowserResult`) and :func:`render_html
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UnavailableError
-from ..store import ActivationStore
 from ..latents import StoreScan, scan_store, select_latents
+from ..store import ActivationStore
 from ..train.sae import SAE
 
 Decode = Callable[[Sequence[int]], str]

@@ -169,8 +169,8 @@ def _max_cos(run: RunInfo) -> tuple[np.ndarray | None, str]:
         if v and all(is_number(x) for x in v):
             return np.asarray(v, dtype=np.float64), "geometry eval"
     try:
-        from ..train.sae import SAE
         from ..latents import pairwise_cosine_stats
+        from ..train.sae import SAE
 
         sae = SAE.load(run.path)
         return pairwise_cosine_stats(sae.W_dec.detach()).max_abs_cos.numpy().astype(np.float64), "weights"

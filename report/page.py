@@ -154,7 +154,8 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
                 else missing_html(f"L0 / explained-variance frontier: {NOT_EVALUATED} (no core results)"))
     f, key = plot_absorption(runs, colors, out)
     figs.append(figure_html(f, f"{key} vs explained variance") if f
-                else missing_html(f"absorption vs explained variance: {NOT_EVALUATED} (needs absorption + core results)"))
+                else missing_html(f"absorption vs explained variance: {NOT_EVALUATED} "
+                                  "(needs absorption + core results)"))
     f = plot_probing(runs, colors, out)
     figs.append(figure_html(f, "sparse probing: accuracy of a probe on the top-k latents vs k") if f
                 else missing_html(f"sparse probing vs k: {NOT_EVALUATED}"))
@@ -167,7 +168,8 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
     geo = (figure_html(f, "per-latent max decoder |cos| per run") + f'<p class="note">source: '
            f'{html.escape("; ".join(notes))}</p>' if f else missing_html(f"max decoder cosine: {NOT_EVALUATED}"))
     g_rows = [[r.label, r.variant, metric_value(r, "geometry", "groups", "n_groups"),
-               metric_value(r, "geometry", "groups", "median_kappa"), metric_value(r, "geometry", "groups", "max_kappa"),
+               metric_value(r, "geometry", "groups", "median_kappa"),
+               metric_value(r, "geometry", "groups", "max_kappa"),
                (r.results.get("geometry", {}).get("eval_result_unstructured") or {}).get("group_source")]
               for r in runs if "geometry" in r.results]
     geo += (table_html(["run", "variant", "groups", "median κ", "max κ", "group source"], g_rows) if g_rows
