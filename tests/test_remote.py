@@ -253,3 +253,20 @@ def test_a_store_reads_with_plain_zarr_and_dask(tmp_path):
     assert arr.shape == (2048, 16) and arr.chunks[0][0] == 1024
     assert np.array_equal(np.asarray(arr[:100].compute()), raw)
     assert np.array_equal(np.asarray(g["tokens"][:]), ActivationStore(store).tokens)
+
+
+def test_stale_lease_of_another_host_is_taken_over_only_by_resume(tmp_path):
+    import time as _time
+
+    loc = StoreLocation(str(tmp_path / "s.zarr"))
+    loc.write_json({"owner": "ana", "host": "node-7", "pid": 1, "purpose": "harvest", "token": "x",
+                    "heartbeat": _time.time() - 11 * 60}, "lease.json")
+    with pytest.raises(LeaseHeldError, match=r"ana@node-7 pid 1 .*its holder is gone: continue with --resume"):
+        Lease(loc).acquire()
+    mine = Lease(loc).acquire(takeover_stale=True)
+    assert loc.read_json("lease.json")["token"] == mine.token
+    mine.release()
+    assert not loc.exists("lease.json")
+    loc.write_json({"owner": "bo", "host": "node-8", "pid": 1, "heartbeat": _time.time() - 60}, "lease.json")
+    with pytest.raises(LeaseHeldError, match="wait for it to finish"):  # fresh heartbeat: never taken over
+        Lease(loc).acquire(takeover_stale=True)
