@@ -78,17 +78,14 @@ def hinge_sq_matrix(W: Tensor, group: Tensor, alpha: float) -> Tensor:
     return (cosines(W).abs() - alpha * same).clamp_min(0).square()
 
 
-def adaptive(W: Tensor, codes: SparseCodes, group: Tensor, alpha: float, lam: float,
-             subset: Tensor) -> Tensor:
-    """``λ · (mean_{i<j co-firing} h_ij + mean_{i<j ∈ subset} h_ij)`` (module docstring of adaptive)."""
+def adaptive_sum(W: Tensor, group: Tensor, alpha: float) -> Tensor:
+    """Mission §2, densely in float64: ``Σ_{i<j} max(0, |cos_ij| − α·[g_i = g_j])²`` with
+    ``cos_ij = d_i·d_j`` of the (unit) decoder rows, as the trainer's constraint keeps them."""
     F = W.shape[0]
-    H = hinge_sq_matrix(W, group, alpha)
-    cof = (cofire_counts(codes, F) > 0) & upper(F)
-    term1 = H[cof].mean() if bool(cof.any()) else H.sum() * 0
-    sub = subset.sort().values
-    Hs = H[sub][:, sub]
-    term2 = Hs[upper(sub.numel())].mean()
-    return lam * (term1 + term2)
+    cos = W.double() @ W.double().T
+    same = (group[:, None] == group[None, :]).double()
+    h = (cos.abs() - alpha * same).clamp_min(0).square()
+    return h[torch.triu(torch.ones(F, F, dtype=torch.bool), 1)].sum()
 
 
 def static_ortho_exact(W: Tensor, lam: float) -> Tensor:
