@@ -14,9 +14,10 @@ Metrics (``eval_result_metrics``):
 * ``groups``: κ_g = σ_max / σ_min of the decoder sub-matrix ``W_dec[g] [|g|, d_in]`` of each group
   g with ≥ ``min_group_size`` members (singular values of the unit rows; ``np.linalg.cond``).
   ``mean_kappa``/``median_kappa``/``max_kappa`` over groups with finite κ, ``n_singular_groups``
-  those with σ_min ≤ 1e-6·σ_max. Groups are those an ``adaptive`` run learned when the run left
-  them on disk (:func:`find_learned_groups`), else an axial spherical k-means of the decoder rows
-  (:func:`cluster_groups`); ``learned_groups`` is 1 or 0 and ``unstructured.group_source`` says which.
+  those with σ_min ≤ 1e-6·σ_max. Groups: an axial spherical k-means of the decoder rows
+  (:func:`cluster_groups`) with the same ``k`` for every run, so κ compares runs; the groups a run
+  *learned* (``adaptive``), when it left them on disk (:func:`find_learned_groups`), are scored
+  separately as ``learned_groups`` (``available`` 1/0, ``unstructured.learned_group_source``).
 * ``stability``: pair-selection stability of ``topk_pairs`` — the Jaccard overlap of kept-pair
   sets between consecutive logged steps, read from ``metrics.jsonl`` (the first key containing
   ``jaccard``): ``mean_jaccard``, ``final_jaccard``, ``min_jaccard``; None when never logged.
@@ -67,9 +68,9 @@ class Config:
     hist_bins: int = 50
     """Bins of the max-cosine histograms over [0, 1]."""
     groups: str = "auto"
-    """auto: learned groups if the run left them, else clustering; cluster: always cluster; none: skip κ."""
+    """auto: clustered κ plus learned-group κ when the run left groups; cluster: clustered only; none: skip κ."""
     n_groups: int | None = None
-    """Clusters when clustering; None → the run's ``variant_config`` ``n_groups`` if any, else ⌈d_sae / 32⌉."""
+    """Clusters (the same for every run); None → ⌈d_sae / 32⌉."""
     min_group_size: int = 2
     """Groups smaller than this get no κ (a single unit row has κ = 1)."""
     cluster_iters: int = 25
@@ -303,6 +304,21 @@ def _stats(x: torch.Tensor) -> dict[str, float]:
     return {"mean": float(x.mean()), "median": float(x.median()), "max": float(x.max())} if x.numel() else {}
 
 
+def _group_metrics(W_dec: torch.Tensor, groups: torch.Tensor | None, min_group_size: int) -> dict[str, Any]:
+    """κ statistics of ``W_dec``'s rows grouped by ``groups [d_sae]`` (all None without groups)."""
+    kappas = condition_numbers(W_dec, groups, min_group_size) if groups is not None else []
+    finite = torch.tensor([g["kappa"] for g in kappas if math.isfinite(g["kappa"])], dtype=torch.float64)
+    ks = _stats(finite)
+    sizes = [g["size"] for g in kappas]
+    return {
+        "n_groups": int(torch.unique(groups[groups >= 0]).numel()) if groups is not None else None,
+        "n_groups_scored": len(kappas) if groups is not None else None,
+        "mean_group_size": float(np.mean(sizes)) if sizes else None,
+        "mean_kappa": ks.get("mean"), "median_kappa": ks.get("median"), "max_kappa": ks.get("max"),
+        "n_singular_groups": sum(1 for g in kappas if not math.isfinite(g["kappa"])) if groups is not None else None,
+    }
+
+
 # -- the evaluation -------------------------------------------------------------------------------
 @torch.no_grad()
 def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | Path | None = None,
@@ -330,32 +346,23 @@ def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | P
             cat[f"frac_latents_max_cos_above_{_tag(t)}"] = float((st.max_abs_cos > t).double().mean())
         metrics[name] = cat
 
-    # groups and condition numbers
+    # groups and condition numbers: one k-means grouping with the same k for every run (comparable
+    # κ), and — separately labelled — the groups a run learned (adaptive), when it left them
     groups: torch.Tensor | None = None
-    vcfg = sae.cfg.get("variant_config") or {}
+    learned: torch.Tensor | None = None
+    learned_source = "not looked for (groups='cluster' or 'none')"
     if cfg.groups == "none":
         source = "skipped (groups='none')"
     else:
-        found, why = (None, "clustering requested") if cfg.groups == "cluster" else find_learned_groups(run_dir, F)
-        if found is not None:
-            groups, source = found, why
-        else:
-            n_groups = cfg.n_groups or int(vcfg.get("n_groups") or vcfg.get("num_groups") or 0) or math.ceil(F / 32)
-            groups = cluster_groups(W_dec, n_groups, cfg.cluster_iters, cfg.seed)
-            source = (f"clustered: axial spherical k-means of decoder rows into {n_groups} groups "
-                      f"(variant {sae.cfg.get('variant', '?')!r}; {why})")
-    kappas = condition_numbers(W_dec, groups, cfg.min_group_size) if groups is not None else []
-    finite = torch.tensor([g["kappa"] for g in kappas if math.isfinite(g["kappa"])], dtype=torch.float64)
-    ks = _stats(finite)
-    sizes = [g["size"] for g in kappas]
-    metrics["groups"] = {
-        "learned_groups": int(source.startswith("learned")) if groups is not None else None,
-        "n_groups": int(torch.unique(groups[groups >= 0]).numel()) if groups is not None else None,
-        "n_groups_scored": len(kappas) if groups is not None else None,
-        "mean_group_size": float(np.mean(sizes)) if sizes else None,
-        "mean_kappa": ks.get("mean"), "median_kappa": ks.get("median"), "max_kappa": ks.get("max"),
-        "n_singular_groups": sum(1 for g in kappas if not math.isfinite(g["kappa"])) if groups is not None else None,
-    }
+        n_groups = cfg.n_groups or math.ceil(F / 32)
+        groups = cluster_groups(W_dec, n_groups, cfg.cluster_iters, cfg.seed)
+        source = (f"clustered: axial spherical k-means of decoder rows into {n_groups} groups (the same k for "
+                  f"every run: k = {'Config.n_groups' if cfg.n_groups else 'ceil(d_sae / 32)'})")
+        if cfg.groups == "auto":
+            learned, learned_source = find_learned_groups(run_dir, F)
+    metrics["groups"] = _group_metrics(W_dec, groups, cfg.min_group_size)
+    metrics["learned_groups"] = {"available": int(learned is not None),
+                                 **_group_metrics(W_dec, learned, cfg.min_group_size)}
 
     # pair-selection stability
     records = _read_records(run_dir)
@@ -387,18 +394,22 @@ def compute_geometry(sae: SAE, run_dir: str | Path | None = None, store: str | P
     details = [{"index": i, "max_decoder_cos": float(dec.max_abs_cos[i]), "nearest_decoder": int(dec.nearest[i]),
                 "max_encoder_cos": float(enc.max_abs_cos[i]),
                 "group": int(groups[i]) if groups is not None else None,
+                "learned_group": int(learned[i]) if learned is not None else None,
                 "feature_density": float(density[i]) if density is not None else None} for i in range(F)]
     last = records[-1] if records else {}
     unstructured = {
         "run_dir": str(run_dir) if run_dir is not None else None,
         "group_source": source,
+        "learned_group_source": learned_source,
         "density_source": density_source,
         "histograms": {
             "max_decoder_cos": _hist01(dec.max_abs_cos, cfg.hist_bins),
             "max_encoder_cos": _hist01(enc.max_abs_cos, cfg.hist_bins),
             "log10_density": density_histogram(density) if density is not None else None,
         },
-        "group_condition_numbers": kappas,
+        "group_condition_numbers": condition_numbers(W_dec, groups, cfg.min_group_size) if groups is not None else [],
+        "learned_group_condition_numbers": (condition_numbers(W_dec, learned, cfg.min_group_size)
+                                            if learned is not None else []),
         "jaccard": jac,
         "final_penalty_logs": {k: v for k, v in last.items() if k.startswith("penalty/")
                                and (not isinstance(v, list) or len(v) <= 256)},

@@ -170,9 +170,11 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
     g_rows = [[r.label, r.variant, metric_value(r, "geometry", "groups", "n_groups"),
                metric_value(r, "geometry", "groups", "median_kappa"),
                metric_value(r, "geometry", "groups", "max_kappa"),
+               metric_value(r, "geometry", "learned_groups", "median_kappa"),
                (r.results.get("geometry", {}).get("eval_result_unstructured") or {}).get("group_source")]
               for r in runs if "geometry" in r.results]
-    geo += (table_html(["run", "variant", "groups", "median κ", "max κ", "group source"], g_rows) if g_rows
+    geo += (table_html(["run", "variant", "k-means groups", "median κ", "max κ", "learned-group median κ",
+                        "group source"], g_rows) if g_rows
             else missing_html(f"group condition numbers: {NOT_EVALUATED} (run `sae evaluate --evals geometry`)"))
     f = plot_stability(runs, colors, out)
     geo += (figure_html(f, "pair-selection stability (Jaccard of kept-pair sets between consecutive logs)") if f

@@ -128,14 +128,20 @@ def test_learned_groups_stability_and_core_density_from_run_dir(tmp_path: Path) 
     write_result(tmp_path, "core", {}, {"sparsity": {"l0": 4.0}},
                  [{"index": i, "feature_density": d} for i, d in enumerate(density)])
     out = compute_geometry(sae, run_dir=tmp_path)
-    assert out.metrics["groups"]["learned_groups"] == 1
-    assert out.unstructured["group_source"] == "learned (groups.json)"
-    assert out.metrics["groups"]["n_groups"] == 6 and out.metrics["groups"]["mean_group_size"] == 8
-    assert [d["group"] for d in out.details] == groups
+    lg = out.metrics["learned_groups"]  # the run's own groups: a separate, labelled metric
+    assert lg["available"] == 1 and out.unstructured["learned_group_source"] == "learned (groups.json)"
+    assert lg["n_groups"] == 6 and lg["mean_group_size"] == 8
+    assert [d["learned_group"] for d in out.details] == groups
     W = sae.W_dec.detach().double().numpy()
     U = W / np.linalg.norm(W, axis=1, keepdims=True)
     kappas = [np.linalg.cond(U[np.asarray(groups) == g]) for g in range(6)]
-    assert out.metrics["groups"]["max_kappa"] == pytest.approx(max(kappas), rel=1e-4)
+    assert lg["max_kappa"] == pytest.approx(max(kappas), rel=1e-4)
+    # the comparable κ: the same k-means grouping (k = ceil(48 / 32) = 2) as for any other run
+    src = out.unstructured["group_source"]
+    assert src.startswith("clustered") and "into 2 groups" in src
+    clustered = np.asarray([d["group"] for d in out.details])
+    want = [np.linalg.cond(U[clustered == g]) for g in np.unique(clustered) if (clustered == g).sum() >= 2]
+    assert out.metrics["groups"]["max_kappa"] == pytest.approx(max(want), rel=1e-4)
     assert out.metrics["stability"] == pytest.approx({"mean_jaccard": 0.7, "final_jaccard": 0.9,
                                                       "min_jaccard": 0.5})
     assert out.unstructured["jaccard"]["tokens"] == [1100, 2100, 3100]
@@ -147,7 +153,7 @@ def test_learned_groups_stability_and_core_density_from_run_dir(tmp_path: Path) 
     assert sum(out.unstructured["histograms"]["max_decoder_cos"]["counts"]) == 48
     # the result file round-trips through the SAEBench-shaped schema
     write_result(tmp_path, "geometry", out.eval_config, out.metrics, out.details, sae.cfg, out.unstructured)
-    assert read_result(tmp_path, "geometry")["eval_result_metrics"]["groups"]["learned_groups"] == 1
+    assert read_result(tmp_path, "geometry")["eval_result_metrics"]["learned_groups"]["available"] == 1
 
 
 def test_group_sources_checkpoint_and_metrics_then_clustering(tmp_path: Path) -> None:
@@ -164,7 +170,7 @@ def test_group_sources_checkpoint_and_metrics_then_clustering(tmp_path: Path) ->
     # a plain run: groups come from clustering, and the result says so
     sae = random_sae(8, 64)
     out = compute_geometry(sae, run_dir=tmp_path / "nothing", cfg=Config(n_groups=4))
-    assert out.metrics["groups"]["learned_groups"] == 0
+    assert out.metrics["learned_groups"]["available"] == 0 and out.metrics["learned_groups"]["median_kappa"] is None
     assert out.unstructured["group_source"].startswith("clustered") and "4 groups" in out.unstructured["group_source"]
     assert out.metrics["groups"]["n_groups"] <= 4 and out.metrics["stability"]["mean_jaccard"] is None
     assert out.metrics["density"]["frac_dead"] is None
