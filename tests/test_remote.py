@@ -270,3 +270,25 @@ def test_stale_lease_of_another_host_is_taken_over_only_by_resume(tmp_path):
     loc.write_json({"owner": "bo", "host": "node-8", "pid": 1, "heartbeat": _time.time() - 60}, "lease.json")
     with pytest.raises(LeaseHeldError, match="wait for it to finish"):  # fresh heartbeat: never taken over
         Lease(loc).acquire(takeover_stale=True)
+
+
+def test_harvest_into_s3_killed_and_resumed_is_identical(s3, tiny_lm, tiny_model_dir, tmp_path):
+    """SIGKILL a harvest writing to S3 right after a commit object, twice, then --resume: the same
+    digest, statistics and bytes as an uninterrupted local harvest (the dead writer's lease is taken over)."""
+    from tests.test_safety import _killed_harvest
+
+    cfg = dict(layers=[1, 2], tokens=5120, context_size=64, batch_size=8, dtype="bfloat16", chunk_tokens=1024,
+               device="cpu")
+    local = harvest(HarvestConfig(model=str(tiny_model_dir), out=str(tmp_path / "ref.zarr"), **cfg),
+                    loaded=tiny_lm, quiet=True)
+    url = "s3://team/killed.zarr"
+    _killed_harvest("after_commit", 3, tiny_model_dir, url, storage_options=s3)
+    _killed_harvest("before_commit", 2, tiny_model_dir, url, storage_options=s3)
+    assert StoreLocation(url, s3).exists("lease.json")
+    harvest(HarvestConfig(model=str(tiny_model_dir), out=url, resume=True, storage_options=s3, **cfg),
+            loaded=tiny_lm, quiet=True)
+    a, b = ActivationStore(local), ActivationStore(url, storage_options=s3)
+    assert a.content_digest == b.content_digest and a.attrs["stats"] == b.attrs["stats"]
+    for h in a.hook_names:
+        assert torch.equal(a.read_rows(h, 0, a.n_tokens), b.read_rows(h, 0, b.n_tokens))
+    assert not StoreLocation(url, s3).exists("lease.json") and verify_store(b).ok

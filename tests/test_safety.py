@@ -50,7 +50,7 @@ def _assert_same_store(a_path: Path, b_path: Path) -> None:
 
 
 KILLER = textwrap.dedent('''
-    import os, signal, sys
+    import json, os, signal, sys
     import zarr
     from sae.store.location import StoreLocation
     from sae.harvest.harvest import HarvestConfig, harvest
@@ -76,14 +76,16 @@ KILLER = textwrap.dedent('''
     StoreLocation.write_json = write_json
     zarr.Array.__setitem__ = setitem
     harvest(HarvestConfig(layers=[1, 2], model=model, tokens=5120, context_size=64, batch_size=8, dtype="bfloat16",
-                          chunk_tokens=1024, device="cpu", out=out, overwrite=overwrite, resume=not overwrite),
+                          chunk_tokens=1024, device="cpu", out=out, overwrite=overwrite, resume=not overwrite,
+                          storage_options=json.loads(os.environ.get("SAE_TEST_STORAGE_OPTIONS", "{}"))),
             quiet=True)
 ''')
 
 
-def _killed_harvest(point: str, n: int, model_dir: Path, out: Path, overwrite: bool = False) -> None:
+def _killed_harvest(point: str, n: int, model_dir: Path, out: Path | str, overwrite: bool = False,
+                    storage_options: dict | None = None) -> None:
     args = [sys.executable, "-c", KILLER, point, str(n), str(model_dir), str(out), "1" if overwrite else "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAE_TEST_STORAGE_OPTIONS": json.dumps(storage_options or {})}
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == -signal.SIGKILL, r.stderr
 
