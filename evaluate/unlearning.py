@@ -35,8 +35,13 @@ Algorithm (per SAE):
 3. Intervention (SAEBench ``anthropic_clamp_resid_SAE_features``): at the SAE's hook, at every
    non-special position (SAEBench zeroes position 0), each selected latent that fires is clamped to a
    negative value, ``f'_i = −m`` where ``f_i > 0`` (else ``f'_i = f_i``), keeping the reconstruction
-   error: ``x' = (x − x̂(f)) + x̂(f') = x + Σ_i (f'_i − f_i) W_dec[i]`` for ``m`` in ``multipliers``
-   (25, 50, 100, 200; raw activation units, as SAEBench). ``m = 0`` zero-ablates the latents where they
+   error: ``x' = (x − x̂(f)) + x̂(f') = x + Σ_i (g'_i − g_i) u_i`` for ``m`` in ``multipliers``
+   (25, 50, 100, 200). Units: SAEBench clamps SAEs whose decoder rows are unit-norm (SAELens'
+   ``fold_W_dec_norm`` convention), so ``m`` is a displacement in raw activation units along the
+   latent's direction. Our saved decoder rows have norm ``1/s`` (the folded input scale), so the clamp
+   is applied in that convention explicitly: ``u_i = W_dec[i]/‖W_dec[i]‖``, ``g_i = f_i‖W_dec[i]‖``,
+   ``g'_i = −m`` — identical to SAEBench for unit rows, and invariant to how an SAE distributes scale
+   between its encoder and decoder (tested). ``m = 0`` zero-ablates the latents where they
    fire; positions where no selected latent fires are untouched, so a prompt on which none fires keeps
    its clean logits exactly (its forward pass is skipped).
 4. For every setting (t, n, m): ``forget_accuracy`` and ``retain_accuracy`` = accuracy on the questions
@@ -48,9 +53,11 @@ Metric (SAEBench ``get_unlearning_scores``)::
     unlearning_score = 1 − min_s effect(s)                           ∈ [0, 1], higher = better
 
 i.e. the largest drop of forget accuracy among settings that keep ≥ 99 % of the retain questions the
-model knew. The score is ``null`` when the clean model answers no forget or no retain question
-correctly (nothing to measure). With a small base model such as Gemma 3 270M, clean accuracies are
-near chance (0.25): the "correct" questions are then partly lucky guesses and the score is noisy.
+model knew. **Measurability:** the score is ``null`` (and ``measurable = 0``, with a note "not
+measurable on this model") unless the clean model is clearly above chance on *both* sets: a one-sided
+binomial test of its correct count against chance 1/4 must give ``p < measurable_p`` (0.01). Below
+that, the "known" questions are mostly lucky guesses and no score is reported. Gemma 3 270M on the
+offline sets is near chance (a review counted 9 and 13 of 50 correct: not measurable).
 
 Cost: the clean passes (MCQs with their activations, the corpora) do not depend on the SAE and are
 cached in ``ctx.cache``; per SAE, each distinct (latents, m) re-runs the model only on the
@@ -98,6 +105,8 @@ class Config:
     multipliers: tuple[float, ...] = (25.0, 50.0, 100.0, 200.0)
     min_forget_freq: float = 0.0
     retain_acc_threshold: float = 0.99
+    measurable_p: float = 0.01
+    """The score is reported only if the clean model beats chance (1/4) on both sets at this p (binomial)."""
     llm_batch_size: int = 16
 
 
@@ -218,8 +227,9 @@ def select_latents(forget_freq: torch.Tensor, retain_freq: torch.Tensor, retain_
 
 def clamp_patch(sae: SAE, latents: Sequence[int], multiplier: float, keep: torch.Tensor
                 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The intervention of step 3: ``h [B, T, d] → h + Σ_i (f'_i − f_i) W_dec[i]`` at positions where
-    ``keep [B, T]`` is true, ``f'_i = −multiplier`` where the selected latent ``i`` fires (``f_i > 0``).
+    """The intervention of step 3: ``h [B, T, d] → h + Σ_i (g'_i − g_i) u_i`` at positions where
+    ``keep [B, T]`` is true, with ``u_i = W_dec[i]/‖W_dec[i]‖``, ``g_i = f_i‖W_dec[i]‖`` (unit-decoder
+    units, SAEBench's convention) and ``g'_i = −multiplier`` where the selected latent ``i`` fires.
 
     No selected latents → the identity.
     """
@@ -230,12 +240,21 @@ def clamp_patch(sae: SAE, latents: Sequence[int], multiplier: float, keep: torch
             return h
         B, T, d = h.shape
         x = h.to(sae.W_dec.device, sae.W_dec.dtype)
-        f = sae.encode(x.reshape(-1, d))[:, idx].reshape(B, T, -1)             # [B, T, n]
-        fire = (f > 0) & keep.to(f.device)[..., None]
-        delta = torch.where(fire, -float(multiplier) - f, torch.zeros_like(f))  # f' − f
-        return (x + delta @ sae.W_dec[idx]).to(h.device, h.dtype)
+        rows = sae.W_dec[idx]
+        norms = rows.norm(dim=1).clamp_min(1e-12)                               # ‖W_dec[i]‖
+        g = sae.encode(x.reshape(-1, d))[:, idx].reshape(B, T, -1) * norms     # [B, T, n], unit-row units
+        fire = (g > 0) & keep.to(g.device)[..., None]
+        delta = torch.where(fire, -float(multiplier) - g, torch.zeros_like(g))  # g' − g
+        return (x + delta @ (rows / norms[:, None])).to(h.device, h.dtype)
 
     return fn
+
+
+def binomial_p_above_chance(k: int, n: int, chance: float = 0.25) -> float:
+    """One-sided binomial p-value ``P[X ≥ k]``, ``X ~ Binomial(n, chance)`` (1.0 for ``n = 0``)."""
+    if n <= 0:
+        return 1.0
+    return float(min(1.0, sum(math.comb(n, j) * chance**j * (1 - chance) ** (n - j) for j in range(k, n + 1))))
 
 
 def unlearning_score(settings: Sequence[dict], retain_acc_threshold: float = 0.99) -> float:
@@ -415,10 +434,16 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
                                  "forget_accuracy": fa, "retain_accuracy": ra,
                                  "n_forget_rerun": nf, "n_retain_rerun": nr})
     score = unlearning_score(settings, cfg.retain_acc_threshold)
+    p_forget = binomial_p_above_chance(int(sets.forget.correct.sum()), len(sets.forget.correct))
+    p_retain = binomial_p_above_chance(int(sets.retain.correct.sum()), len(sets.retain.correct))
+    measurable = p_forget < cfg.measurable_p and p_retain < cfg.measurable_p
     valid = [s for s in settings if s["retain_accuracy"] >= cfg.retain_acc_threshold]
     best = min(valid, key=lambda s: s["forget_accuracy"]) if valid else None
     metrics = {
-        "unlearning_score": score,
+        "unlearning_score": score if measurable else math.nan,
+        "measurable": int(measurable),
+        "clean_forget_p_vs_chance": p_forget, "clean_retain_p_vs_chance": p_retain,
+        "unlearning_score_unchecked": score,
         "forget_accuracy_clean": sets.forget.accuracy,
         "retain_accuracy_clean": sets.retain.accuracy,
         "n_forget_questions": len(sets.forget.correct),
@@ -436,6 +461,11 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     note = None
     if math.isnan(score):
         note = "the clean model answers no forget or no retain question correctly: nothing to unlearn/retain"
+    elif not measurable:
+        note = (f"not measurable on this model: its clean accuracy is not clearly above chance (forget "
+                f"{int(sets.forget.correct.sum())}/{len(sets.forget.correct)}, p = {p_forget:.2g}; retain "
+                f"{int(sets.retain.correct.sum())}/{len(sets.retain.correct)}, p = {p_retain:.2g}; "
+                f"needs p < {cfg.measurable_p}); no score is reported")
     eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name}
     unstructured = {
         "run_dir": str(ctx.run_dir), "model_id": ctx.lm.model_id, "hook_name": ctx.hook_name,

@@ -23,6 +23,7 @@ from sae.evaluate.datasets.mcq import (
 )
 from sae.evaluate.unlearning import (
     answer_token_ids,
+    binomial_p_above_chance,
     clamp_patch,
     feature_frequencies,
     firing_latents,
@@ -179,6 +180,38 @@ def test_clamping_changes_logits_only_where_latents_fire(tiny_lm, mcq_case):
     assert torch.equal(ablated[~hit], clean[~hit])
 
 
+def test_clamp_is_in_unit_decoder_units_and_invariant_to_decoder_scale():
+    """Scaling the decoder rows by c and the encoder by 1/c reconstructs identically; the clamp must
+    then act identically too (SAEBench's unit-decoder convention), moving h by m along u_i."""
+    a = random_sae()
+    b = random_sae()
+    c = 7.0
+    with torch.no_grad():
+        b.W_dec.copy_(a.W_dec * c)
+        b.W_enc.copy_(a.W_enc / c)
+        b.b_enc.copy_(a.b_enc / c)
+        b.b_dec.copy_(a.b_dec)
+    h = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    f = a.encode(h.reshape(-1, 64)).reshape(2, 5, -1)
+    i = int((f > 0).sum((0, 1)).argmax())
+    assert torch.allclose(a(h.reshape(-1, 64)), b(h.reshape(-1, 64)), atol=1e-4)
+    pa, pb = clamp_patch(a, [i], 50.0, keep)(h), clamp_patch(b, [i], 50.0, keep)(h)
+    assert torch.allclose(pa, pb, atol=1e-4)
+    u = a.W_dec[i] / a.W_dec[i].norm()
+    fire = f[..., i] > 0
+    g = f[..., i] * a.W_dec[i].norm()
+    assert torch.allclose(pa[fire], (h + (-50.0 - g)[..., None] * u)[fire], atol=1e-4)
+
+
+def test_binomial_measurability_threshold():
+    assert binomial_p_above_chance(9, 50) > 0.5        # Gemma 3 270M's forget set: chance level
+    assert binomial_p_above_chance(13, 50) > 0.4
+    assert binomial_p_above_chance(25, 50) < 1e-3      # clearly above chance
+    assert binomial_p_above_chance(0, 0) == 1.0
+    assert binomial_p_above_chance(3, 4) == pytest.approx(4 * 0.25**3 * 0.75 + 0.25**4)  # direct tail
+
+
 def test_unlearning_score_rules():
     s = [{"forget_accuracy": 0.4, "retain_accuracy": 0.995},          # allowed: effect 0.4
          {"forget_accuracy": 0.1, "retain_accuracy": 0.9},            # retain broken: effect 1
@@ -213,6 +246,10 @@ def test_evaluate_runs_absorption_and_unlearning(tmp_path, tiny_model_dir):
     assert all("first_letter" in row for row in absorption["eval_result_details"])
     un = unlearning["eval_result_metrics"]["unlearning"]
     assert un["unlearning_score"] is None or 0.0 <= un["unlearning_score"] <= 1.0
+    assert un["measurable"] in (0, 1) and (un["measurable"] == 1 or un["unlearning_score"] is None)
+    if not un["measurable"]:  # a random tiny model is at chance: no score, and the result says why
+        assert "not measurable on this model" in (unlearning["eval_result_unstructured"]["note"] or "") or \
+            un["unlearning_score_unchecked"] is None
     assert un["n_forget_questions"] == 50 and un["n_retain_questions"] == 50
     assert un["n_settings"] == len(unlearning["eval_result_details"]) == 16
     assert unlearning["eval_config"]["multipliers"] == [25.0, 50.0, 100.0, 200.0]
