@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .format import COMMITS, TOKENS, chunk_key, scale_array_name
+from .format import COMMITS, TOKENS, array_names, scale_array_name
 from .reader import ActivationStore
-from .writer import TOKENS_COMMIT, content_digest
+from .writer import TOKENS_COMMIT, chunk_crc, content_digest
 
 REL_TOL = 1e-9
 
@@ -51,10 +51,6 @@ class VerifyReport:
         return self.bytes_read / max(self.seconds, 1e-9) / 1e9
 
 
-def _crc_at(store: ActivationStore, array: str, i: int, ndim: int) -> int:
-    return struct.unpack("<I", store.loc.tail_bytes(4, *chunk_key(array, i, ndim)))[0]
-
-
 def verify_store(store: ActivationStore, workers: int = 4, progress: object | None = None) -> VerifyReport:
     """Verify ``store`` (opened with ``require_complete=False`` to inspect unfinished stores too).
 
@@ -67,7 +63,7 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
     v2 = store.format_version >= 2
     n_chunks = -(-n // ct) if n else 0
     hooks = store.hook_names
-    arrays = [TOKENS, *hooks] + ([scale_array_name(h) for h in hooks] if store.codec.has_scale else [])
+    arrays = array_names(hooks, store.codec.has_scale)  # the digest order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep.bytes_read = store.nbytes_stored()
@@ -106,7 +102,7 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
         ndim = 2 if array in hooks else 1
         if v2:
             try:
-                crc = _crc_at(store, array, i, ndim)
+                crc = chunk_crc(store.loc, array, i, ndim)
                 if recorded_crcs[array][i] is not None and crc != recorded_crcs[array][i]:
                     problems.append(f"crc32c {crc:08x} differs from the committed {recorded_crcs[array][i]:08x}")
             except (OSError, struct.error, ValueError) as e:
@@ -128,13 +124,10 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
         return array, i, value, problems
 
     sums: dict[str, list[tuple[np.ndarray, float, int] | None]] = {h: [None] * n_chunks for h in hooks}
-    jobs = [(a, i) for a in arrays if not a.endswith(".scale") for i in range(n_chunks)]
-    jobs = [(TOKENS, i) for i in range(n_chunks)] + [(a, i) for a, i in jobs if a != TOKENS]
-    if store.codec.has_scale and v2:
-        jobs += [(scale_array_name(h), i) for h in hooks for i in range(n_chunks)]
+    # tokens first (the statistics need each chunk's special-token mask), then every other array
+    jobs = [(a, i) for a in arrays for i in range(n_chunks)]
     task = progress.add_task("verify", total=len(jobs)) if progress is not None else None
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        # tokens first: the statistics need each chunk's special-token mask
         for array, i, value, problems in pool.map(lambda job: check_chunk(*job), jobs[:n_chunks]):
             tokens_by_chunk[i] = np.asarray(value) if value is not None else None
             _record(rep, store, array, i, problems)
@@ -178,10 +171,9 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
         ok = err <= REL_TOL and cnt == int(store.attrs.get("stats_count", cnt))
         rep.checks.append((f"statistics {h}", ok, f"E‖x‖² {msq:,.4g} over {cnt:,} rows (max rel. diff {err:.1e})"))
     if v2:
-        order = arrays
         crcs = recorded_crcs
-        if all(c is not None for a in order for c in crcs[a]):
-            digest = content_digest([int(c) for a in order for c in crcs[a]])  # type: ignore[arg-type]
+        if all(c is not None for a in arrays for c in crcs[a]):
+            digest = content_digest([int(c) for a in arrays for c in crcs[a]])  # type: ignore[arg-type]
             rec = store.content_digest
             rep.checks.append(("content digest", digest == rec, f"{digest[:16]}…" + ("" if digest == rec else
                                                                                  f" ≠ recorded {str(rec)[:16]}…")))

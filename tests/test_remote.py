@@ -292,3 +292,28 @@ def test_harvest_into_s3_killed_and_resumed_is_identical(s3, tiny_lm, tiny_model
     for h in a.hook_names:
         assert torch.equal(a.read_rows(h, 0, a.n_tokens), b.read_rows(h, 0, b.n_tokens))
     assert not StoreLocation(url, s3).exists("lease.json") and verify_store(b).ok
+
+
+def test_verify_two_hooks_with_scales_is_clean_and_names_a_bad_scale_chunk(tmp_path):
+    """int8 stores carry a scale array per hook: the digest covers tokens, then per hook its
+    activations and scales; a damaged scale chunk is named."""
+    from sae.store import CodecSpec, StoreWriter
+
+    x, _ = planted_features(2048, d_in=16, n_features=32)
+    meta = {"model_id": "m", "model_fingerprint": "0", "dataset": "d", "split": "train", "seed": 0,
+            "special_token_ids": [2]}
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    w = StoreWriter(tmp_path / "s.zarr", meta, hooks, 16, 64, 2048, CodecSpec.parse("int8"), 1024)
+    for s in (0, 1024):
+        w.append(np.arange(s, s + 1024, dtype=np.int32) % 50 + 3, {h: x[s:s + 1024] * (1 + k) for k, h in
+                                                                   enumerate(hooks)}, np.ones(1024, bool))
+    w.finalize()
+    rep = verify_store(ActivationStore(tmp_path / "s.zarr"))
+    assert rep.ok, rep.checks
+    chunk = tmp_path / "s.zarr" / "blocks.1.hook_resid_post.scale" / "c" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[0] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    rep = verify_store(ActivationStore(tmp_path / "s.zarr"))
+    bad = {(a, i) for a, i, _, _ in rep.bad_chunks}  # the scale chunk, and the rows that need it to decode
+    assert not rep.ok and bad == {("blocks.1.hook_resid_post.scale", 1), ("blocks.1.hook_resid_post", 1)}
