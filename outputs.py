@@ -38,11 +38,25 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def is_store_attrs(attrs: object) -> bool:
+    """True when a group's attributes are those of a store written by ``sae harvest``/``convert``."""
+    return isinstance(attrs, dict) and all(k in attrs for k in ("format_version", "store_id", "hook_names"))
+
+
 def is_sae_store(path: str | Path) -> bool:
     """True when ``path`` is a directory holding a Zarr group written by ``sae harvest``/``convert``."""
-    meta = _read_json(Path(path) / "zarr.json")
-    attrs = (meta or {}).get("attributes") or {}
-    return isinstance(attrs, dict) and "format_version" in attrs and "store_id" in attrs and "hook_names" in attrs
+    return is_store_attrs(((_read_json(Path(path) / "zarr.json")) or {}).get("attributes"))
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether process ``pid`` of this host still runs (True when it cannot be told)."""
+    try:
+        os.kill(int(pid), 0)  # type: ignore[arg-type]
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True
+    return True
 
 
 def is_sae_run(path: str | Path) -> bool:
@@ -132,15 +146,8 @@ def remove_stale_staging(path: Path) -> None:
         if not p.name.startswith(prefix):
             continue
         pid = p.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # its process still runs (perhaps another overwrite in progress)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
+        if not pid.isdigit() or pid_alive(pid):
+            continue  # not our pattern, or its process still runs (perhaps another overwrite)
         shutil.rmtree(p, ignore_errors=True)  # our own naming pattern: created by a killed sae process
 
 

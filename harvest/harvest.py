@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model import LoadedModel, capture_resid_post, check_device, check_layers, hook_name_for, load_model
-from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store
+from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store, is_store_attrs
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
 from ..store.location import StoreLocation, as_location
@@ -181,10 +181,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
 
 def _remote_is_store(loc: StoreLocation) -> bool:
     try:
-        attrs = loc.read_json("zarr.json").get("attributes") or {}
-    except (OSError, ValueError):
+        return is_store_attrs(loc.read_json("zarr.json", fresh=True).get("attributes"))
+    except (OSError, ValueError, AttributeError):
         return False
-    return "format_version" in attrs and "store_id" in attrs
 
 
 def _vocab_size(lm: LoadedModel) -> int | None:

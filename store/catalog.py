@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from ..outputs import is_store_attrs
 from .location import StoreLocation, as_location
 
 
@@ -13,7 +14,7 @@ def _store_row(loc: StoreLocation, name: str) -> dict[str, Any] | None:
         attrs = (loc.read_json("zarr.json") or {}).get("attributes") or {}
     except (OSError, ValueError):
         return None
-    if "format_version" not in attrs or "store_id" not in attrs:
+    if not is_store_attrs(attrs):
         return None
     return {"name": name, "url": loc.url, "model": attrs.get("model_id"), "hooks": list(attrs.get("hook_names", [])),
             "tokens": attrs.get("n_tokens_written", attrs.get("n_tokens_target")), "codec": attrs.get("codec"),

@@ -16,22 +16,12 @@ import time
 import uuid
 from typing import Any
 
+from ..outputs import pid_alive
 from .format import LEASE_FILE, StoreError
 from .location import StoreLocation
 
 HEARTBEAT_S = 60.0
 STALE_S = 600.0
-
-
-def _alive(pid: object) -> bool:
-    """Whether process ``pid`` of this host still runs."""
-    try:
-        os.kill(int(pid), 0)  # type: ignore[arg-type]
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    return True
 
 
 class LeaseHeldError(StoreError):
@@ -63,7 +53,7 @@ class Lease:
                 held = {}
             age = time.time() - float(held.get("heartbeat", 0))
             who = f"{held.get('owner', '?')}@{held.get('host', '?')} pid {held.get('pid', '?')}"
-            dead = held.get("host") == socket.gethostname() and not _alive(held.get("pid"))
+            dead = held.get("host") == socket.gethostname() and not pid_alive(held.get("pid"))
             if takeover_stale and (age > STALE_S or dead):
                 self.loc.write_json(self._record(), LEASE_FILE)
             else:

@@ -354,3 +354,14 @@ def test_overwrite_of_foreign_dir_through_library_is_refused(tmp_path, tiny_lm, 
     with pytest.raises(ValueError, match="not an sae run directory"):
         train(_cfg(small_store, d, overwrite=True), quiet=True)
     assert (d / "thesis.tex").read_text() == "x"
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_other_files(small_store, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".sae_run").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')  # what a SIGKILLed run leaves
+    (run / "notes.txt").write_text("mine")
+    train(_cfg(small_store, run, resume=True), quiet=True)
+    assert (run / "notes.txt").read_text() == "mine" and (run / "sae_weights.safetensors").exists()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 12  # rewritten from step 0

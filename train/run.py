@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import threading
 import time
@@ -131,9 +130,10 @@ class _Run:
                 self._check_settings(old, CFG_FILE)
                 self.finished = True  # already finished: nothing to do
                 return None
-            # killed before its first checkpoint: nothing to resume, start again in place (our own files)
-            for child in path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            # killed before its first checkpoint: nothing to resume; start again in place (the metrics
+            # file is rewritten, a stale checkpoint temporary removed; nothing else is touched)
+            (path / (CHECKPOINT_FILE + ".tmp")).unlink(missing_ok=True)
+            return None
         self.build = OutputBuild(path, overwrite=cfg.overwrite, is_ours=is_sae_run, what="an sae run directory",
                                  keep_partial=lambda: (self.dir / CHECKPOINT_FILE).exists(), error=RunDirError)
         return None
