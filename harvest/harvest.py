@@ -151,29 +151,24 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     }
     codec = CodecSpec.parse(cfg.codec, cfg.dtype)
     args = (meta, hooks, lm.d_model, cfg.context_size, cfg.tokens, codec, cfg.chunk_tokens)
+    writers: list[StoreWriter] = []
+
+    def write(target: object, mode: str) -> None:
+        writers.append(StoreWriter(target, *args, mode=mode))
+        try:
+            _run_harvest(cfg, writers[-1], lm, layers, seqs, quiet)
+        finally:
+            writers[-1].close()  # releases the lease, also on failure
+
     if cfg.resume and exists:
-        writer = StoreWriter(loc, *args, mode="resume")
-        try:
-            _run_harvest(cfg, writer, lm, layers, seqs, quiet)
-        finally:
-            writer.close()
-    elif loc.local:
-        holder: list[StoreWriter] = []
+        write(loc, "resume")
+    elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
         with build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store",
-                          keep_partial=lambda: bool(holder) and holder[0].n_written > 0,
+                          keep_partial=lambda: bool(writers) and writers[-1].n_written > 0,
                           error=StoreError) as target:
-            writer = StoreWriter(target, *args, mode="create")
-            holder.append(writer)
-            try:
-                _run_harvest(cfg, writer, lm, layers, seqs, quiet)
-            finally:
-                writer.close()
+            write(target, "create")
     else:
-        writer = StoreWriter(loc, *args, mode="create")
-        try:
-            _run_harvest(cfg, writer, lm, layers, seqs, quiet)
-        finally:
-            writer.close()
+        write(loc, "create")
     if not quiet:
         print(f"→ {cfg.out}")
     return cfg.out
