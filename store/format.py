@@ -20,6 +20,8 @@ Format version 1 (older stores, read-only): the same arrays without checksums, n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import SaeError
 
 FORMAT_VERSION = 2
@@ -42,6 +44,19 @@ REQUIRED_ATTRS = ("hook_names", "d_model", "context_size", "chunk_tokens", "code
 def chunk_key(array: str, i: int, ndim: int) -> tuple[str, ...]:
     """Object path parts of chunk ``i`` of a row-chunked array (zarr v3 default chunk key encoding)."""
     return (array, "c", str(i), *(["0"] * (ndim - 1)))
+
+
+def committed_chunks(list_names: Callable[..., list[str]], hook_names: list[str]) -> set[int]:
+    """Chunk indices committed for *every* hook: the intersection over hooks of the
+    ``commits/<hook>/<i>.json`` names that ``list_names(COMMITS, hook)`` returns."""
+    sets = [{int(n[:-5]) for n in list_names(COMMITS, h) if n.endswith(".json") and n[:-5].isdigit()}
+            for h in hook_names]
+    return set.intersection(*sets) if sets else set()
+
+
+def chunk_rows(n_tokens: int, chunk_tokens: int, chunks: set[int]) -> int:
+    """Rows held by the chunks ``chunks`` of an ``n_tokens``-row array (the last chunk may be short)."""
+    return sum(min(chunk_tokens, n_tokens - i * chunk_tokens) for i in chunks)
 
 
 def array_names(hook_names: list[str], has_scale: bool) -> list[str]:

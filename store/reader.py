@@ -12,7 +12,16 @@ import zarr
 
 from ..errors import SaeError
 from .codecs import CodecSpec
-from .format import COMMITS, READABLE_VERSIONS, REQUIRED_ATTRS, STATUS_COMPLETE, TOKENS, StoreError, scale_array_name
+from .format import (
+    READABLE_VERSIONS,
+    REQUIRED_ATTRS,
+    STATUS_COMPLETE,
+    TOKENS,
+    StoreError,
+    chunk_rows,
+    committed_chunks,
+    scale_array_name,
+)
 from .location import StoreLocation, as_location
 
 
@@ -113,13 +122,10 @@ class ActivationStore:
     def _committed_rows(self) -> int:
         """Format 2 in progress: rows of chunks committed for every hook (needs a listable store)."""
         try:
-            n = int(self.group[TOKENS].shape[0])
-            ct = int(self.attrs["chunk_tokens"])
-            sets = [{x[:-5] for x in self.loc.list_names(COMMITS, h) if x.endswith(".json")} for h in self.hook_names]
+            done = committed_chunks(self.loc.list_names, self.hook_names)
+            return chunk_rows(int(self.group[TOKENS].shape[0]), int(self.attrs["chunk_tokens"]), done)
         except Exception:  # noqa: BLE001 - e.g. HTTP cannot list
             return 0
-        done = set.intersection(*sets) if sets else set()
-        return sum(min(ct, n - int(i) * ct) for i in done if i.isdigit())
 
     @property
     def chunk_tokens(self) -> int:

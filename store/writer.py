@@ -38,6 +38,8 @@ from .format import (
     StoreError,
     array_names,
     chunk_key,
+    chunk_rows,
+    committed_chunks,
     scale_array_name,
 )
 from .lease import Lease
@@ -159,14 +161,9 @@ class StoreWriter:
     def tokens_committed(self) -> bool:
         return self.loc.exists(COMMITS, TOKENS_COMMIT)
 
-    def committed(self, hook_name: str) -> set[int]:
-        """Chunk indices of ``hook_name`` whose commit object exists."""
-        return {int(n[:-5]) for n in self.loc.list_names(COMMITS, hook_name) if n.endswith(".json")
-                and n[:-5].isdigit()}
-
     def missing_chunks(self) -> list[int]:
         """Chunk indices not yet committed for every hook, ascending."""
-        done = set.intersection(*(self.committed(h) for h in self.hook_names)) if self.hook_names else set()
+        done = committed_chunks(self.loc.list_names, self.hook_names)
         return [i for i in range(self.n_chunks) if i not in done]
 
     @property
@@ -174,9 +171,7 @@ class StoreWriter:
         """Rows of the committed chunks (all hooks)."""
         if not self.tokens_committed() and self._next == 0:
             return 0
-        missing = set(self.missing_chunks())
-        return sum(min(self.chunk_tokens, self.n_tokens - i * self.chunk_tokens)
-                   for i in range(self.n_chunks) if i not in missing)
+        return chunk_rows(self.n_tokens, self.chunk_tokens, committed_chunks(self.loc.list_names, self.hook_names))
 
     def read_tokens(self) -> np.ndarray:
         return np.asarray(self.group[TOKENS][:])
