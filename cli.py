@@ -271,9 +271,13 @@ def train(
     hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
     variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
                                               "static_ortho | ortsae")] = "topk",
-    arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
+    arch: Annotated[str | None, typer.Option(help="SAE architecture: topk | relu | batchtopk | jumprelu | "
+                                              "matryoshka (default topk; relu for --variant relu).")] = None,
+    jumprelu_variant: Annotated[str | None, typer.Option(help="--arch jumprelu: gemma (L0 step penalty) | anthropic "
+                                                               "(tanh sparsity + dead pre-activation loss).")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p",
-                                                    help="Variant hyperparameter NAME=VALUE (repeatable).")] = None,
+                                                    help="Variant or arch hyperparameter NAME=VALUE (repeatable).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of training options ([variant_params] table). "
                                                      "Options given on the command line win over the file.")] = None,
     d_sae: Annotated[int | None, typer.Option(help="Latents (default: expansion × d_in).")] = None,
@@ -295,6 +299,7 @@ def train(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
+    from .errors import ConfigError
     from .train.config import TrainConfig
     from .train.run import train as run
 
@@ -305,7 +310,12 @@ def train(
                                 log_every=log_every, checkpoint_every=checkpoint_every,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
                                 variant_params=_parse_params(param or []))
-    cli_names = {"hook": "hook_name", "param": "variant_params", "storage_option": "storage_options"}
+    if jumprelu_variant is not None:
+        if (arch or "") != "jumprelu" and config is None:
+            raise ConfigError("--jumprelu-variant needs --arch jumprelu")
+        opts["variant_params"]["variant"] = jumprelu_variant  # routed to arch_params (jumprelu's ``variant``)
+    cli_names = {"hook": "hook_name", "param": "variant_params", "storage_option": "storage_options",
+                 "jumprelu_variant": "variant_params"}
     if config is not None:
         given = {cli_names.get(n, n) for n in _explicit(ctx, [n for n in ctx.params if n not in ("config", "quiet")])}
         cfg = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
@@ -383,7 +393,8 @@ def sweep(
         "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
     grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
     hook: Annotated[str | None, typer.Option(help="Hook array (default: the store's only one).")] = None,
-    arch: Annotated[str | None, typer.Option(help="Base activation for penalty variants: topk | relu.")] = None,
+    arch: Annotated[str | None, typer.Option(help="SAE architecture of every run: topk | relu | batchtopk | "
+                                              "jumprelu | matryoshka (or --grid arch=...).")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of shared training options and [<variant>] tables. "
                                                      "Options given on the command line win over the file.")] = None,
     expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,

@@ -33,11 +33,15 @@ class TrainConfig:
     hook_name: str | None = None
     """Store array to train on; None = the store's only hook."""
     variant: str = "topk"
-    """topk | relu | an orthogonality penalty (topk_pairs, adaptive, progressive, temporal, ...)."""
+    """none | topk | relu (no penalty; ``relu`` also means ``--arch relu``) | an orthogonality
+    penalty (topk_pairs, adaptive, progressive, temporal, static_ortho, ortsae)."""
     arch: str | None = None
-    """Base activation: topk | relu. None = relu for variant 'relu', else topk."""
+    """SAE architecture: topk | relu | batchtopk | jumprelu | matryoshka. None = relu for
+    variant 'relu', else topk."""
     variant_params: dict[str, Any] = field(default_factory=dict)
     """Penalty hyperparameters (see the variant's Config); unspecified ones take defaults."""
+    arch_params: dict[str, Any] = field(default_factory=dict)
+    """Architecture hyperparameters (see the arch's Config, e.g. matryoshka ``groups``)."""
     d_sae: int | None = None
     expansion: int = 8
     """d_sae = expansion · d_in when d_sae is None."""
@@ -73,7 +77,31 @@ class TrainConfig:
 
     @property
     def activation(self) -> str:
+        """The resolved architecture name (``arch``, or relu for variant 'relu', else topk)."""
         return self.arch or ("relu" if self.variant == "relu" else "topk")
+
+    def __post_init__(self) -> None:
+        self.route_params()
+
+    def route_params(self) -> None:
+        """Move ``-p`` names that belong to the architecture (e.g. matryoshka ``groups``, jumprelu
+        ``bandwidth``) from ``variant_params`` to ``arch_params``; names the variant has stay.
+        Idempotent; does nothing for an unknown arch or variant (``validate`` reports those)."""
+        import dataclasses
+
+        from .archs import arch_names, arch_param_names
+        from .variants import variant_names
+        from .variants.base import BASELINES, penalty_class
+
+        if self.activation not in arch_names() or self.variant not in variant_names() or not self.variant_params:
+            return
+        own = set() if self.variant in BASELINES else {
+            f.name for f in dataclasses.fields(penalty_class(self.variant).Config)}
+        mine = arch_param_names(self.activation) - own
+        moved = {k: v for k, v in self.variant_params.items() if k in mine}
+        if moved:
+            self.variant_params = {k: v for k, v in self.variant_params.items() if k not in moved}
+            self.arch_params = {**self.arch_params, **moved}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,6 +115,7 @@ class TrainConfig:
         """
         from ..model import check_device
         from ..outputs import check_output_location
+        from .archs import arch_names, make_arch_config
         from .variants import make_config
 
         def integer(option: str, value: Any, lo: int = 1) -> None:
@@ -107,9 +136,14 @@ class TrainConfig:
             raise ConfigError("storage_options must be a table of fsspec options")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite are exclusive: pick one")
-        if self.arch not in (None, "topk", "relu"):
-            raise ConfigError(f"--arch {self.arch!r}: choose topk or relu")
+        if self.arch is not None and self.arch not in arch_names():
+            raise ConfigError(f"--arch {self.arch!r}: choose one of {', '.join(arch_names())}")
+        if self.variant == "relu" and self.arch not in (None, "relu"):
+            raise ConfigError(f"--variant relu means --arch relu, not --arch {self.arch}: use --variant none "
+                              f"--arch {self.arch} for a plain {self.arch} SAE")
+        self.route_params()
         make_config(self.variant, self.variant_params)  # unknown variant / parameter, type, range
+        make_arch_config(self.activation, self.arch_params)
         if self.d_sae is not None:
             integer("--d-sae", self.d_sae)
         integer("--expansion", self.expansion)
@@ -150,11 +184,13 @@ class TrainConfig:
         with the variant's parameters completed by their defaults and the resolved base activation."""
         import dataclasses
 
+        from .archs import make_arch_config
         from .variants import make_config
 
         d = {k: v for k, v in self.to_dict().items() if k not in NON_RUN_KEYS}
         d["arch"] = self.activation
         d["variant_params"] = dataclasses.asdict(make_config(self.variant, self.variant_params))
+        d["arch_params"] = dataclasses.asdict(make_arch_config(self.activation, self.arch_params))
         return d
 
     @classmethod
@@ -168,6 +204,7 @@ class TrainConfig:
         """
         data, _tables = read_toml(path, overrides.get("variant"))
         params = dict(data.pop("variant_params", {}))
+        arch_params = dict(data.pop("arch_params", {}))
         variant = overrides.get("variant") or data.get("variant", "topk")
         own = data.get(variant)
         if isinstance(own, dict):
@@ -175,6 +212,7 @@ class TrainConfig:
         kw = {k: v for k, v in data.items() if not isinstance(v, dict)}
         kw.update({k: v for k, v in overrides.items() if k != "variant_params"})
         kw["variant_params"] = {**params, **overrides.get("variant_params", {})}
+        kw["arch_params"] = {**arch_params, **overrides.get("arch_params", {})}
         if isinstance(kw.get("adam_betas"), list):
             kw["adam_betas"] = tuple(kw["adam_betas"])
         return cls(**kw)
@@ -218,18 +256,27 @@ def read_toml(path: str | Path, variant: str | None = None) -> tuple[dict[str, A
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config {p}: TOML syntax error: {e}") from e
-    names = {f.name for f in fields(TrainConfig)} - {"variant_params", "resume", "overwrite", "storage_options"}
+    names = {f.name for f in fields(TrainConfig)} - {"variant_params", "arch_params", "resume", "overwrite",
+                                                     "storage_options"}
     known_variants = set(variant_names())
     tables: dict[str, dict[str, Any]] = {}
     for key, value in data.items():
         if isinstance(value, dict):
-            if key != "variant_params" and key not in known_variants:
+            if key not in ("variant_params", "arch_params") and key not in known_variants:
                 raise ConfigError(f"--config {p}, line {_line_of(text, None, key)}: unknown table [{key}] "
                                   f"(use [variant_params] or one of [{'], ['.join(sorted(known_variants))}])")
             tables[key] = value
         elif key not in names:
             raise ConfigError(f"--config {p}, line {_line_of(text, key)}: unknown training option {key!r}")
     selected = variant or data.get("variant", "topk")
+    arch_table = tables.pop("arch_params", None)
+    if arch_table is not None and isinstance(data.get("arch"), str):  # else the arch comes from the CLI
+        from .archs import make_arch_config
+
+        try:
+            make_arch_config(data["arch"], arch_table)
+        except ConfigError as e:
+            raise ConfigError(f"--config {p}, line {_line_of(text, None, 'arch_params')}: [arch_params] {e}") from e
     for key, table in tables.items():
         owner = selected if key == "variant_params" else key
         try:

@@ -28,6 +28,7 @@ from ..model import layer_of_hook, resolve_device
 from ..outputs import RUN_MARKER, OutputBuild, is_empty_dir, is_sae_run
 from ..progress import progress_bar
 from ..store import ActivationStore, ShuffledBatches, StoreError
+from .archs import arch_class, make_arch_config
 from .config import TrainConfig
 from .sae import CFG_FILE, WEIGHTS_FILE
 from .trainer import Trainer
@@ -184,8 +185,10 @@ class _Run:
         if not _finite(self.trainer):
             self.fail("final weights are not finite")
             return
-        sae = self.trainer.sae.folded(scale)
-        sae.save(self.dir, cfg_dict)
+        trained = self.trainer.inference_sae()
+        sae = trained.folded(scale)
+        sae.save(self.dir, {**cfg_dict, **trained.cfg,
+                            "arch_config": dataclasses.asdict(self.trainer.arch.config)})
         pen_state = {k: v.detach().cpu().contiguous() for k, v in self.trainer.penalty.state_dict().items()}
         if pen_state:  # final variant state (groups, EMAs...) for analysis, e.g. the geometry eval
             save_file(pen_state, str(self.dir / PENALTY_STATE_FILE))
@@ -255,8 +258,7 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     device = resolve_device(first.device)
     for c in cfgs:
         d_sae = c.d_sae or c.expansion * store.d_model
-        if c.activation == "topk" and c.k > d_sae:
-            raise ConfigError(f"--k {c.k} must be at most d_sae = {d_sae}")
+        arch_class(c.activation).check(store.d_model, d_sae, c.k, make_arch_config(c.activation, c.arch_params))
     scale = store.norm_scale(hook) if first.normalize else 1.0
     if not math.isfinite(scale) or scale <= 0:
         raise StoreError(f"{store.path}: the statistics of {hook} are not finite (E‖x‖² = "

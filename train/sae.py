@@ -1,9 +1,14 @@
 """The sparse autoencoder and its on-disk format (SAELens layout: safetensors + cfg.json).
 
-Math (mission doc, "The SAE"; Gao et al. 2024 for TopK):
+Math (mission doc, "The SAE"; Gao et al. 2024 for TopK; Rajamanoharan et al. 2024 for JumpReLU):
     pre = (x − b_dec) W_enc + b_enc            x: [batch, d_in], pre: [batch, d_sae]
-    f   = σ(pre)      σ = ReLU, or TopK(k) followed by ReLU
+    f   = σ(pre)      σ = ReLU; TopK(k) followed by ReLU; or JumpReLU_θ(pre) = ReLU(pre)·H(pre − θ)
     x̂   = f W_dec + b_dec                      W_dec rows are kept unit-norm during training
+
+This class is the *inference* SAE: the three saved forms (SAELens ``architecture`` ``standard``,
+``topk``, ``jumprelu``). How it was trained (BatchTopK, Matryoshka, JumpReLU with its STE...) is
+the business of ``train/archs``; BatchTopK and Matryoshka SAEs are saved as JumpReLU, as SAELens
+and dictionary_learning do.
 
 Sparse codes are carried as ``(vals, idx)`` pairs ``[batch, K]``: the decoder then costs
 ``batch·K·d_in`` instead of ``batch·d_sae·d_in`` (``embedding_bag``).
@@ -24,7 +29,8 @@ from ..errors import SaeError
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
-ACTIVATIONS = ("topk", "relu")
+ACTIVATIONS = ("topk", "relu", "jumprelu")
+SAVED_ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
 
 
 class SAELoadError(SaeError):
@@ -45,11 +51,13 @@ class SparseCodes:
 
 
 class SAE(nn.Module):
-    """A TopK or ReLU sparse autoencoder over ``d_in``-dimensional activations.
+    """A TopK, ReLU or JumpReLU sparse autoencoder over ``d_in``-dimensional activations.
 
     Args:
         d_in: input width (the model's ``d_model``). d_sae: number of latents.
-        activation: ``"topk"`` (exactly ``k`` active per token) or ``"relu"``.
+        activation: ``"topk"`` (exactly ``k`` active per token), ``"relu"``, or ``"jumprelu"``
+            (latent i active where ``pre_i > threshold_i``; the ``threshold [d_sae]`` buffer, in
+            pre-activation units, is saved as SAELens' ``threshold`` tensor).
         k: active latents per token for ``topk``.
     """
 
@@ -66,6 +74,8 @@ class SAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
         self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, **kw))
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+        if activation == "jumprelu":
+            self.register_buffer("threshold", torch.zeros(d_sae, **kw))
         self.cfg: dict = {}
 
     # -- initialisation and decoder constraint --------------------------------------------------
@@ -100,11 +110,14 @@ class SAE(nn.Module):
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def codes_from_pre(self, pre: torch.Tensor) -> SparseCodes:
-        """Sparse codes from pre-activations. ReLU: ``K`` = largest active count in the batch."""
+        """Sparse codes from pre-activations. ReLU/JumpReLU: ``K`` = largest active count in the
+        batch (other rows padded with value-0 slots)."""
         if self.activation == "topk":
             vals, idx = pre.topk(self.k, dim=-1, sorted=False)
             return SparseCodes(F.relu(vals), idx)
         f = F.relu(pre)
+        if self.activation == "jumprelu":
+            f = f * (pre > self.threshold)
         kmax = max(int((f > 0).sum(-1).max()), 1)
         vals, idx = f.topk(kmax, dim=-1, sorted=False)
         return SparseCodes(vals, idx)
@@ -116,6 +129,9 @@ class SAE(nn.Module):
         """``[batch, d_in]`` → dense codes ``f [batch, d_sae]``."""
         if self.activation == "relu":
             return F.relu(self.pre_acts(x))
+        if self.activation == "jumprelu":
+            pre = self.pre_acts(x)
+            return F.relu(pre) * (pre > self.threshold)
         return self.encode_sparse(x).to_dense(self.d_sae)
 
     def decode_sparse(self, codes: SparseCodes, bias: bool = True) -> torch.Tensor:
@@ -144,15 +160,18 @@ class SAE(nn.Module):
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec / scale)
         out.b_dec.copy_(self.b_dec / scale)
+        if self.activation == "jumprelu":
+            out.threshold.copy_(self.threshold)  # pre-activations are unchanged by the fold
         out.cfg = dict(self.cfg)
         return out
 
     def save(self, run_dir: str | Path, cfg: dict) -> None:
-        """Write ``sae_weights.safetensors`` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec)
-        and ``cfg.json`` (``cfg`` plus the architecture fields)."""
+        """Write ``sae_weights.safetensors`` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
+        and for JumpReLU ``threshold [d_sae]``: exactly the state dict SAELens 6 loads strictly) and
+        ``cfg.json`` (``cfg`` plus the architecture fields)."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        names = ("W_enc", "W_dec", "b_enc", "b_dec")
+        names = self.tensor_names()
         tensors = {n: getattr(self, n).detach().float().cpu().contiguous() for n in names}
         save_file(tensors, str(run_dir / WEIGHTS_FILE))
         full = dict(cfg)
@@ -160,12 +179,19 @@ class SAE(nn.Module):
         (run_dir / CFG_FILE).write_text(json.dumps(full, indent=2, sort_keys=True))
         self.cfg = full
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """Names of the saved tensors (SAELens' state-dict keys for this architecture)."""
+        base = ("W_enc", "W_dec", "b_enc", "b_dec")
+        return (*base, "threshold") if self.activation == "jumprelu" else base
+
     def arch_cfg(self) -> dict:
-        """Architecture fields of ``cfg.json`` (SAELens names)."""
+        """Architecture fields of ``cfg.json`` (SAELens names: ``architecture`` ``standard`` /
+        ``topk`` / ``jumprelu``; ``activation_fn_str`` is ``relu`` for JumpReLU, whose mask is the
+        ``threshold`` tensor, as SAELens' ``JumpReLUSAE.encode`` applies it)."""
         return {
             "d_in": self.d_in, "d_sae": self.d_sae,
-            "architecture": "topk" if self.activation == "topk" else "standard",
-            "activation_fn_str": self.activation,
+            "architecture": SAVED_ARCHITECTURE[self.activation],
+            "activation_fn_str": "topk" if self.activation == "topk" else "relu",
             "activation_fn_kwargs": {"k": self.k} if self.activation == "topk" else {},
             "k": self.k if self.activation == "topk" else None,
             "apply_b_dec_to_input": True, "dtype": "float32",
@@ -188,7 +214,8 @@ class SAE(nn.Module):
         if not (run_dir / WEIGHTS_FILE).exists() or not (run_dir / CFG_FILE).exists():
             raise FileNotFoundError(f"{run_dir} has no {WEIGHTS_FILE} + {CFG_FILE}: is it a finished `sae train` run?")
         cfg = read_cfg(run_dir)
-        act = cfg.get("activation_fn_str", "relu")
+        act = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}.get(cfg.get("architecture"), "")
+        act = act or ("topk" if cfg.get("activation_fn_str") == "topk" else "relu")
         try:
             d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k") or 1)
             sae = cls(d_in, d_sae, act, k, device=device)
@@ -201,7 +228,7 @@ class SAE(nn.Module):
             raise SAELoadError(f"{run_dir / WEIGHTS_FILE} is not a readable safetensors file "
                                f"({_first_line(e)}); re-train the run or restore the file") from None
         with torch.no_grad():
-            for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            for n in sae.tensor_names():
                 p = getattr(sae, n)
                 if n not in tensors:
                     raise SAELoadError(f"{run_dir / WEIGHTS_FILE} has no tensor {n!r}; re-train the run")

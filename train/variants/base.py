@@ -9,8 +9,6 @@ never from globals.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
+from ..params import build_params
 from ..sae import SparseCodes
 
 
@@ -87,7 +86,7 @@ class NoPenalty(Penalty):
 
 
 REGISTRY: dict[str, type[Penalty]] = {}
-BASELINES = ("topk", "relu")
+BASELINES = ("none", "topk", "relu")
 
 
 def register(cls: type[Penalty]) -> type[Penalty]:
@@ -103,56 +102,6 @@ def variant_names() -> list[str]:
     return [*BASELINES, *sorted(REGISTRY)]
 
 
-def _convert(variant: str, key: str, value: Any, default: Any) -> Any:
-    """``value`` (a CLI string or a TOML value) as the type of the field's ``default``."""
-    kind = type(default)
-    where = f"-p {key}={value!r} (variant {variant!r})"
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "0", "false", "no"):
-            return value.lower() in ("1", "true", "yes")
-        raise ConfigError(f"{where}: expected true or false")
-    if kind in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got a boolean")
-        if isinstance(value, int | float) and not (kind is int and isinstance(value, float) and not value.is_integer()):
-            out = kind(value)
-        elif isinstance(value, str):
-            try:
-                out = kind(value) if kind is float else int(value, 10)
-            except ValueError:
-                raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}") from None
-        else:
-            raise ConfigError(f"{where}: expected {'an integer' if kind is int else 'a number'}")
-        if kind is float and not math.isfinite(out):
-            raise ConfigError(f"{where}: must be finite")
-        return out
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string")
-        return value
-    return value
-
-
-def _check_range(variant: str, key: str, value: Any, spec: str) -> None:
-    """``spec``: ``>=x``, ``>x``, ``[a,b]`` / ``(a,b]`` / ``[a,b)`` intervals, or ``{a,b,c}`` choices."""
-    ok = True
-    if spec.startswith("{"):
-        ok = value in spec[1:-1].split(",")
-        allowed = "one of " + spec[1:-1].replace(",", ", ")
-    elif spec.startswith(">="):
-        ok, allowed = value >= float(spec[2:]), spec
-    elif spec.startswith(">"):
-        ok, allowed = value > float(spec[1:]), spec
-    else:
-        lo, hi = (float(v) for v in spec[1:-1].split(","))
-        ok = (value >= lo if spec[0] == "[" else value > lo) and (value <= hi if spec[-1] == "]" else value < hi)
-        allowed = f"in {spec}"
-    if not ok:
-        raise ConfigError(f"-p {key}={value!r} (variant {variant!r}) is out of range: it must be {allowed}")
-
-
 def make_config(variant: str, params: dict[str, Any] | None = None) -> Any:
     """Build ``variant``'s config dataclass from defaults overridden by ``params``.
 
@@ -162,21 +111,7 @@ def make_config(variant: str, params: dict[str, Any] | None = None) -> Any:
     the valid ones), a value of the wrong type, or one out of range.
     """
     cls = NoPenalty.Config if variant in BASELINES else penalty_class(variant).Config
-    params = dict(params or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    ranges = getattr(cls, "ranges", {})
-    kwargs = {}
-    for key, value in params.items():
-        if key not in fields:
-            raise ConfigError(f"variant {variant!r} has no parameter {key!r} "
-                              f"(it has: {', '.join(fields) or 'none'})")
-        default = fields[key].default
-        kwargs[key] = _convert(variant, key, value, default) if default is not dataclasses.MISSING else value
-    for key in fields:
-        if key in ranges:
-            value = kwargs.get(key, fields[key].default)
-            _check_range(variant, key, value, ranges[key])
-    return cls(**kwargs)
+    return build_params(cls, f"variant {variant!r}", params)
 
 
 def penalty_class(variant: str) -> type[Penalty]:

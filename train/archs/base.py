@@ -1,0 +1,146 @@
+"""The interface every SAE architecture implements, and the architecture registry.
+
+An architecture decides how a training batch is *encoded* (which latents fire, with which
+differentiable values), which sparsity terms join the loss, how the reconstruction loss is formed,
+and in which inference form the SAE is saved. The SAE parameters themselves (``W_enc``, ``b_enc``,
+``W_dec``, ``b_dec``) live in :class:`~sae.train.sae.SAE`; an architecture's own state (BatchTopK's
+threshold estimate, JumpReLU's learned ``log_threshold``) lives in its registered buffers and
+parameters, so it is checkpointed and restored exactly by ``--resume``.
+
+Every architecture returns :class:`~sae.train.sae.SparseCodes` ``[batch, K]``: a variable number of
+active latents per token is carried as value-0 padding slots (``vals == 0`` means inactive), so
+the decoder and the orthogonality penalties stay on the sparse path (no ``[batch, d_sae]``
+decoder product) and the penalties see the real co-firing sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError
+from ..params import build_params
+from ..sae import SAE, SparseCodes
+
+
+@dataclass
+class Encoded:
+    """One training batch encoded by an architecture.
+
+    Attributes:
+        codes: ``vals``/``idx`` ``[batch, K]``; ``vals`` carry the gradients into the encoder.
+        pre: ``[batch, d_sae]`` no-grad pre-activations (AuxK picks dead latents from them), or None.
+        losses: extra loss terms already weighted (sparsity penalties), summed into the loss.
+        logs: scalars for ``metrics.jsonl``.
+    """
+
+    codes: SparseCodes
+    pre: torch.Tensor | None
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Inference:
+    """How a trained architecture is saved: the inference ``activation`` of :class:`SAE`
+    (``topk`` | ``relu`` | ``jumprelu``), its ``k`` (TopK), its ``threshold [d_sae]`` (JumpReLU),
+    and extra ``cfg.json`` fields (e.g. ``matryoshka_widths``)."""
+
+    activation: str
+    k: int = 1
+    threshold: torch.Tensor | None = None
+    cfg: dict[str, Any] = field(default_factory=dict)
+
+
+class Arch(nn.Module):
+    """Base class: subclasses set ``name``, ``Config``, ``uses_auxk``, and implement :meth:`encode`
+    and :meth:`inference`; :meth:`reconstruction` defaults to the FVU of the full decode.
+
+    Args:
+        d_in, d_sae: SAE shape. k: the target number of active latents per token (TopK's exact
+        k; BatchTopK's and Matryoshka's batch mean; JumpReLU's target L0). config: ``Config``
+        instance. train_cfg: the run's :class:`~sae.train.config.TrainConfig` (ReLU reads its L1
+        options from it).
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = type(None)
+    uses_auxk: ClassVar[bool] = False
+    """Whether the trainer adds the AuxK dead-latent loss (Gao et al. 2024) from ``Encoded.pre``."""
+    source: ClassVar[str] = ""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, config: Any, train_cfg: Any) -> None:
+        super().__init__()
+        self.d_in, self.d_sae, self.k, self.config = d_in, d_sae, k, config
+
+    @classmethod
+    def check(cls, d_in: int, d_sae: int, k: int, config: Any) -> None:
+        """Checks that need the SAE's shape (run before any side effect). Raises ``ConfigError``."""
+        if not 0 < k <= d_sae:
+            raise ConfigError(f"--k {k} must be in 1..d_sae = {d_sae}")
+
+    def encode(self, sae: SAE, x_c: torch.Tensor, step: int, total_steps: int, dead: torch.Tensor) -> Encoded:
+        """Encode ``x_c = x − b_dec`` ``[batch, d_in]`` (normalised units) for training step ``step``
+        of ``total_steps``; ``dead`` ``[d_sae]`` bool marks the latents that have not fired for
+        ``dead_tokens`` training tokens."""
+        raise NotImplementedError
+
+    def reconstruction(self, sae: SAE, x: torch.Tensor, codes: SparseCodes,
+                       total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """``(loss, x̂ [batch, d_in], logs)``; default: ``FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²``.
+
+        ``logs["fvu"]`` is always the FVU of the *full* reconstruction."""
+        x_hat = sae.decode_sparse(codes)
+        fvu = (x - x_hat).pow(2).sum() / total_var
+        return fvu, x_hat, {"fvu": fvu.item()}
+
+    def inference(self) -> Inference:
+        """The saved form (see :class:`Inference`)."""
+        raise NotImplementedError
+
+    def after_step(self, sae: SAE) -> None:
+        """Hook run after the optimiser step (no grad), e.g. to project parameters."""
+
+
+REGISTRY: dict[str, type[Arch]] = {}
+
+
+def register(cls: type[Arch]) -> type[Arch]:
+    """Class decorator adding an architecture to :data:`REGISTRY` under ``cls.name``."""
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def arch_names() -> list[str]:
+    """All names ``--arch`` accepts."""
+    from . import _load_all  # noqa: F401  (imports every architecture module)
+
+    return list(REGISTRY)
+
+
+def arch_class(name: str) -> type[Arch]:
+    """The class of architecture ``name``. Raises ``ConfigError`` for an unknown one."""
+    names = arch_names()
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown --arch {name!r}: choose one of {', '.join(names)}")
+    return REGISTRY[name]
+
+
+def make_arch_config(name: str, params: dict[str, Any] | None = None) -> Any:
+    """``name``'s config dataclass from its defaults overridden by ``params`` (checked)."""
+    return build_params(arch_class(name).Config, f"arch {name!r}", params)
+
+
+def arch_param_names(name: str) -> set[str]:
+    """The ``-p`` names that belong to architecture ``name`` (the rest go to the variant)."""
+    import dataclasses
+
+    return {f.name for f in dataclasses.fields(arch_class(name).Config)}
+
+
+def build_arch(name: str, d_in: int, d_sae: int, k: int, params: dict[str, Any] | None, train_cfg: Any) -> Arch:
+    """Instantiate architecture ``name`` with its config."""
+    return arch_class(name)(d_in, d_sae, k, make_arch_config(name, params), train_cfg)
