@@ -116,9 +116,10 @@ def register(cls: type[Arch]) -> type[Arch]:
 
 def arch_names() -> list[str]:
     """All names ``--arch`` accepts."""
-    from . import _load_all  # noqa: F401  (imports every architecture module)
+    from ._load_all import ARCH_MODULES  # imports every architecture module
 
-    return list(REGISTRY)
+    order = {n: i for i, n in enumerate(ARCH_MODULES)}
+    return sorted(REGISTRY, key=lambda n: order.get(n, len(order)))
 
 
 def arch_class(name: str) -> type[Arch]:
