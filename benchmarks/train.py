@@ -11,6 +11,11 @@ implementation spends), i.e. the MFU convention.
 (b) Store headroom: shuffled-batch read throughput from the store (tokens/s, decompression
 included) divided by training consumption (tokens/s). Goal ≥ 3.
 Last line: ``step FLOP/s / matmul FLOP/s: R1 (goal >= 0.6); store read / train consumption: R2 (goal >= 3)``.
+
+(c) ``--arch batchtopk,jumprelu,matryoshka``: each architecture's training-step time as a ratio to
+TopK's at the same shapes, measured side by side in one run (interleaved rounds, median of each;
+batches from ``--store`` when given, else Gaussian). Goals: BatchTopK ≤ 1.2×, JumpReLU ≤ 1.5×,
+Matryoshka ≤ 1.5×. Last line: ``step time / TopK: batchtopk R (goal <= 1.2), ...``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--arch", default="", help="comma-separated archs to time against topk (part c only)")
+    ap.add_argument("--variant", default="none", help="penalty of every timed run in part (c)")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    if a.arch:
+        compare_archs(a)
+        return
     dev = resolve_device(a.device)
     B, d, F, k = a.batch, a.d_in, a.d_in * a.expansion, a.k
     g = torch.Generator().manual_seed(0)
@@ -84,6 +95,50 @@ def main() -> None:
         print(f"store read (shuffled, decoded, {s.attrs['codec']}): {read_tps:,.0f} tokens/s over {n_batches} batches")
         r2_text = f"{r2:.1f} (goal >= 3)"
     print(f"step FLOP/s / matmul FLOP/s: {r1:.2f} (goal >= 0.6); store read / train consumption: {r2_text}")
+
+
+GOALS = {"batchtopk": 1.2, "jumprelu": 1.5, "matryoshka": 1.5}
+
+
+def compare_archs(a: argparse.Namespace) -> None:
+    """Part (c): step time of each ``--arch`` / TopK's, interleaved rounds, medians."""
+    import statistics
+
+    dev = resolve_device(a.device)
+    B, k = a.batch, a.k
+    if a.store:
+        s = ActivationStore(a.store)
+        hook = s.hook_names[0]
+        loader = iter(ShuffledBatches(s, hook, B, scale=s.norm_scale(hook), device=dev))
+        xs = [next(loader) for _ in range(4)]
+    else:
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(B, a.d_in, generator=g).to(dev) for _ in range(4)]
+    d = xs[0].shape[1]
+    F = d * a.expansion
+    archs = ["topk", *[x for x in a.arch.split(",") if x and x != "topk"]]
+    trainers = {}
+    for arch in archs:
+        cfg = TrainConfig(arch=arch, variant=a.variant, d_sae=F, k=k, batch_size=B, lr=1e-4)
+        trainers[arch] = Trainer(cfg, d_in=d, total_steps=10**6, device=dev)
+    its = {arch: itertools.cycle(xs) for arch in archs}
+    for arch, tr in trainers.items():  # warm-up: thresholds set, buffers allocated
+        for _ in range(3):
+            tr.step(next(its[arch]))
+    times: dict[str, list[float]] = {arch: [] for arch in archs}
+    for _ in range(a.rounds):
+        for arch, tr in trainers.items():
+            times[arch].append(timeit(lambda tr=tr, arch=arch: tr.step(next(its[arch])), a.steps, dev))
+    med = {arch: statistics.median(v) for arch, v in times.items()}
+    print(f"device {dev}  B={B} d_in={d} d_sae={F} k={k} variant={a.variant}  data={'store' if a.store else 'gaussian'}")
+    for arch in archs:
+        l0 = trainers[arch].step(xs[0])["l0"]
+        spread = (max(times[arch]) - min(times[arch])) * 1e3
+        print(f"{arch:>10}: {med[arch] * 1e3:7.1f} ms/step (range {spread:.1f} ms over {a.rounds} rounds)  "
+              f"L0 {l0:.1f}  ratio {med[arch] / med['topk']:.2f}")
+    parts = [f"{arch} {med[arch] / med['topk']:.2f} (goal <= {GOALS[arch]})" if arch in GOALS
+             else f"{arch} {med[arch] / med['topk']:.2f}" for arch in archs[1:]]
+    print("step time / TopK: " + ", ".join(parts))
 
 
 if __name__ == "__main__":

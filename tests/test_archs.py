@@ -204,7 +204,7 @@ def test_matryoshka_loss_sums_every_prefix_reconstruction() -> None:
     ref, per = 0.0, []
     for m in (6, 12, 24, 48):  # Bussmann et al. 2025: Σ_m ‖x − f_{:m} W_dec[:m] − b_dec‖²
         fvu = (x - (f[:, :m] @ W_dec[:m] + sae.b_dec.detach())).pow(2).sum() / total_var
-        per.append(float(fvu))
+        per.append(float(fvu.detach()))
         ref = ref + fvu
     ref.backward()
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)

@@ -13,8 +13,8 @@ widths in ``cfg.json`` as ``matryoshka_widths``.
 
 ``groups``: comma-separated widths (``128,512,2048``) or, when every value is ≤ 1, fractions of
 d_sae (default ``0.0625,0.125,0.25,0.5,1``); ``d_sae`` is appended when the last width is smaller.
-The prefix decodes reuse the sparse codes (one masked ``embedding_bag`` per group), never a dense
-``[batch, d_sae]`` product.
+All prefix decodes come from one ``embedding_bag`` over the sparse slots (see
+:meth:`Matryoshka.reconstruction`), never a dense ``[batch, d_sae]`` product.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ...errors import ConfigError
 from ..sae import SAE, SparseCodes
@@ -78,19 +79,24 @@ class Matryoshka(BatchTopK):
 
     def reconstruction(self, sae: SAE, x: torch.Tensor, codes: SparseCodes,
                        total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """Σ_g FVU of prefix g. One ``embedding_bag`` over the slots sorted by group (bag = one
+        token's slots in one group) gives every group's partial decode ``[B, G, d_in]``; their
+        cumulative sum is every prefix's reconstruction (the decoder cost of one full decode)."""
+        B, K = codes.idx.shape
+        G = len(self.widths)
         bounds = torch.tensor(self.widths, device=codes.idx.device)
         group = torch.bucketize(codes.idx, bounds, right=True)  # slot's group: i < m_0 → 0, ...
-        x_hat = sae.b_dec.expand_as(x)
-        loss = x.new_zeros(())
-        logs: dict[str, float] = {}
-        for g, m in enumerate(self.widths):
-            part = codes.vals * (group == g)
-            x_hat = x_hat + sae.decode_sparse(SparseCodes(part, codes.idx), bias=False)
-            fvu = (x - x_hat).pow(2).sum() / total_var
-            loss = loss + fvu
-            logs[f"fvu_prefix_{m}"] = fvu.item()
+        order = group.argsort(dim=1, stable=True)
+        idx_s, vals_s = codes.idx.gather(1, order), codes.vals.gather(1, order)
+        counts = torch.zeros(B, G, dtype=torch.long, device=group.device).scatter_add_(1, group, torch.ones_like(group))
+        starts = counts.cumsum(1) - counts + torch.arange(B, device=group.device)[:, None] * K
+        parts = F.embedding_bag(idx_s.reshape(-1), sae.W_dec, starts.reshape(-1), mode="sum",
+                                per_sample_weights=vals_s.reshape(-1)).view(B, G, -1)
+        prefix = parts.cumsum(1) + sae.b_dec                    # [B, G, d_in]: x̂ of each prefix
+        fvu = (x[:, None, :] - prefix).pow(2).sum((0, 2)) / total_var  # [G]
+        logs = {f"fvu_prefix_{m}": float(v) for m, v in zip(self.widths, fvu.detach().tolist(), strict=True)}
         logs["fvu"] = logs[f"fvu_prefix_{self.widths[-1]}"]
-        return loss, x_hat, logs
+        return fvu.sum(), prefix[:, -1], logs
 
     def inference(self) -> Inference:
         out = super().inference()
