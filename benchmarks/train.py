@@ -130,7 +130,8 @@ def compare_archs(a: argparse.Namespace) -> None:
         for arch, tr in trainers.items():
             times[arch].append(timeit(lambda tr=tr, arch=arch: tr.step(next(its[arch])), a.steps, dev))
     med = {arch: statistics.median(v) for arch, v in times.items()}
-    print(f"device {dev}  B={B} d_in={d} d_sae={F} k={k} variant={a.variant}  data={'store' if a.store else 'gaussian'}")
+    data = "store" if a.store else "gaussian"
+    print(f"device {dev}  B={B} d_in={d} d_sae={F} k={k} variant={a.variant}  data={data}")
     for arch in archs:
         l0 = trainers[arch].step(xs[0])["l0"]
         spread = (max(times[arch]) - min(times[arch])) * 1e3

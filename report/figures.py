@@ -41,10 +41,14 @@ def plot_frontier(runs: list[RunInfo], colors: list[Any], out: Path) -> str | No
         return None
     fig, ax = _new_figure()
     by_variant: dict[str, list[tuple[float, float]]] = {}
+    archs = sorted({r.arch for r in runs})
+    markers = dict(zip(archs, "osD^vP*X", strict=False))
     for i, x, y in pts:
-        ax.scatter([x], [y], color=colors[i], s=50, zorder=3, label=runs[i].label)
-        ax.annotate(runs[i].variant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        by_variant.setdefault(runs[i].variant, []).append((x, y))
+        name = runs[i].variant if len(archs) == 1 else f"{runs[i].arch}·{runs[i].variant}"
+        ax.scatter([x], [y], color=colors[i], s=50, zorder=3, label=runs[i].label,
+                   marker=markers.get(runs[i].arch, "o"))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        by_variant.setdefault(f"{runs[i].arch}/{runs[i].variant}", []).append((x, y))
     for xy in by_variant.values():
         if len(xy) > 1:
             xs, ys = zip(*sorted(xy), strict=True)

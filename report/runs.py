@@ -59,6 +59,14 @@ class RunInfo:
     def variant(self) -> str:
         return str(self.cfg.get("variant") or self.cfg.get("architecture") or "?")
 
+    @property
+    def arch(self) -> str:
+        """The training architecture (``trained_architecture``; older runs: from ``architecture``)."""
+        a = self.cfg.get("trained_architecture")
+        if a:
+            return str(a)
+        return {"standard": "relu"}.get(str(self.cfg.get("architecture")), str(self.cfg.get("architecture") or "?"))
+
 
 # -- loading --------------------------------------------------------------------------------------
 def resolve_run_dirs(paths: Sequence[str | Path]) -> list[Path]:

@@ -46,12 +46,12 @@ def figure_html(name: str, caption: str) -> str:
 
 # -- sections -------------------------------------------------------------------------------------
 def runs_section(runs: list[RunInfo]) -> str:
-    header = ["run", "variant", "variant config", "activation", "k", "d_in", "d_sae", "hook", "training tokens",
+    header = ["run", "variant", "variant config", "arch", "saved as", "k", "d_in", "d_sae", "hook", "training tokens",
               "model", "path"]
     rows = []
     for r in runs:
         c = r.cfg
-        rows.append([r.label, r.variant, c.get("variant_config"), c.get("activation_fn_str"), c.get("k"),
+        rows.append([r.label, r.variant, c.get("variant_config"), r.arch, c.get("architecture"), c.get("k"),
                      c.get("d_in"), c.get("d_sae"), c.get("hook_name"), c.get("training_tokens"),
                      c.get("model_name"), str(r.path)])
     bad = [f"{r.label}: {name} — {err}" for r in runs for name, err in r.bad_results.items()]

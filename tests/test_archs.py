@@ -335,3 +335,29 @@ def test_sweep_grid_over_arch(store, tmp_path) -> None:
     assert runs == ["topk-arch=batchtopk", "topk-arch=topk", "topk_pairs-arch=batchtopk", "topk_pairs-arch=topk"]
     arch = {n: json.loads((tmp_path / "sw" / n / "cfg.json").read_text())["architecture"] for n in runs}
     assert arch["topk_pairs-arch=batchtopk"] == "jumprelu" and arch["topk-arch=topk"] == "topk"
+
+
+def test_cofiring_sets_of_heavy_tailed_variable_count_codes_are_exact() -> None:
+    """BatchTopK gives rare tokens hundreds of latents: the pair engine enumerates rows in buckets
+    of similar count (bounded memory) and must still find exactly the co-firing pairs."""
+    from sae.train.variants.pairs import _row_buckets, cofiring_pairs, occurrence_keys
+
+    g = torch.Generator().manual_seed(0)
+    B, F = 200, 600
+    pre = torch.randn(B, F, generator=g)
+    pre[:2] += 3.0  # two heavy tokens
+    idx, keep, _ = batch_topk_select(pre, 4)
+    vals = pre.gather(1, idx).relu() * keep
+    codes = SparseCodes(vals, idx, live=keep)
+    assert _row_buckets(keep) is not None and idx.shape[1] > 100
+    f = _dense(codes, F)
+    on = (f > 0).double()
+    ref_counts = torch.triu(on.T @ on, 1)
+    ref_scores = torch.triu(f.double().T @ f.double(), 1)
+    ref_keys = ref_counts.nonzero()
+    cof = cofiring_pairs(codes, F, with_scores=True)
+    assert torch.equal(cof.keys, ref_keys[:, 0] * F + ref_keys[:, 1])
+    assert torch.equal(cof.counts, ref_counts[ref_keys[:, 0], ref_keys[:, 1]].long())
+    assert torch.allclose(cof.scores.double(), ref_scores[ref_keys[:, 0], ref_keys[:, 1]], rtol=1e-5)
+    occ = occurrence_keys(codes, F).sort().values
+    assert torch.equal(occ, torch.repeat_interleave(cof.keys, cof.counts))

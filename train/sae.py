@@ -39,10 +39,18 @@ class SAELoadError(SaeError):
 
 @dataclass
 class SparseCodes:
-    """Sparse latent codes: ``vals [batch, K]`` (0 = inactive slot), ``idx [batch, K]`` (long)."""
+    """Sparse latent codes: ``vals [batch, K]`` (0 = inactive slot), ``idx [batch, K]`` (long).
+
+    A variable number of active latents per token is carried as padding slots of value 0 (``K`` =
+    the largest count in the batch). ``live`` ``[batch, K]`` bool (optional) marks the slots that
+    carry a value or need a gradient (active ones, and JumpReLU's kernel band); the decoder then
+    skips the others, so a few tokens with hundreds of active latents do not make every token pay
+    for ``K`` slots.
+    """
 
     vals: torch.Tensor
     idx: torch.Tensor
+    live: torch.Tensor | None = None
 
     def to_dense(self, d_sae: int) -> torch.Tensor:
         """``[batch, d_sae]`` dense codes."""
@@ -135,7 +143,14 @@ class SAE(nn.Module):
         return self.encode_sparse(x).to_dense(self.d_sae)
 
     def decode_sparse(self, codes: SparseCodes, bias: bool = True) -> torch.Tensor:
-        """``x̂ = Σ_j vals_j W_dec[idx_j] (+ b_dec)`` → ``[batch, d_in]``."""
+        """``x̂ = Σ_j vals_j W_dec[idx_j] (+ b_dec)`` → ``[batch, d_in]``. With ``codes.live``, only
+        the live slots are decoded (one ragged ``embedding_bag``; same result and gradients)."""
+        if codes.live is not None:
+            live = codes.live
+            offsets = live.sum(1).cumsum(0) - live.sum(1)
+            out = F.embedding_bag(codes.idx[live], self.W_dec, offsets, per_sample_weights=codes.vals[live],
+                                  mode="sum")
+            return out + self.b_dec if bias else out
         out = F.embedding_bag(codes.idx, self.W_dec, per_sample_weights=codes.vals, mode="sum")
         return out + self.b_dec if bias else out
 

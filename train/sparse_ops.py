@@ -81,9 +81,48 @@ class GatherPreActs(torch.autograd.Function):
 
 
 def gather_pre_acts(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor,
-                    pre: torch.Tensor) -> torch.Tensor:
-    """Differentiable ``pre.gather(1, idx)`` with a sparse backward (see :class:`GatherPreActs`)."""
-    return GatherPreActs.apply(x_c, W_enc, b_enc, idx, pre)
+                    pre: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+    """Differentiable ``pre.gather(1, idx)`` with a sparse backward (see :class:`GatherPreActs`).
+
+    ``live`` ``[batch, K]`` bool: only these slots carry values and gradients (the others return 0);
+    the backward then costs ``O(n_live·d_in)`` however wide the padding (variable-count codes)."""
+    if live is None:
+        return GatherPreActs.apply(x_c, W_enc, b_enc, idx, pre)
+    return GatherLive.apply(x_c, W_enc, b_enc, idx, live, pre)
+
+
+class GatherLive(torch.autograd.Function):
+    """``out = pre.gather(1, idx) · live`` with the sparse backward of :class:`GatherPreActs` built
+    from the live slots only (a CSR matrix with a variable number of entries per row)."""
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, idx, live, pre):  # type: ignore[override]
+        ctx.save_for_backward(x_c, W_enc, idx, live)
+        return pre.gather(1, idx) * live
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x_c, W_enc, idx, live = ctx.saved_tensors
+        B = idx.shape[0]
+        d_sae = W_enc.shape[1]
+        rows = torch.arange(B, device=idx.device)[:, None].expand_as(idx)[live]
+        cols = idx[live]
+        gv = g[live].to(x_c.dtype)
+        order = torch.argsort(rows * d_sae + cols)
+        rows, cols, gv = rows[order], cols[order], gv[order]
+        crow = torch.zeros(B + 1, dtype=torch.int64, device=idx.device)
+        crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+        grad_x = grad_W = grad_b = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            G = torch.sparse_csr_tensor(crow, cols, gv, (B, d_sae))
+            if ctx.needs_input_grad[0]:
+                grad_x = G @ W_enc.t()
+            if ctx.needs_input_grad[1]:
+                grad_W = (G.t() @ x_c).t()
+        if ctx.needs_input_grad[2]:
+            grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, gv.to(g.dtype))
+        return grad_x, grad_W, grad_b, None, None, None
 
 
 def _csr(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,14 +10,14 @@ independently of their batch. θ starts at the first batch's value (SAELens star
 lets the EMA climb, which biases short runs low). AuxK is added as for TopK.
 
 Selection cost: the flat top-``B·k`` over ``B·d_sae`` entries (190 ms on 2 CPU cores at 4096 ×
-5120) is replaced by an exact two-stage search: each row's top ``c`` candidates (``c`` ≥ 2k),
-the (B·k)-th largest among them, and a retry with ``2c`` when some row has all ``c`` candidates
-selected (then, and only then, could a selected entry be missing). The result equals the flat
-selection (tested against it).
+5120) is replaced by an exact two-stage search (:func:`batch_topk_select`): each row's top ``c``
+candidates, then the few rows that could hold more (real activations have rare high-norm tokens
+that take hundreds of latents) in full. The result equals the flat selection (tested).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,28 +28,52 @@ from ..sparse_ops import dense_pre_no_grad, gather_pre_acts
 from .base import Arch, Encoded, Inference, register
 
 
+def _nth_largest(v: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``n``-th largest entry of the 1-D ``v`` (its smallest when ``n ≥ len(v)``)."""
+    return v.kthvalue(v.numel() - n + 1).values if n < v.numel() else v.min()
+
+
 @torch.no_grad()
 def batch_topk_select(pre: torch.Tensor, k: int, cap: int | None = None) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor]:
     """The top ``B·k`` entries of ``ReLU(pre)`` ``[B, d_sae]`` as per-row padded slots.
 
     Returns ``(idx [B, K], keep [B, K] bool, tau)``: each row's kept latents first (in descending
-    order of ``pre``), then padding slots (``keep`` False) of the same row's next candidates, with
-    ``K`` the largest kept count of any row; ``tau`` is the smallest kept value (0-dim tensor).
-    Entries ``≤ 0`` are never kept (BatchTopK applies ReLU before selecting). ``cap``: first
-    candidate width (default ``2k``).
+    order of ``pre``), then padding slots (``keep`` False), with ``K`` the largest kept count of any
+    row; ``tau`` is the smallest kept value (0-dim tensor). Entries ``≤ 0`` are never kept (BatchTopK
+    applies ReLU before selecting). ``cap``: candidate width per row (default ``2k``).
+
+    Exactness: τ is first taken over every row's top ``c`` candidates; a row whose ``c``-th candidate
+    is still ≥ τ may hold more selected entries, so τ is recomputed over the other rows' candidates
+    plus those rows in full — a superset of the batch's top ``B·k`` — and those rows are selected
+    from in full. Cost: one ``topk(c)`` of the batch plus work on the few saturated rows.
     """
     B, F = pre.shape
     n = min(B * k, B * F)
     c = min(F, max(cap or 0, 2 * k, 1))
-    while True:
-        vals, idx = pre.topk(c, dim=1, sorted=True)
-        flat = vals.reshape(-1)
-        tau = flat.kthvalue(flat.numel() - n + 1).values if n < flat.numel() else flat.min()
-        counts = (vals >= tau).sum(1)
-        if int(counts.max()) < c or c == F:
-            break
-        c = min(F, 2 * c)
+    vals, idx = pre.topk(c, dim=1, sorted=True)
+    tau = _nth_largest(vals.reshape(-1), n)
+    sat = (vals[:, -1] >= tau).nonzero().squeeze(1) if c < F else vals.new_zeros(0, dtype=torch.long)
+    if sat.numel():
+        light = torch.ones(B, dtype=torch.bool, device=pre.device)
+        light[sat] = False
+        full = pre[sat]
+        tau = _nth_largest(torch.cat([vals[light].reshape(-1), full.reshape(-1)]), n)
+        kh = max(int((full >= tau).sum(1).max()), 1)
+        hv, hi = full.topk(min(kh + 1, F), dim=1, sorted=True)
+        K = max(int((vals[light] >= tau).sum(1).max()) if bool(light.any()) else 1, kh)
+        # padding slots repeat an index the row does not keep (its last candidate), so no slot
+        # aliases a kept latent
+        out_v = vals.new_full((B, K), -math.inf)
+        out_i = idx[:, -1:].expand(B, K).clone()
+        w = min(K, c)
+        out_v[:, :w], out_i[:, :w] = vals[:, :w], idx[:, :w]
+        sat_v = hv.new_full((sat.numel(), K), -math.inf)
+        sat_i = hi[:, -1:].expand(sat.numel(), K).clone()
+        w = min(K, hv.shape[1])
+        sat_v[:, :w], sat_i[:, :w] = hv[:, :w], hi[:, :w]
+        out_v[sat], out_i[sat] = sat_v, sat_i
+        vals, idx = out_v, out_i
     keep = (vals >= tau) & (vals > 0)
     K = max(int(keep.sum(1).max()), 1)
     return idx[:, :K].contiguous(), keep[:, :K].contiguous(), tau
@@ -71,15 +95,13 @@ class BatchTopK(Arch):
         super().__init__(d_in, d_sae, k, config, train_cfg)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))
         self.register_buffer("threshold_set", torch.zeros((), dtype=torch.bool))
-        self._cap = 2 * k  # candidate width hint (does not change results, only speed)
 
     def select(self, sae: SAE, x_c: torch.Tensor) -> tuple[SparseCodes, torch.Tensor, torch.Tensor]:
         """BatchTopK codes ``[B, K]`` (padding slots 0), the dense no-grad ``pre`` and τ_B."""
         pre = dense_pre_no_grad(x_c, sae.W_enc, sae.b_enc)
-        idx, keep, tau = batch_topk_select(pre, self.k, self._cap)
-        self._cap = max(2 * self.k, -(-idx.shape[1] * 5 // 4 // 16) * 16)
-        vals = torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)) * keep
-        return SparseCodes(vals, idx), pre, tau
+        idx, keep, tau = batch_topk_select(pre, self.k)
+        vals = torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre, live=keep))
+        return SparseCodes(vals, idx, live=keep), pre, tau
 
     @torch.no_grad()
     def update_threshold(self, codes: SparseCodes) -> None:

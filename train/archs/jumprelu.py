@@ -144,18 +144,19 @@ class JumpReLU(Arch):
         with torch.no_grad():
             z = pre - (theta.detach() - eps / 2)  # > 0: active or inside the kernel band
             K = max(int((z > 0).sum(1).max()), 1)
-            idx = z.topk(K, dim=1, sorted=False).indices
+            zk, idx = z.topk(K, dim=1, sorted=False)
+            live = zk > 0                                                # active or in the band
             del z
-        p = gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre)       # grads → encoder
-        t = theta.gather(0, idx.reshape(-1)).view_as(idx)               # grads → log_threshold
-        vals = JumpReLUFn.apply(p, t, eps)
-        codes = SparseCodes(vals, idx)
+        p = gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre, live=live)  # grads → encoder
+        t = theta.gather(0, idx.reshape(-1)).view_as(idx)                    # grads → log_threshold
+        vals = JumpReLUFn.apply(p, t, eps) * live
+        codes = SparseCodes(vals, idx, live=live)
         coef = self.l0_coefficient_at(step, total_steps)
         B = x_c.shape[0]
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {"l0_coefficient": coef, "threshold_mean": float(theta.detach().mean())}
         if cfg.variant == "gemma":
-            l0 = StepFn.apply(p.detach(), t, eps).sum() / B
+            l0 = (StepFn.apply(p.detach(), t, eps) * live).sum() / B
             target = self.k if cfg.target_l0 < 0 else cfg.target_l0
             losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
             logs["l0_surrogate"] = float(l0.detach())

@@ -84,14 +84,16 @@ class Matryoshka(BatchTopK):
         cumulative sum is every prefix's reconstruction (the decoder cost of one full decode)."""
         B, K = codes.idx.shape
         G = len(self.widths)
-        bounds = torch.tensor(self.widths, device=codes.idx.device)
-        group = torch.bucketize(codes.idx, bounds, right=True)  # slot's group: i < m_0 → 0, ...
-        order = group.argsort(dim=1, stable=True)
-        idx_s, vals_s = codes.idx.gather(1, order), codes.vals.gather(1, order)
-        counts = torch.zeros(B, G, dtype=torch.long, device=group.device).scatter_add_(1, group, torch.ones_like(group))
-        starts = counts.cumsum(1) - counts + torch.arange(B, device=group.device)[:, None] * K
-        parts = F.embedding_bag(idx_s.reshape(-1), sae.W_dec, starts.reshape(-1), mode="sum",
-                                per_sample_weights=vals_s.reshape(-1)).view(B, G, -1)
+        dev = codes.idx.device
+        bounds = torch.tensor(self.widths, device=dev)
+        live = codes.live if codes.live is not None else torch.ones_like(codes.idx, dtype=torch.bool)
+        rows = torch.arange(B, device=dev)[:, None].expand(B, K)[live]
+        group = torch.bucketize(codes.idx[live], bounds, right=True)  # slot's group: i < m_0 → 0, ...
+        bag = rows * G + group                                          # one bag per (token, group)
+        order = torch.argsort(bag, stable=True)
+        counts = torch.bincount(bag, minlength=B * G)
+        parts = F.embedding_bag(codes.idx[live][order], sae.W_dec, counts.cumsum(0) - counts, mode="sum",
+                                per_sample_weights=codes.vals[live][order]).view(B, G, -1)
         prefix = parts.cumsum(1) + sae.b_dec                    # [B, G, d_in]: x̂ of each prefix
         fvu = (x[:, None, :] - prefix).pow(2).sum((0, 2)) / total_var  # [G]
         logs = {f"fvu_prefix_{m}": float(v) for m, v in zip(self.widths, fvu.detach().tolist(), strict=True)}

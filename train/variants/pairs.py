@@ -32,6 +32,7 @@ from .base import Penalty
 
 TOKEN_CHUNK = 256      # tokens per chunk in token_pair_penalty (bounds the [chunk, K, d] gathers)
 TOKEN_PATH_FRACTION = 0.3  # cofiring_penalty uses the token path when > 30 % of occurrences are used
+TOKEN_GRID_MAX = 1 << 26   # ... and its B·K² slot grid is at most this big (variable-count codes can be wide)
 
 
 def pair_keys(i: Tensor, j: Tensor, d_sae: int) -> Tensor:
@@ -153,12 +154,61 @@ class CoFiring:
         return self.keys % self.d_sae
 
 
+def _active_first(codes: SparseCodes, d_sae: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows of ``codes`` with the active slots first, in ascending latent order, then the inactive
+    ones; trimmed to the largest active count. Returns ``(idx, vals, act)`` ``[B, K']``."""
+    vals, idx = codes.vals.detach(), codes.idx
+    act = vals > 0
+    order = torch.where(act, idx, idx + d_sae).argsort(dim=1)
+    idx, vals, act = idx.gather(1, order), vals.gather(1, order), act.gather(1, order)
+    K = max(int(act.sum(1).max()), 1) if act.numel() else 1
+    return idx[:, :K], vals[:, :K], act[:, :K]
+
+
+def _row_buckets(act: Tensor) -> list[tuple[Tensor, int]] | None:
+    """Rows grouped by the next power of two ≥ their active count, as ``[(rows, width)]``, when
+    that makes the slot-pair grids at least 4× smaller than one ``B×K×K`` grid; else None.
+    (Variable-count codes: BatchTopK gives rare tokens hundreds of latents.)"""
+    B, K = act.shape
+    counts = act.sum(1)
+    width = torch.where(counts > 1, 2 ** torch.ceil(torch.log2(counts.clamp_min(1).double())).long(),
+                        torch.ones_like(counts)).clamp_max(K)
+    if 4 * int((width * width).sum()) >= B * K * K:
+        return None
+    return [((width == w).nonzero().squeeze(1), int(w)) for w in torch.unique(width).tolist()]
+
+
+def _occurrence_positions(idx: Tensor, act: Tensor) -> Tensor:
+    """Grid positions ``b·K² + a·K + a'`` (``a < a'``, both active, different latents), ascending."""
+    B, K = idx.shape
+    buckets = _row_buckets(act)
+    if buckets is None:
+        upper = torch.ones(K, K, dtype=torch.bool, device=idx.device).triu(1)
+        m = act[:, :, None] & act[:, None, :] & upper & (idx[:, :, None] != idx[:, None, :])
+        return m.reshape(-1).nonzero().squeeze(1)
+    parts = []
+    for rows, w in buckets:
+        si, sa = idx[rows, :w], act[rows, :w]
+        upper = torch.ones(w, w, dtype=torch.bool, device=idx.device).triu(1)
+        m = sa[:, :, None] & sa[:, None, :] & upper & (si[:, :, None] != si[:, None, :])
+        rb, a, a2 = m.nonzero(as_tuple=True)
+        parts.append(rows[rb] * (K * K) + a * K + a2)
+    return torch.cat(parts).sort().values
+
+
 def occurrence_keys(codes: SparseCodes, d_sae: int) -> Tensor:
     """Keys ``i·F + j`` (``i < j``) of every (token, pair) occurrence in which both latents fire:
     ``[n_occ]`` int64, unsorted, with repeats (``n_occ ≤ B·K(K−1)/2``). The same multiset as the
     occurrences :func:`cofiring_pairs` groups, without grouping them."""
     vals, idx = codes.vals.detach(), codes.idx
     K = idx.shape[1]
+    if codes.live is not None or not bool((vals > 0).all()):  # variable counts: bounded grids
+        idx, _, act = _active_first(codes, d_sae)
+        pos = _occurrence_positions(idx, act)
+        K = idx.shape[1]
+        flat = idx.reshape(-1)
+        b, r = pos // (K * K), pos % (K * K)
+        return flat[b * K + r // K] * d_sae + flat[b * K + r % K]
     idx, order = idx.sort(dim=1)
     act = vals.gather(1, order) > 0
     a, b = torch.triu_indices(K, K, 1, device=idx.device)
@@ -173,28 +223,36 @@ def cofiring_pairs(codes: SparseCodes, d_sae: int, with_scores: bool = False) ->
 
     Forms the ``B·K(K−1)/2`` per-token slot pairs ``a < b`` of the row-sorted indices, keeps those
     whose two slots are active and name different latents, and groups them by key ``i·F + j``.
-    Time and memory ``O(B·K²)``.
+    Time and memory ``O(B·K²)``; for variable-count codes the rows are first compacted (active
+    slots first) and enumerated in buckets of similar count, ``O(Σ_b count_b²)``.
     """
     vals, idx = codes.vals.detach(), codes.idx
     B, K = idx.shape
     dev = idx.device
-    idx, order = idx.sort(dim=1)
-    vals = vals.gather(1, order)
     act = vals > 0
-    upper = torch.ones(K, K, dtype=torch.bool, device=dev).triu(1)
-    same = (idx[:, 1:] == idx[:, :-1]) & act[:, 1:] & act[:, :-1]
-    if bool(act.all()) and not bool(same.any()):  # TopK fast path: every slot pair is an occurrence
-        tri = upper.reshape(-1).nonzero().squeeze(1)
-        occ_pos = (torch.arange(B, device=dev)[:, None] * (K * K) + tri).reshape(-1)
+    if codes.live is not None or not bool(act.all()):
+        idx, vals, act = _active_first(codes, d_sae)
+        K = idx.shape[1]
+        occ_pos = _occurrence_positions(idx, act)
     else:
-        m = act[:, :, None] & act[:, None, :] & upper & (idx[:, :, None] != idx[:, None, :])
-        occ_pos = m.reshape(-1).nonzero().squeeze(1)
-    key_grid = (idx[:, :, None] * d_sae + idx[:, None, :]).reshape(-1)
-    g = group_keys(key_grid[occ_pos])
+        idx, order = idx.sort(dim=1)
+        vals = vals.gather(1, order)
+        upper = torch.ones(K, K, dtype=torch.bool, device=dev).triu(1)
+        same = idx[:, 1:] == idx[:, :-1]
+        if not bool(same.any()):  # TopK fast path: every slot pair is an occurrence
+            tri = upper.reshape(-1).nonzero().squeeze(1)
+            occ_pos = (torch.arange(B, device=dev)[:, None] * (K * K) + tri).reshape(-1)
+        else:
+            occ_pos = _occurrence_positions(idx, act)
+    flat = idx.reshape(-1)
+    b, r = occ_pos // (K * K), occ_pos % (K * K)
+    ia, ib = b * K + r // K, b * K + r % K
+    g = group_keys(flat[ia] * d_sae + flat[ib])
     occ_pos = occ_pos[g.perm]
     scores = None
     if with_scores:
-        prod = (vals[:, :, None] * vals[:, None, :]).reshape(-1)[occ_pos].float()
+        fv = vals.reshape(-1)
+        prod = (fv[ia] * fv[ib])[g.perm].float()
         scores = torch.zeros(g.keys.numel(), dtype=torch.float32, device=dev).index_add_(0, g.grp, prod)
     return CoFiring(d_sae, B, K, idx, g.keys, g.counts, scores, occ_pos, g.grp, occ_pos[g.starts])
 
@@ -363,7 +421,8 @@ def cofiring_penalty(W: Tensor, cof: CoFiring, weight: Tensor, tau: Tensor | flo
     if sel.numel() == 0:
         return W.sum() * 0.0, sel, W.new_zeros(0)
     tau_v = _as_vec(tau, cof.n_pairs, weight)
-    use_tokens = path == "tokens" or (path == "auto" and sel.numel() > TOKEN_PATH_FRACTION * cof.n_occ)
+    small_grid = cof.n_tokens * cof.K * cof.K <= TOKEN_GRID_MAX
+    use_tokens = path == "tokens" or (path == "auto" and small_grid and sel.numel() > TOKEN_PATH_FRACTION * cof.n_occ)
     if not use_tokens:
         val, cos = pair_penalty_sorted(W, cof.keys[sel], weight[sel], tau_v[sel], power)
         return val, sel, cos
