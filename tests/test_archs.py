@@ -207,7 +207,7 @@ def test_matryoshka_loss_sums_every_prefix_reconstruction() -> None:
         per.append(float(fvu.detach()))
         ref = ref + fvu
     ref.backward()
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert [logs[f"fvu_prefix_{m}"] for m in (6, 12, 24, 48)] == pytest.approx(per, rel=1e-5)
     assert logs["fvu"] == pytest.approx(per[-1], rel=1e-5)
     assert torch.allclose(sae.W_dec.grad, W_dec.grad, atol=1e-6)

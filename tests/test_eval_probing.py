@@ -356,9 +356,11 @@ def test_evaluate_runs_end_to_end(tmp_path: Path, tiny_model_dir, tiny_lm, monke
 
     monkeypatch.setattr(probing, "capture_resid_post", counting)
     runs = []
-    for i, seed in enumerate((0, 1)):
-        sae = SAE(64, 128, activation="topk", k=8)
+    for i, seed in enumerate((0, 1)):  # a TopK and a JumpReLU SAE (the saved form of BatchTopK/Matryoshka)
+        sae = SAE(64, 128, activation="topk", k=8) if i == 0 else SAE(64, 128, activation="jumprelu")
         sae.init_weights(torch.Generator().manual_seed(seed))
+        if i == 1:
+            sae.threshold.fill_(0.05)
         run = tmp_path / f"run{i}"
         sae.save(run, {"model_name": str(tiny_model_dir), "hook_name": HOOK, "hook_layer": 1,
                        "dataset_path": "embedded", "context_size": CTX, "d_in": 64})

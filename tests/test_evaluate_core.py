@@ -367,3 +367,24 @@ def test_validate_result_rejects_broken(tmp_path):
         read_result(tmp_path, "toy")
     with pytest.raises(FileNotFoundError, match="sae eval"):
         read_result(tmp_path, "absorption")
+
+
+def test_jumprelu_saes_are_evaluated_with_their_threshold(tiny_model_dir, tiny_lm):
+    """A JumpReLU SAE (how BatchTopK / Matryoshka / JumpReLU runs are saved): threshold 0 on the
+    [I, −I] identity dictionary is the ReLU identity (perfect, same L0); a threshold above every
+    pre-activation leaves nothing active (L0 = 0)."""
+    relu = identity_sae(tiny_model_dir)
+    ref = run_core(relu, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))["metrics"]
+    for theta, l0 in [(0.0, ref["l0"]), (1e9, 0.0)]:
+        sae = SAE(64, 128, activation="jumprelu")
+        with torch.no_grad():
+            for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+                getattr(sae, n).copy_(getattr(relu, n))
+            sae.threshold.fill_(theta)
+        sae.cfg = relu.cfg
+        m = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))["metrics"]
+        assert m["l0"] == pytest.approx(l0)
+        if theta == 0.0:
+            assert m["explained_variance"] == pytest.approx(1.0, abs=1e-9)
+        else:
+            assert m["explained_variance"] < 0.5
