@@ -155,9 +155,9 @@ class Bench:
 
     def codes(self, x: torch.Tensor):
         """The trainer's TopK codes of ``x`` (differentiable values, sparse backward)."""
-        from sae.train.trainer import topk_codes
+        from sae.train.archs.topk import topk_codes
 
-        return topk_codes(self.sae, x - self.sae.b_dec)[0]
+        return topk_codes(self.sae, x - self.sae.b_dec, self.sae.k)[0]
 
     def context(self, codes: Any):
         from sae.train.variants import PenaltyContext

@@ -361,3 +361,27 @@ def test_cofiring_sets_of_heavy_tailed_variable_count_codes_are_exact() -> None:
     assert torch.allclose(cof.scores.double(), ref_scores[ref_keys[:, 0], ref_keys[:, 1]], rtol=1e-5)
     occ = occurrence_keys(codes, F).sort().values
     assert torch.equal(occ, torch.repeat_interleave(cof.keys, cof.counts))
+
+
+def test_batchtopk_saves_the_mean_batch_threshold_of_the_final_steps() -> None:
+    x, _ = planted_features(4096, d_in=16, n_features=48, active=3, seed=6)
+    steps = 40
+    cfg = TrainConfig(arch="batchtopk", k=6, d_sae=96, lr=3e-3, lr_warmup_steps=2, batch_size=256,
+                      tokens=256 * steps, device="cpu", arch_params={"calibrate_frac": 0.25})
+    tr = Trainer(cfg, 16, steps, b_dec_init=x.mean(0))
+    g = torch.Generator().manual_seed(0)
+    taus = []
+    for _ in range(steps):
+        batch = x[torch.randint(0, 4096, (256,), generator=g)]
+        with torch.no_grad():  # τ_B recomputed from the definition: the (B·k)-th largest ReLU(pre)
+            pre = (batch - tr.sae.b_dec) @ tr.sae.W_enc + tr.sae.b_enc
+            taus.append(float(pre.relu().flatten().topk(256 * 6).values.min()))
+        tr.step(batch)
+    expected = sum(taus[30:]) / 10  # the final quarter of the steps
+    inf = tr.inference_sae()
+    assert float(inf.threshold[0]) == pytest.approx(expected, rel=1e-5)
+    assert inf.cfg["batchtopk_threshold"] == pytest.approx(expected, rel=1e-5)
+    ema = TrainConfig(**{**cfg.to_dict(), "adam_betas": (0.9, 0.999), "arch_params": {"calibrate_frac": 0.0}})
+    tr2 = Trainer(ema, 16, 1, b_dec_init=x.mean(0))
+    tr2.step(x[:256])
+    assert float(tr2.inference_sae().threshold[0]) == pytest.approx(float(tr2.arch.threshold))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .archs import build_arch
+from .archs.base import warmed_up
 from .config import TrainConfig
 from .sae import SAE, SparseCodes
 from .sparse_ops import gather_pre_acts
@@ -80,7 +81,7 @@ class Trainer(nn.Module):
 
     def l1_at(self, step: int) -> float:
         """ReLU's L1 coefficient at ``step`` (linear warm-up over ``l1_warmup_frac``)."""
-        return self.cfg.l1_coefficient * min(1.0, (step + 1) / max(self.total_steps * self.cfg.l1_warmup_frac, 1))
+        return warmed_up(self.cfg.l1_coefficient, step, self.total_steps, self.cfg.l1_warmup_frac)
 
     # -- one step -----------------------------------------------------------------------------
     def losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any], SparseCodes]:

@@ -105,6 +105,12 @@ class Arch(nn.Module):
         """Hook run after the optimiser step (no grad), e.g. to project parameters."""
 
 
+def warmed_up(value: float, step: int, total_steps: int, frac: float) -> float:
+    """``value`` ramped linearly from step 0 to ``frac · total_steps`` (the sparsity coefficients
+    of ReLU's L1 and JumpReLU's L0 terms), constant after."""
+    return value * min(1.0, (step + 1) / max(total_steps * frac, 1))
+
+
 REGISTRY: dict[str, type[Arch]] = {}
 
 

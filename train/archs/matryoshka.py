@@ -66,7 +66,8 @@ class Matryoshka(BatchTopK):
         groups: str = "0.0625,0.125,0.25,0.5,1"
         """Nested prefix widths (integers) or fractions of d_sae."""
         threshold_lr: float = 0.01
-        ranges = {"threshold_lr": "(0,1]"}
+        calibrate_frac: float = 0.2
+        ranges = {"threshold_lr": "(0,1]", "calibrate_frac": "[0,1]"}
 
     @classmethod
     def check(cls, d_in: int, d_sae: int, k: int, config: Any) -> None:

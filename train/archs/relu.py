@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..sae import SAE
-from .base import Arch, Encoded, Inference, register
+from .base import Arch, Encoded, Inference, register, warmed_up
 
 
 @register
@@ -39,8 +39,7 @@ class ReLU(Arch):
 
     def l1_at(self, step: int, total_steps: int) -> float:
         """L1 coefficient with linear warm-up over ``l1_warmup_frac`` of the run."""
-        warm = total_steps * self.l1_warmup_frac
-        return self.l1_coefficient * min(1.0, (step + 1) / max(warm, 1))
+        return warmed_up(self.l1_coefficient, step, total_steps, self.l1_warmup_frac)
 
     def encode(self, sae: SAE, x_c: torch.Tensor, step: int, total_steps: int, dead: torch.Tensor) -> Encoded:
         pre = x_c @ sae.W_enc + sae.b_enc
