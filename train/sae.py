@@ -147,7 +147,8 @@ class SAE(nn.Module):
         the live slots are decoded (one ragged ``embedding_bag``; same result and gradients)."""
         if codes.live is not None:
             live = codes.live
-            offsets = live.sum(1).cumsum(0) - live.sum(1)
+            counts = live.sum(1)
+            offsets = counts.cumsum(0) - counts
             out = F.embedding_bag(codes.idx[live], self.W_dec, offsets, per_sample_weights=codes.vals[live],
                                   mode="sum")
             return out + self.b_dec if bias else out
