@@ -283,7 +283,7 @@ def train(
     d_sae: Annotated[int | None, typer.Option(help="Latents (default: expansion × d_in).")] = None,
     expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
     k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
-    l1_coefficient: Annotated[float, typer.Option(help="L1 coefficient (relu).")] = 2.0,
+    l1_coefficient: Annotated[float, typer.Option(help="L1 coefficient (relu), in FVU units.")] = 0.02,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
     tokens: Annotated[int, typer.Option(help="Training tokens (steps = tokens / batch size).")] = 1_000_000,
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,

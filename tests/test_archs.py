@@ -385,3 +385,28 @@ def test_batchtopk_saves_the_mean_batch_threshold_of_the_final_steps() -> None:
     tr2 = Trainer(ema, 16, 1, b_dec_init=x.mean(0))
     tr2.step(x[:256])
     assert float(tr2.inference_sae().threshold[0]) == pytest.approx(float(tr2.arch.threshold))
+
+
+def test_sweep_takes_arch_params_from_the_config_file(store, tmp_path) -> None:
+    toml = tmp_path / "relu.toml"
+    toml.write_text("[arch_params]\ninit_bias = true\n")
+    r = _invoke(["sweep", "--store", str(store), "--variants", "relu", "--grid", "l1_coefficient=0.01,0.02",
+                 "--config", str(toml), "--expansion", "4", "--tokens", "512", "--batch-size", "256", "--device", "cpu",
+                 "--out", str(tmp_path / "sw"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name in ("relu-l1_coefficient=0.01", "relu-l1_coefficient=0.02"):
+        cfg = json.loads((tmp_path / "sw" / name / "cfg.json").read_text())
+        assert cfg["arch_config"] == {"init_bias": True} and cfg["architecture"] == "standard"
+
+
+def test_relu_init_bias_starts_at_L0_near_k() -> None:
+    x, _ = planted_features(2048, d_in=16, n_features=48, active=3, seed=7)
+    for init_bias, expect in ((True, 5.0), (False, None)):
+        cfg = TrainConfig(variant="relu", k=5, d_sae=80, batch_size=2048, tokens=2048, device="cpu",
+                          arch_params={"init_bias": init_bias})
+        tr = Trainer(cfg, 16, 1, b_dec_init=x.mean(0))
+        logs = tr.step(x)
+        if expect:
+            assert logs["l0"] == pytest.approx(expect, rel=0.05)
+        else:
+            assert logs["l0"] > 20  # b_enc = 0: every latent with a positive projection fires

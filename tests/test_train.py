@@ -64,7 +64,8 @@ def test_init_is_tied_and_unit_norm_and_steps_keep_unit_norm() -> None:
 
 
 def test_lr_and_l1_schedules() -> None:
-    tr = Trainer(TrainConfig(d_sae=32, lr=1e-3, lr_warmup_steps=10, lr_decay_frac=0.2, l1_warmup_frac=0.1),
+    tr = Trainer(TrainConfig(d_sae=32, lr=1e-3, lr_warmup_steps=10, lr_decay_frac=0.2, l1_warmup_frac=0.1,
+                             l1_coefficient=2.0),
                  d_in=8, total_steps=100)
     assert tr.lr_at(0) == pytest.approx(1e-4) and tr.lr_at(9) == pytest.approx(1e-3)
     assert tr.lr_at(50) == pytest.approx(1e-3) and tr.lr_at(90) == pytest.approx(5e-4)

@@ -46,7 +46,7 @@ class TrainConfig:
     expansion: int = 8
     """d_sae = expansion · d_in when d_sae is None."""
     k: int = 32
-    l1_coefficient: float = 2.0
+    l1_coefficient: float = 0.02
     """ReLU only: λ of λ·mean_b Σ_i f_bi‖W_dec,i‖ (in units of the FVU loss)."""
     l1_warmup_frac: float = 0.05
     lr: float = 1e-3
