@@ -21,7 +21,6 @@ that take hundreds of latents) in full. The result equals the flat selection (te
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,44 +42,61 @@ def batch_topk_select(pre: torch.Tensor, k: int, cap: int | None = None) -> tupl
     """The top ``B·k`` entries of ``ReLU(pre)`` ``[B, d_sae]`` as per-row padded slots.
 
     Returns ``(idx [B, K], keep [B, K] bool, tau)``: each row's kept latents first (in descending
-    order of ``pre``), then padding slots (``keep`` False), with ``K`` the largest kept count of any
-    row; ``tau`` is the smallest kept value (0-dim tensor). Entries ``≤ 0`` are never kept (BatchTopK
-    applies ReLU before selecting). ``cap``: candidate width per row (default ``2k``).
+    order of ``pre``), then padding slots (``keep`` False) repeating an index the row does not keep,
+    with ``K`` the largest kept count of any row; ``tau`` is the smallest kept value (0-dim tensor).
+    Entries ``≤ 0`` are never kept (BatchTopK applies ReLU before selecting). ``cap``: first
+    candidate width per row (default ``2k``).
 
-    Exactness: τ is first taken over every row's top ``c`` candidates; a row whose ``c``-th candidate
-    is still ≥ τ may hold more selected entries, so τ is recomputed over the other rows' candidates
-    plus those rows in full — a superset of the batch's top ``B·k`` — and those rows are selected
-    from in full. Cost: one ``topk(c)`` of the batch plus work on the few saturated rows.
+    Exactness: τ is the n-th largest of a pool of per-row candidates (each row's top ``w``). A row
+    whose ``w``-th candidate is still ≥ τ ("saturated") may hold more, so only those rows are widened
+    (``w`` × 4, up to the whole row) and τ recomputed, until no row is saturated. Then every entry
+    ≥ τ is in the pool, so τ is the batch's n-th largest. Real activations have rare high-norm tokens
+    that take hundreds of latents; only they pay for wide candidate lists.
     """
     B, F = pre.shape
     n = min(B * k, B * F)
-    c = min(F, max(cap or 0, 2 * k, 1))
-    vals, idx = pre.topk(c, dim=1, sorted=True)
-    tau = _nth_largest(vals.reshape(-1), n)
-    sat = (vals[:, -1] >= tau).nonzero().squeeze(1) if c < F else vals.new_zeros(0, dtype=torch.long)
-    if sat.numel():
-        light = torch.ones(B, dtype=torch.bool, device=pre.device)
-        light[sat] = False
-        full = pre[sat]
-        tau = _nth_largest(torch.cat([vals[light].reshape(-1), full.reshape(-1)]), n)
-        kh = max(int((full >= tau).sum(1).max()), 1)
-        hv, hi = full.topk(min(kh + 1, F), dim=1, sorted=True)
-        K = max(int((vals[light] >= tau).sum(1).max()) if bool(light.any()) else 1, kh)
-        # padding slots repeat an index the row does not keep (its last candidate), so no slot
-        # aliases a kept latent
-        out_v = vals.new_full((B, K), -math.inf)
-        out_i = idx[:, -1:].expand(B, K).clone()
-        w = min(K, c)
-        out_v[:, :w], out_i[:, :w] = vals[:, :w], idx[:, :w]
-        sat_v = hv.new_full((sat.numel(), K), -math.inf)
-        sat_i = hi[:, -1:].expand(sat.numel(), K).clone()
-        w = min(K, hv.shape[1])
-        sat_v[:, :w], sat_i[:, :w] = hv[:, :w], hi[:, :w]
-        out_v[sat], out_i[sat] = sat_v, sat_i
-        vals, idx = out_v, out_i
-    keep = (vals >= tau) & (vals > 0)
-    K = max(int(keep.sum(1).max()), 1)
-    return idx[:, :K].contiguous(), keep[:, :K].contiguous(), tau
+    w = min(F, max(cap or 0, 2 * k, 1))
+    vals, idx = pre.topk(w, dim=1, sorted=False)  # unsorted + a small sort: 23 + 4 ms vs 37 ms sorted
+    vals, order = vals.sort(dim=1, descending=True)
+    idx = idx.gather(1, order)
+    groups = [(None, vals, idx)]  # (rows or None = all, candidate values, candidate indices)
+    while True:
+        tau = _nth_largest(torch.cat([g[1].reshape(-1) for g in groups]), n)
+        widened = []
+        for gi, (_rows, v, _i) in enumerate(groups):
+            if v.shape[1] >= F:
+                continue
+            sat = (v[:, -1] >= tau).nonzero().squeeze(1)
+            if sat.numel():
+                widened.append((gi, sat))
+        if not widened:
+            break
+        for gi, sat in widened:
+            rows, v, i = groups[gi]
+            keep_rows = torch.ones(v.shape[0], dtype=torch.bool, device=pre.device)
+            keep_rows[sat] = False
+            abs_rows = sat if rows is None else rows[sat]
+            groups[gi] = (torch.arange(B, device=pre.device)[keep_rows] if rows is None else rows[keep_rows],
+                          v[keep_rows], i[keep_rows])
+            w2 = min(F, 4 * v.shape[1])
+            wv, wi = pre[abs_rows].topk(w2, dim=1, sorted=True)
+            groups.append((abs_rows, wv, wi))
+    K = max(max(int((g[1] >= tau).sum(1).max()) if g[1].shape[0] else 1 for g in groups), 1)
+    out_i = torch.empty(B, K, dtype=torch.long, device=pre.device)
+    out_k = torch.empty(B, K, dtype=torch.bool, device=pre.device)
+    for rows, v, i in groups:
+        if v.shape[0] == 0:
+            continue
+        c = min(K, v.shape[1])
+        gi = torch.cat([i[:, :c], i[:, -1:].expand(-1, K - c)], dim=1) if c < K else i[:, :K]
+        gk = (v[:, :c] >= tau) & (v[:, :c] > 0)
+        if c < K:
+            gk = torch.cat([gk, gk.new_zeros(gk.shape[0], K - c)], dim=1)
+        if rows is None:
+            out_i, out_k = gi, gk
+        else:
+            out_i[rows], out_k[rows] = gi, gk
+    return out_i.contiguous(), out_k.contiguous(), tau
 
 
 @register
