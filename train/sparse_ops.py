@@ -91,9 +91,39 @@ def gather_pre_acts(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
     return GatherLive.apply(x_c, W_enc, b_enc, idx, live, pre)
 
 
+def live_entries(idx: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` ``[n_live]`` of the live slots of ``idx [batch, K]``, in row-major slot order
+    (the order of ``tensor[live]``)."""
+    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[live]
+    return rows, idx[live]
+
+
+def _entry_grads(ctx, x_c: torch.Tensor, W_enc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 g: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``pre[rows, cols]`` (``pre = x_c W_enc + b_enc``) for upstream ``g [n]``:
+    ``(∂x_c, ∂W_enc, ∂b_enc)`` through a CSR matrix of the ``n`` entries, ``O(n·d_in)``."""
+    B, d_sae = x_c.shape[0], W_enc.shape[1]
+    gv = g.to(x_c.dtype)
+    order = torch.argsort(rows * d_sae + cols)
+    rows, cols, gv = rows[order], cols[order], gv[order]
+    crow = torch.zeros(B + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
+    grad_x = grad_W = grad_b = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        G = torch.sparse_csr_tensor(crow, cols, gv, (B, d_sae))
+        if ctx.needs_input_grad[0]:
+            grad_x = G @ W_enc.t()
+        if ctx.needs_input_grad[1]:
+            grad_W = (G.t() @ x_c).t()
+    if ctx.needs_input_grad[2]:
+        grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, gv.to(g.dtype))
+    return grad_x, grad_W, grad_b
+
+
 class GatherLive(torch.autograd.Function):
-    """``out = pre.gather(1, idx) · live`` with the sparse backward of :class:`GatherPreActs` built
-    from the live slots only (a CSR matrix with a variable number of entries per row)."""
+    """``out = pre.gather(1, idx) · live`` ``[batch, K]`` with the sparse backward built from the
+    live slots only (variable counts per row)."""
 
     @staticmethod
     def forward(ctx, x_c, W_enc, b_enc, idx, live, pre):  # type: ignore[override]
@@ -103,26 +133,23 @@ class GatherLive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
         x_c, W_enc, idx, live = ctx.saved_tensors
-        B = idx.shape[0]
-        d_sae = W_enc.shape[1]
-        rows = torch.arange(B, device=idx.device)[:, None].expand_as(idx)[live]
-        cols = idx[live]
-        gv = g[live].to(x_c.dtype)
-        order = torch.argsort(rows * d_sae + cols)
-        rows, cols, gv = rows[order], cols[order], gv[order]
-        crow = torch.zeros(B + 1, dtype=torch.int64, device=idx.device)
-        crow[1:] = torch.bincount(rows, minlength=B).cumsum(0)
-        grad_x = grad_W = grad_b = None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            G = torch.sparse_csr_tensor(crow, cols, gv, (B, d_sae))
-            if ctx.needs_input_grad[0]:
-                grad_x = G @ W_enc.t()
-            if ctx.needs_input_grad[1]:
-                grad_W = (G.t() @ x_c).t()
-        if ctx.needs_input_grad[2]:
-            grad_b = torch.zeros(d_sae, dtype=g.dtype, device=g.device).index_add_(0, cols, gv.to(g.dtype))
-        return grad_x, grad_W, grad_b, None, None, None
+        rows, cols = live_entries(idx, live)
+        return (*_entry_grads(ctx, x_c, W_enc, rows, cols, g[live]), None, None, None)
+
+
+class GatherFlat(torch.autograd.Function):
+    """``out = pre[rows, cols]`` ``[n]`` (1-D entries, e.g. :func:`live_entries`), same backward as
+    :class:`GatherLive`: elementwise work downstream then runs on ``n`` values, not ``[batch, K]``."""
+
+    @staticmethod
+    def forward(ctx, x_c, W_enc, b_enc, rows, cols, pre):  # type: ignore[override]
+        ctx.save_for_backward(x_c, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x_c, W_enc, rows, cols = ctx.saved_tensors
+        return (*_entry_grads(ctx, x_c, W_enc, rows, cols, g), None, None, None)
 
 
 def _csr(idx: torch.Tensor, vals: torch.Tensor, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:

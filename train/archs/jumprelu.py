@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..sae import SAE, SparseCodes
-from ..sparse_ops import dense_pre_no_grad, gather_pre_acts
+from ..sparse_ops import GatherFlat, dense_pre_no_grad, live_entries
 from .base import Arch, Encoded, Inference, register, warmed_up
 
 DEFAULT_L0_COEFFICIENT = {"gemma": 1.0, "anthropic": 1e-3}
@@ -148,21 +148,24 @@ class JumpReLU(Arch):
             idx = band.view(torch.uint8).topk(K, dim=1, sorted=False).indices
             live = band.gather(1, idx)
             del band
-        p = gather_pre_acts(x_c, sae.W_enc, sae.b_enc, idx, pre, live=live)  # grads → encoder
-        t = theta.gather(0, idx.reshape(-1)).view_as(idx)                    # grads → log_threshold
-        vals = JumpReLUFn.apply(p, t, eps) * live
+        # the STE ops run on the live entries only ([n_live], not the padded [B, K])
+        rows, cols = live_entries(idx, live)
+        p = GatherFlat.apply(x_c, sae.W_enc, sae.b_enc, rows, cols, pre)  # grads → encoder
+        t = theta.gather(0, cols)                                          # grads → log_threshold
+        f = JumpReLUFn.apply(p, t, eps)
+        vals = f.new_zeros(idx.shape).masked_scatter(live, f)
         codes = SparseCodes(vals, idx, live=live)
         coef = self.l0_coefficient_at(step, total_steps)
         B = x_c.shape[0]
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, float] = {"l0_coefficient": coef, "threshold_mean": float(theta.detach().mean())}
         if cfg.variant == "gemma":
-            l0 = (StepFn.apply(p.detach(), t, eps) * live).sum() / B
+            l0 = StepFn.apply(p.detach(), t, eps).sum() / B
             target = self.k if cfg.target_l0 < 0 else cfg.target_l0
             losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
             logs["l0_surrogate"] = float(l0.detach())
         else:
-            tanh = torch.tanh(cfg.tanh_scale * vals).sum() / B  # ‖W_dec,i‖ = 1 (unit decoder rows)
+            tanh = torch.tanh(cfg.tanh_scale * f).sum() / B  # ‖W_dec,i‖ = 1 (unit decoder rows)
             losses["sparsity"] = coef * tanh
             logs["tanh_sparsity"] = float(tanh.detach())
             dead_idx = dead.nonzero().squeeze(1)
