@@ -296,6 +296,9 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue a killed run from its checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of ours (atomically).")
     ] = False,
+    save_unit_decoder: Annotated[bool, typer.Option(
+        help="Save unit-norm decoder rows (scale moved into the encoder and the codes: SAELens' fold_W_dec_norm "
+             "convention). Reconstructions are identical either way.")] = True,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
@@ -309,7 +312,7 @@ def train(
                                 batch_size=batch_size, seed=seed, device=device, out=str(out) if out else None,
                                 log_every=log_every, checkpoint_every=checkpoint_every,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
-                                variant_params=_parse_params(param or []))
+                                save_unit_decoder=save_unit_decoder, variant_params=_parse_params(param or []))
     if jumprelu_variant is not None:
         if (arch or "") != "jumprelu" and config is None:
             raise ConfigError("--jumprelu-variant needs --arch jumprelu")

@@ -27,5 +27,9 @@ class Interrupted(SaeError):
         self.exit_code = 128 + int(signum)
 
 
+class SAELoadError(SaeError):
+    """An SAE's ``cfg.json`` or weights file is unreadable, inconsistent, or of a layout we cannot run."""
+
+
 class UnavailableError(SaeError, RuntimeError):
     """A model, tokenizer, dataset or optional dependency cannot be had here (offline, not installed)."""

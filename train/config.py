@@ -13,7 +13,7 @@ from ..errors import ConfigError
 
 # Settings that do not change the trained weights: everything else must match for ``--resume``.
 NON_RUN_KEYS = ("store", "storage_options", "cache", "hook_name", "device", "out", "resume", "overwrite",
-                "log_every", "checkpoint_every", "checkpoint_minutes")
+                "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder")
 
 
 @dataclass
@@ -70,6 +70,9 @@ class TrainConfig:
     out: str = "runs/sae"
     resume: bool = False
     overwrite: bool = False
+    save_unit_decoder: bool = True
+    """Save unit-norm decoder rows, the scale moved into the encoder and the codes (SAELens'
+    ``fold_W_dec_norm`` convention); reconstructions are unchanged. False keeps ‖W_dec,i‖ = 1/s."""
     log_every: int = 10
     checkpoint_every: int = 50
     checkpoint_minutes: float = 10.0

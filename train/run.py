@@ -187,7 +187,13 @@ class _Run:
             return
         trained = self.trainer.inference_sae()
         sae = trained.folded(scale)
-        sae.save(self.dir, {**cfg_dict, **trained.cfg,
+        unit = sae.with_unit_decoder() if self.trainer.cfg.save_unit_decoder else None
+        sae = unit if unit is not None else sae
+        arch_cfg = dict(trained.cfg)
+        if "batchtopk_threshold" in arch_cfg:  # θ as saved (raw units, unit decoder); training units kept beside
+            arch_cfg["batchtopk_threshold_train_units"] = arch_cfg["batchtopk_threshold"]
+            arch_cfg["batchtopk_threshold"] = float(sae.threshold[0])
+        sae.save(self.dir, {**cfg_dict, **arch_cfg, "unit_decoder": unit is not None,
                             "arch_config": dataclasses.asdict(self.trainer.arch.config)})
         pen_state = {k: v.detach().cpu().contiguous() for k, v in self.trainer.penalty.state_dict().items()}
         if pen_state:  # final variant state (groups, EMAs...) for analysis, e.g. the geometry eval

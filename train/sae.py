@@ -25,16 +25,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import SaeError
+from ..errors import SAELoadError
+from ..interop.canonical import Canonical
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 ACTIVATIONS = ("topk", "relu", "jumprelu")
 SAVED_ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
-
-
-class SAELoadError(SaeError):
-    """A run directory's ``cfg.json`` or weights file is unreadable or inconsistent."""
 
 
 @dataclass
@@ -181,6 +178,32 @@ class SAE(nn.Module):
         out.cfg = dict(self.cfg)
         return out
 
+    @torch.no_grad()
+    def with_unit_decoder(self, rtol: float = 1e-5) -> SAE | None:
+        """A copy with unit-norm decoder rows and the same reconstructions (SAELens' ``fold_W_dec_norm``).
+
+        With ``n_i = ‖W_dec,i‖``: ``W_enc,i ← n_i W_enc,i``, ``b_enc,i ← n_i b_enc,i``, ``θ_i ← n_i θ_i``,
+        ``W_dec,i ← W_dec,i / n_i``, so every code is multiplied by ``n_i`` (a latent's value is then
+        the norm of its contribution to x̂, in activation units) and ``x̂`` is unchanged. ReLU and
+        JumpReLU commute with a positive scale; TopK's selection only when all ``n_i`` are equal
+        (to ``rtol``), so a TopK SAE with unequal norms returns ``None`` (folding would change it).
+        """
+        n = self.W_dec.double().norm(dim=1)
+        uniform = float((n.max() - n.min()) / n.max().clamp_min(1e-30)) <= rtol
+        if self.activation == "topk" and not uniform:
+            return None
+        out = SAE(self.d_in, self.d_sae, self.activation, self.k, device=self.W_enc.device, dtype=self.W_enc.dtype)
+        if uniform:  # one scale (rows normalised in training differ only by rounding): TopK ties and a
+            n = n.mean().expand_as(n)  # BatchTopK's single θ stay exactly as they were
+        out.W_enc.copy_(self.W_enc.double() * n)
+        out.b_enc.copy_(self.b_enc.double() * n)
+        out.W_dec.copy_(self.W_dec.double() / n[:, None])
+        out.b_dec.copy_(self.b_dec)
+        if self.activation == "jumprelu":
+            out.threshold.copy_(self.threshold.double() * n)
+        out.cfg = dict(self.cfg)
+        return out
+
     def save(self, run_dir: str | Path, cfg: dict) -> None:
         """Write ``sae_weights.safetensors`` (W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc, b_dec,
         and for JumpReLU ``threshold [d_sae]``: exactly the state dict SAELens 6 loads strictly) and
@@ -211,51 +234,71 @@ class SAE(nn.Module):
             "activation_fn_kwargs": {"k": self.k} if self.activation == "topk" else {},
             "k": self.k if self.activation == "topk" else None,
             "apply_b_dec_to_input": True, "dtype": "float32",
+            # SAELens TopKSAE: multiply pre-activations by ‖W_dec,i‖ (all 1 for a unit decoder, so the
+            # same codes) — which is what lets SAELens' fold_W_dec_norm() accept our TopK SAEs
+            "rescale_acts_by_decoder_norm": self.activation == "topk" and self.has_unit_decoder(),
         }
 
+    @torch.no_grad()
+    def has_unit_decoder(self, atol: float = 1e-5) -> bool:
+        """Whether every decoder row has norm 1 (to ``atol``)."""
+        return bool(((self.W_dec.double().norm(dim=1) - 1).abs() <= atol).all())
+
     @classmethod
-    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu") -> SAE:
-        """Load a run directory written by :meth:`save` (``.cfg`` holds ``cfg.json``), validated:
-        ``cfg.json`` parses and names ``d_in``/``d_sae``, the safetensors file parses and holds
-        ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``, all finite.
+    def load(cls, run_dir: str | Path, device: str | torch.device = "cpu",
+             activation_scale: float | None = None) -> SAE:
+        """Load any SAELens-layout directory (``cfg.json`` + ``sae_weights.safetensors``): ours, or one
+        SAELens pre-6 or 6.x wrote, of architecture standard / topk / jumprelu / gated / batchtopk /
+        matryoshka_batchtopk (see :mod:`sae.interop.saelens` for the exact conversions). ``.cfg``
+        holds ``cfg.json`` with ``hook_name``, ``model_name``… moved from ``metadata`` to the top level.
+
+        Validated: ``cfg.json`` parses and names ``d_in``/``d_sae``; the safetensors file parses and
+        holds the architecture's tensors at the shapes ``cfg.json`` implies, all finite.
+        ``activation_scale``: for SAELens ``expected_average_only_in`` files, the factor to fold.
 
         Raises:
             FileNotFoundError: the directory has no SAE (with a hint).
-            SAELoadError: an unreadable or inconsistent ``cfg.json`` / weights file.
+            SAELoadError: an unreadable or inconsistent ``cfg.json`` / weights file, or an
+                architecture we cannot run (one line naming it; never a silent fallback).
             NonFiniteError: a weight tensor holds NaN or inf.
         """
         from ..errors import NonFiniteError
+        from ..interop.saelens import to_canonical
 
         run_dir = Path(run_dir)
         if not (run_dir / WEIGHTS_FILE).exists() or not (run_dir / CFG_FILE).exists():
-            raise FileNotFoundError(f"{run_dir} has no {WEIGHTS_FILE} + {CFG_FILE}: is it a finished `sae train` run?")
+            hint = ("it looks like a sparsify or dictionary_learning checkpoint: `sae import "
+                    f"{run_dir} --from sparsify|dictionary_learning --out RUN_DIR` converts it"
+                    if any((run_dir / n).exists() for n in ("sae.safetensors", "ae.pt"))
+                    else "is it a finished `sae train` run?")
+            raise FileNotFoundError(f"{run_dir} has no {WEIGHTS_FILE} + {CFG_FILE}: {hint}")
         cfg = read_cfg(run_dir)
-        act = {"jumprelu": "jumprelu", "topk": "topk", "standard": "relu"}.get(cfg.get("architecture"), "")
-        act = act or ("topk" if cfg.get("activation_fn_str") == "topk" else "relu")
         try:
-            d_in, d_sae, k = int(cfg["d_in"]), int(cfg["d_sae"]), int(cfg.get("k") or 1)
-            sae = cls(d_in, d_sae, act, k, device=device)
-        except (KeyError, TypeError, ValueError) as e:
-            raise SAELoadError(f"{run_dir / CFG_FILE} does not describe an SAE ({e.__class__.__name__}: {e}); "
-                               "re-train the run or fix the file") from None
-        try:
-            tensors = load_file(str(run_dir / WEIGHTS_FILE), device=str(device))
+            tensors = load_file(str(run_dir / WEIGHTS_FILE))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad files
             raise SAELoadError(f"{run_dir / WEIGHTS_FILE} is not a readable safetensors file "
                                f"({_first_line(e)}); re-train the run or restore the file") from None
+        for n, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{run_dir / WEIGHTS_FILE}: {n} contains NaN or inf; this SAE cannot be "
+                                     "evaluated (re-train it, e.g. with a lower --lr)")
+        return cls.from_canonical(to_canonical(cfg, tensors, str(run_dir / WEIGHTS_FILE), activation_scale),
+                                  device=device)
+
+    @classmethod
+    def from_canonical(cls, c: Canonical, device: str | torch.device = "cpu") -> SAE:
+        """Build the SAE a :class:`~sae.interop.canonical.Canonical` describes (``.cfg`` = ``c.cfg``)."""
+        from ..errors import NonFiniteError
+
+        sae = cls(c.d_in, c.d_sae, c.activation, c.k, device=device)
         with torch.no_grad():
             for n in sae.tensor_names():
-                p = getattr(sae, n)
-                if n not in tensors:
-                    raise SAELoadError(f"{run_dir / WEIGHTS_FILE} has no tensor {n!r}; re-train the run")
-                if tuple(tensors[n].shape) != tuple(p.shape):
-                    raise SAELoadError(f"{run_dir / WEIGHTS_FILE}: {n} has shape {tuple(tensors[n].shape)}, but "
-                                       f"cfg.json says {tuple(p.shape)}; the files do not belong together")
-                if not bool(torch.isfinite(tensors[n]).all()):
-                    raise NonFiniteError(f"{run_dir / WEIGHTS_FILE}: {n} contains NaN or inf; this SAE cannot be "
-                                         "evaluated (re-train it, e.g. with a lower --lr)")
-                p.copy_(tensors[n])
-        sae.cfg = cfg
+                t = c.tensors[n]
+                if not bool(torch.isfinite(t).all()):  # e.g. a fold overflowed float32
+                    raise NonFiniteError(f"{n} is not finite after conversion ({', '.join(c.folds)}); "
+                                         "the SAE cannot be run in float32")
+                getattr(sae, n).copy_(t)
+        sae.cfg = dict(c.cfg)
         return sae
 
 
