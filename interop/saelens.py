@@ -23,6 +23,7 @@ temporal and matching-pursuit SAEs, run-time input normalisation (``layer_norm``
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -76,10 +77,8 @@ def normalised_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     if out.get("hook_name") is None and cfg.get("hook_point") is not None:
         out["hook_name"] = cfg["hook_point"]
     if out.get("hook_layer") is None and isinstance(out.get("hook_name"), str):
-        try:
+        with contextlib.suppress(ValueError):  # a hook we do not harvest: no layer to record
             out["hook_layer"] = layer_of_hook(out["hook_name"])
-        except ValueError:
-            pass
     return out
 
 
