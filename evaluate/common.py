@@ -150,8 +150,8 @@ def canonical_model_id(model_id: str | None) -> str | None:
     """Embedded aliases → the embedded id; an existing local directory → its resolved path."""
     if model_id is None:
         return None
-    if model_id in EMBEDDED_ALIASES:
-        return EMBEDDED_MODEL_ID
+    if model_id in EMBEDDED_ALIASES:  # the embedded default is a copy of google/gemma-3-270m; weights
+        return EMBEDDED_MODEL_ID      # (fingerprints) tell copies apart where both sides record them
     p = Path(model_id).expanduser()
     return str(p.resolve()) if p.exists() else model_id.rstrip("/")
 

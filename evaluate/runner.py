@@ -67,7 +67,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
         FileNotFoundError: a run directory without an SAE. StoreError: a bad store.
     """
     from ..errors import ConfigError, SaeError
-    from ..model import LoadedModel, check_device, load_model
+    from ..model import LoadedModel, check_device, is_embedded, load_model
     from ..outputs import check_output_location
     from ..store import ActivationStore
     from ..train.sae import SAE
@@ -98,7 +98,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     needs_model = any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals)
     opened = ActivationStore(store, storage_options=storage_options) if store is not None else None
     attrs = opened.attrs if opened is not None else None
-    models: dict[str | None, LoadedModel] = {}
+    models: dict[tuple[str | None, bool], LoadedModel] = {}
     # pass 1: every run's cfg.json against the store and its model, before any forward pass
     plan: list[tuple[Path, LoadedModel | None, CoreConfig, str]] = []
     for run_dir in run_dirs:
@@ -114,13 +114,13 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
             check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"),
                              int(attrs["d_model"]), list(attrs["hook_names"]), against="store",
                              run_dir=run_dir)
-            model_id = attrs.get("model_id")
+            model_id, weights = attrs.get("model_id"), attrs.get("model_weights")
         else:
-            model_id = sae_cfg.get("model_name")
+            model_id, weights = sae_cfg.get("model_name"), sae_cfg.get("model_weights")
         if needs_model:
-            key = canonical_model_id(model_id)
+            key = (canonical_model_id(model_id), is_embedded(model_id, weights))
             if key not in models:
-                models[key] = load_model(model_id, device, dtype=torch.float32)
+                models[key] = load_model(model_id, device, dtype=torch.float32, model_weights=weights)
             lm = models[key]
             check_compatible(sae_cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
                              run_dir=run_dir)

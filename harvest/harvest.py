@@ -143,7 +143,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     seqs = itertools.chain([first_seq], seqs)
     record = {k: v for k, v in asdict(cfg).items() if k != "storage_options"}  # never store credentials
     meta = {
-        "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
+        "model_id": lm.model_id, **lm.identity,
         "tokenizer": getattr(lm.tokenizer, "name_or_path", ""), "vocab_size": _vocab_size(lm),
         "layers": layers, "hook_point": "resid_post", "dataset": cfg.dataset, "split": cfg.split,
         "text_column": cfg.text_column, "seed": cfg.seed, "special_token_ids": lm.special_token_ids,

