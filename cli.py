@@ -363,6 +363,33 @@ def evaluate(
     ev.print_comparison(results)
 
 
+@app.command("import")
+@_guard
+def import_cmd(
+    src: Annotated[Path, typer.Argument(help="Directory a library saved one SAE in.")],
+    from_: Annotated[str, typer.Option("--from", help="saelens | sparsify | dictionary_learning")],
+    out: Annotated[Path, typer.Option(help="Run directory to write (our layout; SAELens loads it too).")],
+    model: Annotated[str | None, typer.Option(help="Model the SAE belongs to (default: what the files record; "
+                                                   "`embedded` = the embedded Gemma 3 270M).")] = None,
+    hook_name: Annotated[str | None, typer.Option(help="blocks.<L>.hook_resid_post (default: from the files).")
+    ] = None,
+    store: Annotated[str | None, typer.Option(help="Warn unless this store (path or URL) fits the SAE.")] = None,
+    storage_option: StorageOptions = None,
+    activation_scale: Annotated[float | None, typer.Option(
+        help="SAELens normalize_activations=expected_average_only_in: the input scale factor to fold.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of ours (atomically).")] = False,
+) -> None:
+    """Convert a SAELens / sparsify / dictionary_learning SAE into a run directory `sae evaluate` reads."""
+    from .interop.importer import import_sae
+
+    res = import_sae(src, from_, out, model=model, hook_name=hook_name, store=store,
+                     storage_options=parse_storage_options(storage_option), activation_scale=activation_scale,
+                     overwrite=overwrite)
+    for w in res.warnings:
+        typer.secho(f"warning: {_one_line(w)}", fg="yellow", err=True)
+    typer.echo(f"imported {src} ({from_}) → {res.run_dir}")
+
+
 @app.command()
 @_guard
 def report(
