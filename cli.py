@@ -247,6 +247,52 @@ def store_convert(
     store_info(dst, storage_option)
 
 
+@store_app.command("export")
+@_guard
+def store_export(
+    url: Annotated[str, typer.Argument(help="Store (path or URL).")],
+    out: Annotated[Path, typer.Option(help="Directory to write the HF-datasets activation cache in.")],
+    format: Annotated[str, typer.Option("--format", help="hf-datasets (SAELens' cached_activations_path layout).")
+    ] = "hf-datasets",
+    hook_name: Annotated[str | None, typer.Option(help="One hook (default: every hook, one column each).")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | float16")] = "float32",
+    tokens: Annotated[int | None, typer.Option(help="Export only the first N tokens (whole sequences).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export of ours (atomically).")] = False,
+    storage_option: StorageOptions = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Export a store as a SAELens activation cache (train SAELens from it with cached_activations_path)."""
+    from .errors import ConfigError
+    from .interop.hf_datasets import export_store
+
+    if format != "hf-datasets":
+        raise ConfigError(f"--format {format!r}: the only export format is hf-datasets")
+    path = export_store(url, out, hook_name=hook_name, dtype=dtype, n_tokens=tokens, overwrite=overwrite,
+                        storage_options=parse_storage_options(storage_option), quiet=quiet)
+    typer.echo(f"exported {url} → {path}")
+
+
+@store_app.command("import")
+@_guard
+def store_import(
+    src: Annotated[Path, typer.Argument(help="A SAELens activation cache (HF-datasets directory).")],
+    out: Annotated[str, typer.Option(help="Store to write (path or URL).")],
+    hook_name: Annotated[str | None, typer.Option(help="Activation column (default: the only one).")] = None,
+    model: Annotated[str | None, typer.Option(help="Model the activations came from (default: recorded).")] = None,
+    codec: Annotated[str, typer.Option(help="zstd | none | bitround:K | int8 | fp8")] = "zstd",
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "float32",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
+    storage_option: StorageOptions = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Write a SAELens activation cache as a store (format 2: chunked, compressed, crc32c)."""
+    from .interop.hf_datasets import import_cache
+
+    import_cache(src, out, hook_name=hook_name, model=model, codec=codec, dtype=dtype, overwrite=overwrite,
+                 storage_options=parse_storage_options(storage_option), quiet=quiet)
+    store_info(out, storage_option)
+
+
 def _parse_params(items: list[str]) -> dict[str, str]:
     from .errors import ConfigError
 
