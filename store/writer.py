@@ -133,14 +133,16 @@ class StoreWriter:
     def _create_arrays(self, n: int) -> None:
         kw = {"config": {"write_empty_chunks": True}}
         checked = CodecSpec("none", "float32").zarr_kwargs()  # crc32c only, for tokens / scales
+        # dimension_names: xarray.open_zarr needs them for Zarr v3 arrays (one shared "token" axis)
         self.group.create_array(TOKENS, shape=(n,), chunks=(self.chunk_tokens,), dtype="int32", fill_value=-1,
-                                **checked, **kw)
+                                dimension_names=("token",), **checked, **kw)
         for h in self.hook_names:
             self.group.create_array(h, shape=(n, self.d_model), chunks=(self.chunk_tokens, self.d_model),
-                                    dtype=self.codec.storage_dtype, **self.codec.zarr_kwargs(), **kw)
+                                    dtype=self.codec.storage_dtype, dimension_names=("token", "d_model"),
+                                    **self.codec.zarr_kwargs(), **kw)
             if self.codec.has_scale:
                 self.group.create_array(scale_array_name(h), shape=(n,), chunks=(self.chunk_tokens,),
-                                        dtype="float32", **checked, **kw)
+                                        dtype="float32", dimension_names=("token",), **checked, **kw)
 
     # -- state ------------------------------------------------------------------------------------
     @property

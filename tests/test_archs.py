@@ -410,3 +410,24 @@ def test_relu_init_bias_starts_at_L0_near_k() -> None:
             assert logs["l0"] == pytest.approx(expect, rel=0.05)
         else:
             assert logs["l0"] > 20  # b_enc = 0: every latent with a positive projection fires
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu", "batchtopk"])
+def test_save_unit_decoder_scales_codes_and_keeps_reconstructions(store, tmp_path, arch) -> None:
+    """--save-unit-decoder (default) vs --no-save-unit-decoder, same training: unit rows, codes × ‖W_dec,i‖ of the
+    other file, the same active sets, reconstructions equal to 1e-6 relative (SAELens' fold_W_dec_norm)."""
+    kw = dict(arch=arch, variant="none", l1_coefficient=0.01)
+    a = SAE.load(train(_cfg(store, tmp_path / "unit", **kw), quiet=True))
+    b = SAE.load(train(_cfg(store, tmp_path / "raw", save_unit_decoder=False, **kw), quiet=True))
+    n = b.W_dec.norm(dim=1)
+    assert abs(float(n.mean()) - 1) > 0.01  # the raw file really has non-unit rows (1/s)
+    torch.testing.assert_close(a.W_dec.norm(dim=1), torch.ones(64), rtol=0, atol=1e-6)
+    assert json.loads((tmp_path / "unit" / "cfg.json").read_text())["unit_decoder"] is True
+    assert json.loads((tmp_path / "raw" / "cfg.json").read_text())["unit_decoder"] is False
+    x = torch.randn(300, 16, generator=torch.Generator().manual_seed(2)) * 3
+    with torch.no_grad():
+        fa, fb = a.encode(x), b.encode(x)
+        assert torch.equal(fa > 0, fb > 0)
+        torch.testing.assert_close(fa, fb * n, rtol=1e-5, atol=1e-6)
+        ra, rb = a(x), b(x)
+        assert float((ra - rb).norm() / rb.norm()) < 1e-6

@@ -253,6 +253,11 @@ def test_a_store_reads_with_plain_zarr_and_dask(tmp_path):
     assert arr.shape == (2048, 16) and arr.chunks[0][0] == 1024
     assert np.array_equal(np.asarray(arr[:100].compute()), raw)
     assert np.array_equal(np.asarray(g["tokens"][:]), ActivationStore(store).tokens)
+    xr = pytest.importorskip("xarray", reason="xarray is in the dev extra")
+    ds = xr.open_zarr(str(store), consolidated=False)  # needs the arrays' dimension_names (Zarr v3)
+    v = ds["blocks.0.hook_resid_post"]
+    assert v.dims == ("token", "d_model") and v.dtype == np.uint16 and ds["tokens"].dims == ("token",)
+    assert np.array_equal(v[:100].values, raw)
 
 
 def test_stale_lease_of_another_host_is_taken_over_only_by_resume(tmp_path):
