@@ -110,6 +110,10 @@ def harvest(
     storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
+    workers: Annotated[str | None, typer.Option(help="Dask worker processes on this machine (a LocalCluster); "
+                                                     "auto = one per visible GPU.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler (tcp://host:8786) "
+                                                       "whose workers compute the chunks.")] = None,
 ) -> None:
     """Run the model once over a corpus and write resid_post activations to a Zarr store."""
     from .harvest.harvest import HarvestConfig
@@ -118,7 +122,8 @@ def harvest(
     cfg = HarvestConfig(layers=layer, model=model, dataset=dataset, split=split, text_column=text_column,
                         tokens=tokens, context_size=context_size, batch_size=batch_size, dtype=dtype, codec=codec,
                         chunk_tokens=chunk_tokens, device=device, seed=seed, out=out, resume=resume,
-                        overwrite=overwrite, storage_options=parse_storage_options(storage_option))
+                        overwrite=overwrite, storage_options=parse_storage_options(storage_option),
+                        workers=workers, scheduler=scheduler)
     cfg.validate()  # before the model loads or anything is created
     run(cfg)
 

@@ -8,6 +8,10 @@ bf16 encode, Blosc-zstd compression, Zarr writes, statistics, commits) into a te
 With ``--full``, a full forward with ``output_hidden_states`` (what a naive cache does) is timed for
 reference. ``--repeats`` interleaved (bare, harvest) pairs; the headline is the median per-pair ratio.
 Last line: ``harvest/bare-forward throughput ratio: R`` (goal ≥ 0.90).
+
+``--workers 1,2`` instead times the distributed harvest (a dask LocalCluster of that many worker
+processes, each loading the model once; cluster start-up and worker model loads included) against
+the in-process harvest, and prints tokens/s per setting and the scaling ratio to 1 worker.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved (bare, harvest) pairs; medians reported")
     ap.add_argument("--full", action="store_true", help="also time a full forward with output_hidden_states")
+    ap.add_argument("--workers", default=None, help="comma-separated dask worker counts, e.g. 1,2")
     a = ap.parse_args()
     layers = a.layer or [6]
     lm = load_model(a.model, a.device)
@@ -68,6 +73,26 @@ def main() -> None:
             harvest(cfg, loaded=lm, quiet=True)
             return n_seq * a.context_size / (time.perf_counter() - t0)
 
+    if a.workers:
+        counts = [int(w) for w in a.workers.split(",")]
+        tps: dict[str, float] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            for w in [0, *counts]:
+                cfg = HarvestConfig(layers=layers, model=a.model, tokens=n_seq * a.context_size,
+                                    context_size=a.context_size, batch_size=a.batch_size, codec=a.codec,
+                                    out=str(Path(tmp) / f"w{w}.zarr"), device=a.device, workers=w or None,
+                                    chunk_tokens=max(a.context_size, (4096 // a.context_size) * a.context_size))
+                t0 = time.perf_counter()
+                harvest(cfg, loaded=lm, quiet=True)
+                tps["in-process" if w == 0 else f"{w} worker(s)"] = n_seq * a.context_size / (time.perf_counter() - t0)
+        print(f"model {lm.model_id}  layers {layers}  batch {a.batch_size}x{a.context_size}  "
+              f"{n_seq * a.context_size} tokens  {torch.get_num_threads()} torch threads in-process")
+        for k, v in tps.items():
+            print(f"{k:>12}: {v:,.0f} tokens/s")
+        base = tps[f"{counts[0]} worker(s)"]
+        for w in counts[1:]:
+            print(f"scaling {w} vs {counts[0]} worker(s): {tps[f'{w} worker(s)'] / base:.2f}")
+        return
     bare()  # warm-up
     bares, harvests = [], []
     for i in range(a.repeats):  # interleaved, so slow phases of a shared machine hit both

@@ -8,15 +8,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from ..errors import ConfigError
-from ..model import LoadedModel, capture_resid_post, check_device, check_layers, hook_name_for, load_model
+from ..model import LoadedModel, check_device, check_layers, hook_name_for, load_model
 from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store, is_store_attrs
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
 from ..store.location import StoreLocation, as_location
 from .corpus import iter_documents
+from .distributed import ChunkJob, dask_client, resolve_workers, run_chunks
+from .forward import forward_chunk
 from .tokens import pack_sequences
 
 
@@ -45,6 +46,10 @@ class HarvestConfig:
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a remote ``out`` (never written into the store)."""
+    workers: int | str | None = None
+    """Dask worker processes (a LocalCluster on 127.0.0.1), ``auto`` = one per visible GPU; None = in-process."""
+    scheduler: str | None = None
+    """Address of an existing dask scheduler (``tcp://host:8786``); workers there write the chunks."""
     background_writes: bool | None = None
     """Write chunk i on a background thread while chunk i+1 runs through the model.
     None = on for accelerators, off on CPU (where it slows the forward; see ``harvest``)."""
@@ -72,6 +77,9 @@ class HarvestConfig:
         if self.split not in ("train", "test", "all"):
             raise ConfigError(f"--split {self.split!r}: choose train, test or all")
         check_device(self.device)
+        if self.workers is not None and self.scheduler is not None:
+            raise ConfigError("--workers and --scheduler are exclusive: a --scheduler cluster has its own workers")
+        resolve_workers(self.workers)
         if "://" not in str(self.out) or str(self.out).startswith("file://"):
             check_output_location(str(self.out).removeprefix("file://"), "--out")
 
@@ -211,14 +219,23 @@ def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layer
     # keeps every core busy and a concurrent writer only fights torch's OpenMP threads (measured:
     # harvest/bare-forward 0.87 with the thread vs 0.97 without, benchmarks/harvest.py), so writes
     # run inline there. At most one write is in flight; a chunk counts once its commit object exists.
+    if todo and (cfg.workers is not None or cfg.scheduler is not None):
+        job = ChunkJob(url=writer.path, model_id=cfg.model, model_weights=lm.model_weights,
+                       fingerprint=lm.fingerprint, layers=tuple(layers), batch_size=cfg.batch_size,
+                       context_size=ctx, device=cfg.device, special_token_ids=tuple(int(t) for t in special),
+                       storage_options=dict(cfg.storage_options))
+        with progress_bar(quiet) as bar, dask_client(resolve_workers(cfg.workers), cfg.scheduler) as client:
+            task = bar.add_task("harvest", total=total, completed=done)
+            done += run_chunks(client, job, todo, bar, task)
+        todo = []
     background = cfg.background_writes if cfg.background_writes is not None else lm.device.type != "cpu"
-    with progress_bar(quiet) as bar, _Writer(1 if background else 0) as pool:
+    with progress_bar(quiet or not todo) as bar, _Writer(1 if background else 0) as pool:
         task = bar.add_task("harvest", total=total, completed=done)
         pending: Future | None = None
         pending_rows = 0
         for i in todo:
             flat = tokens[i * cfg.chunk_tokens:(i + 1) * cfg.chunk_tokens]
-            acts = _forward_chunk(lm, flat.reshape(-1, ctx), layers, cfg.batch_size)
+            acts = forward_chunk(lm, flat.reshape(-1, ctx), layers, cfg.batch_size)
             if pending is not None:
                 pending.result()  # re-raises a failed write
                 done += pending_rows
@@ -257,15 +274,3 @@ class _Writer:
     def __exit__(self, *exc: object) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)  # an interrupted harvest still commits its in-flight chunk
-
-
-@torch.no_grad()
-def _forward_chunk(lm: LoadedModel, tokens: np.ndarray, layers: list[int], batch_size: int) -> dict[int, torch.Tensor]:
-    """``tokens [n_seq, ctx]`` → ``{L: [n_seq * ctx, d_model]}`` float32 on CPU, batched from chunk start."""
-    parts: dict[int, list[torch.Tensor]] = {L: [] for L in layers}
-    for i in range(0, len(tokens), batch_size):
-        ids = torch.from_numpy(tokens[i:i + batch_size]).long().to(lm.device)
-        got = capture_resid_post(lm.model, ids, layers)
-        for L in layers:
-            parts[L].append(got[L].reshape(-1, got[L].shape[-1]).float().cpu())
-    return {L: torch.cat(v) for L, v in parts.items()}

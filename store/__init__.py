@@ -8,6 +8,7 @@ from .codecs import CodecSpec
 from .format import FORMAT_VERSION, StoreError
 from .loader import ShuffledBatches
 from .reader import ActivationStore
-from .writer import StoreWriter
+from .writer import ChunkWriter, StoreWriter
 
-__all__ = ["FORMAT_VERSION", "ActivationStore", "CodecSpec", "ShuffledBatches", "StoreError", "StoreWriter"]
+__all__ = ["FORMAT_VERSION", "ActivationStore", "ChunkWriter", "CodecSpec", "ShuffledBatches", "StoreError",
+           "StoreWriter"]

@@ -206,32 +206,10 @@ class StoreWriter:
         """Write and commit chunk ``i`` of every hook: ``acts[hook]`` ``[rows, d_model]``, ``valid``
         bool ``[rows]`` (non-special rows, which enter the statistics). ``tokens``: also write these
         token rows (sequential writers that have no complete token array up front)."""
-        start = i * self.chunk_tokens
-        rows = len(valid)
-        for h in self.hook_names:
-            finite = torch.isfinite(acts[h]).all(dim=-1)
-            if not bool(finite.all()):
-                bad = (~finite).nonzero().flatten()
-                raise NonFiniteError(
-                    f"{h}: {len(bad)} rows of the chunk at rows {start}:{start + rows} contain NaN or inf "
-                    f"(first: row {start + int(bad[0])}); refusing to commit it. Harvest in float32 "
-                    "(--dtype float32, or a float32 model) or check the model; committed chunks are kept")
         if tokens is not None:
-            self.group[TOKENS][start:start + rows] = tokens.astype(np.int32)
-        vmask = torch.from_numpy(valid)
-        for h in self.hook_names:
-            stored, scale = self.codec.encode(acts[h])
-            self.group[h][start:start + rows] = stored
-            crcs = [chunk_crc(self.loc, h, i, 2)]
-            if scale is not None:
-                self.group[scale_array_name(h)][start:start + rows] = scale
-                crcs.append(chunk_crc(self.loc, scale_array_name(h), i, 1))
-            # statistics of exactly what readers will see (read back: lossy filters run inside zarr)
-            back = np.asarray(self.group[h][start:start + rows])
-            x = self.codec.decode(back, scale)[vmask].double()
-            record = {"chunk": i, "rows": [start, start + rows], "crc32c": crcs, "count": int(valid.sum()),
-                      "sum": x.sum(0).numpy().tolist(), "sum_sq_norm": float(x.pow(2).sum())}
-            self.loc.write_json(record, COMMITS, h, f"{i}.json")  # the commit point of (h, i)
+            start = i * self.chunk_tokens
+            self.group[TOKENS][start:start + len(valid)] = tokens.astype(np.int32)
+        ChunkWriter(self.loc, self.group, self.codec, self.hook_names, self.chunk_tokens).write_chunk(i, acts, valid)
 
     def append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
         """Sequential writing (``sae store convert``, tests): the next chunk with its token rows."""
@@ -280,3 +258,64 @@ class StoreWriter:
     def close(self) -> None:
         """Release the lease (idempotent)."""
         self.lease.release()
+
+
+class ChunkWriter:
+    """Writes and commits activation chunks into an *existing* store, without its lease.
+
+    The unit of work of a distributed harvest: the coordinating :class:`StoreWriter` holds the
+    lease, creates the arrays and writes the tokens; each worker process opens a ``ChunkWriter``
+    on the same URL (:meth:`open`) and commits the chunks it is given. Chunks are disjoint objects
+    and a chunk counts only once its commit object exists, so a worker killed mid-chunk leaves at
+    most an uncommitted chunk that a retry overwrites.
+    """
+
+    def __init__(self, loc: StoreLocation, group: zarr.Group, codec: CodecSpec, hook_names: list[str],
+                 chunk_tokens: int) -> None:
+        self.loc, self.group, self.codec = loc, group, codec
+        self.hook_names, self.chunk_tokens = list(hook_names), chunk_tokens
+
+    @classmethod
+    def open(cls, path: str | Path | StoreLocation, hook_names: list[str] | None = None,
+             storage_options: dict | None = None) -> ChunkWriter:
+        """Open the store at ``path`` to write chunks of ``hook_names`` (default: all its hooks)."""
+        loc = as_location(path, storage_options)
+        group = zarr.open_group(store=loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
+        a = dict(group.attrs)
+        hooks = list(hook_names) if hook_names is not None else list(a["hook_names"])
+        return cls(loc, group, CodecSpec.parse(a["codec"], a["dtype"]), hooks, int(a["chunk_tokens"]))
+
+    def tokens(self, i: int) -> np.ndarray:
+        """The token ids of chunk ``i`` (int32)."""
+        return np.asarray(self.group[TOKENS][i * self.chunk_tokens:(i + 1) * self.chunk_tokens])
+
+    def write_chunk(self, i: int, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
+        """Write and commit chunk ``i`` of each of :attr:`hook_names` (see :meth:`StoreWriter.write_chunk`).
+
+        Raises:
+            NonFiniteError: a row holds NaN or inf (nothing of the chunk is committed).
+        """
+        start = i * self.chunk_tokens
+        rows = len(valid)
+        for h in self.hook_names:
+            finite = torch.isfinite(acts[h]).all(dim=-1)
+            if not bool(finite.all()):
+                bad = (~finite).nonzero().flatten()
+                raise NonFiniteError(
+                    f"{h}: {len(bad)} rows of the chunk at rows {start}:{start + rows} contain NaN or inf "
+                    f"(first: row {start + int(bad[0])}); refusing to commit it. Harvest in float32 "
+                    "(--dtype float32, or a float32 model) or check the model; committed chunks are kept")
+        vmask = torch.from_numpy(valid)
+        for h in self.hook_names:
+            stored, scale = self.codec.encode(acts[h])
+            self.group[h][start:start + rows] = stored
+            crcs = [chunk_crc(self.loc, h, i, 2)]
+            if scale is not None:
+                self.group[scale_array_name(h)][start:start + rows] = scale
+                crcs.append(chunk_crc(self.loc, scale_array_name(h), i, 1))
+            # statistics of exactly what readers will see (read back: lossy filters run inside zarr)
+            back = np.asarray(self.group[h][start:start + rows])
+            x = self.codec.decode(back, scale)[vmask].double()
+            record = {"chunk": i, "rows": [start, start + rows], "crc32c": crcs, "count": int(valid.sum()),
+                      "sum": x.sum(0).numpy().tolist(), "sum_sq_norm": float(x.pow(2).sum())}
+            self.loc.write_json(record, COMMITS, h, f"{i}.json")  # the commit point of (h, i)
