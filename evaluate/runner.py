@@ -105,7 +105,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
         sae_cfg = saes[str(run_dir)].cfg
         if opened is not None and not allow_other_store:
             want, have = sae_cfg.get("content_digest"), opened.content_digest
-            if want and have and want != have:
+            if want and have and not opened.accepts_digest(want, sae_cfg.get("hook_name"), sae_cfg.get("hook_digest")):
                 raise IncompatibleSAEError(
                     f"{run_dir} was trained on a store with content digest {want[:16]}…, but {store} has "
                     f"{have[:16]}…: pass the store it was trained on ({sae_cfg.get('store_url')}), or "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -46,6 +46,8 @@ class HarvestConfig:
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a remote ``out`` (never written into the store)."""
+    into: str | None = None
+    """Add ``layers`` to this existing complete store, over its own token ids (``--into``)."""
     workers: int | str | None = None
     """Dask worker processes (a LocalCluster on 127.0.0.1), ``auto`` = one per visible GPU; None = in-process."""
     scheduler: str | None = None
@@ -77,10 +79,13 @@ class HarvestConfig:
         if self.split not in ("train", "test", "all"):
             raise ConfigError(f"--split {self.split!r}: choose train, test or all")
         check_device(self.device)
+        if self.into is not None and (self.resume or self.overwrite):
+            raise ConfigError("--into adds layers to an existing store: it takes no --resume/--overwrite "
+                              "(rerun the same --into to continue an interrupted one)")
         if self.workers is not None and self.scheduler is not None:
             raise ConfigError("--workers and --scheduler are exclusive: a --scheduler cluster has its own workers")
         resolve_workers(self.workers)
-        if "://" not in str(self.out) or str(self.out).startswith("file://"):
+        if self.into is None and ("://" not in str(self.out) or str(self.out).startswith("file://")):
             check_output_location(str(self.out).removeprefix("file://"), "--out")
 
 
@@ -107,6 +112,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         writing that store. NonFiniteError: NaN/inf activations (chunk not committed).
     """
     cfg.validate()
+    if cfg.into is not None:
+        return _harvest_into(cfg, loaded, quiet)
     loc = as_location(cfg.out, cfg.storage_options)
     if loc.read_only:
         raise ConfigError(f"--out {cfg.out}: {loc.scheme}:// is read-only; harvest to a path, s3:// or gs://")
@@ -182,6 +189,43 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     return cfg.out
 
 
+def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -> str:
+    """``--into``: add ``cfg.layers`` to a complete store, running the model over the store's own token
+    ids (rows align 1:1 with its hooks). The model defaults to the store's; one whose weights
+    fingerprint differs is refused before anything is written."""
+    from ..store import ActivationStore
+
+    store = ActivationStore(cfg.into, storage_options=cfg.storage_options)
+    a = store.attrs
+    if a.get("status") != "complete":
+        raise StoreError(f"--into {cfg.into}: the store is not complete; finish it (`sae harvest --resume`) first")
+    hooks = [hook_name_for(L) for L in sorted(set(cfg.layers))]
+    have = [h for h in hooks if h in store.hook_names]
+    if have:
+        raise ConfigError(f"--into {cfg.into} already has {', '.join(have)}: --into adds new layers only")
+    lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=a.get("model_weights"))
+    if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
+        raise ConfigError(f"--into {cfg.into}: the model's weights (fingerprint {lm.fingerprint}) are not the ones the "
+                          f"store was harvested with ({a['model_fingerprint']}, model {a.get('model_id')}): pass that "
+                          "model with --model")
+    try:
+        check_layers(cfg.layers, lm.n_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    if lm.d_model != store.d_model:
+        raise ConfigError(f"--into {cfg.into}: the model has d_model {lm.d_model}, the store {store.d_model}")
+    writer = StoreWriter.add_hooks(cfg.into, hooks, storage_options=cfg.storage_options)
+    run_cfg = replace(cfg, context_size=store.context_size, chunk_tokens=store.chunk_tokens, model=cfg.model or
+                      (None if lm.model_weights else a.get("model_id")))
+    try:
+        _run_harvest(run_cfg, writer, lm, sorted(set(cfg.layers)), iter(()), quiet)
+    finally:
+        writer.close()
+    if not quiet:
+        print(f"→ {cfg.into} (+ {', '.join(hooks)})")
+    return cfg.into
+
+
 def _remote_is_store(loc: StoreLocation) -> bool:
     try:
         return is_store_attrs(loc.read_json("zarr.json", fresh=True).get("attributes"))
@@ -198,7 +242,7 @@ def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layer
                  ) -> None:  # noqa: ANN001
     """Tokens first (unless already committed), then every missing chunk: forward, encode, write,
     commit; then finalize (statistics reduced in chunk order, content digest, status)."""
-    if writer.group.attrs.get("status") == "complete":
+    if writer.group.attrs.get("status") == "complete" and not writer.growing:
         return
     ctx = cfg.context_size
     if writer.tokens_committed():

@@ -82,6 +82,26 @@ class ActivationStore:
     def format_version(self) -> int:
         return int(self.attrs["format_version"])
 
+    def hook_digest(self, hook_name: str) -> str | None:
+        """sha256 over the crc32c of ``tokens`` and ``hook_name``'s chunks: what a run trained on that hook
+        depends on (unchanged when ``--into`` adds other hooks); None for stores written before it existed."""
+        return (self.attrs.get("hook_digests") or {}).get(hook_name)
+
+    def accepts_digest(self, digest: str | None, hook_name: str | None = None, hook_digest: str | None = None
+                       ) -> bool:
+        """Whether a run that recorded ``digest`` (and ``hook_digest`` for ``hook_name``) was trained on this
+        store's data: the current digest, one in ``digest_history`` (before ``--into``/``--extend``
+        grew the store), or the same per-hook digest."""
+        if hook_digest and hook_name and self.hook_digest(hook_name):
+            return hook_digest == self.hook_digest(hook_name) or digest in self.known_digests()
+        return digest is None or digest in self.known_digests()
+
+    def known_digests(self) -> set[str]:
+        """The current content digest and every earlier one this store recorded as it grew."""
+        out = {d.get("content_digest") for d in self.attrs.get("digest_history") or [] if isinstance(d, dict)}
+        out.add(self.content_digest)
+        return {d for d in out if d}
+
     @property
     def content_digest(self) -> str | None:
         """sha256 over every chunk's crc32c (format 2; None for format 1)."""

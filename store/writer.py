@@ -129,6 +129,60 @@ class StoreWriter:
             raise
         self._next = 0  # sequential chunk index for :meth:`append`
         self._appended = 0  # rows written by :meth:`append`
+        self.final_hooks = list(self.hook_names)  # the store's hooks once finalized (more with add_hooks)
+        self.history: dict | None = None  # a digest_history entry to record at finalize (growing a store)
+
+    @classmethod
+    def add_hooks(cls, path: str | Path | StoreLocation, hooks: list[str], storage_options: dict | None = None
+                  ) -> StoreWriter:
+        """Reopen a *complete* store to add activation arrays for ``hooks`` over its own tokens
+        (``sae harvest --into``); rerunning it continues an interrupted addition.
+
+        The existing hooks are untouched and stay readable throughout: the new arrays are listed in
+        ``pending_hooks`` and join ``hook_names`` only at :meth:`finalize`, which also records the
+        old content digest in ``digest_history`` (runs trained before stay verifiable).
+
+        Raises:
+            StoreError: not a complete format-2 store, a hook it already has. LeaseHeldError.
+        """
+        self = cls.__new__(cls)
+        self.loc = as_location(path, storage_options)
+        self.lease = Lease(self.loc).acquire(takeover_stale=True)
+        try:
+            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
+            a = dict(self.group.attrs)
+            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
+                raise StoreError(f"--into {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
+                                 f"(it is format {a.get('format_version')}, status {a.get('status')}); finish or "
+                                 "convert it first")
+            old, pending = list(a["hook_names"]), list(a.get("pending_hooks") or [])
+            have = [h for h in hooks if h in old]
+            if have:
+                raise StoreError(f"--into {self.loc} already has {', '.join(have)}: --into adds new layers only")
+            if pending and sorted(pending) != sorted(hooks):
+                raise StoreError(f"--into {self.loc}: an interrupted --into of {', '.join(pending)} is pending; "
+                                 "rerun it with those layers to finish it first")
+            self.codec = CodecSpec.parse(a["codec"], a["dtype"])
+            self.hook_names, self.chunk_tokens = list(hooks), int(a["chunk_tokens"])
+            self.d_model, self.context_size = int(a["d_model"]), int(a["context_size"])
+            self._next = self._appended = 0
+            self.final_hooks = old + list(hooks)
+            self.history = {"content_digest": a.get("content_digest"), "hook_names": old,
+                            "n_tokens": int(a.get("n_tokens_written", self.n_tokens)), "reason": "into"}
+            n = self.n_tokens
+            for h in hooks:
+                if h not in self.group.array_keys():
+                    self._create_hook_arrays(h, n)
+            self.group.update_attributes({**a, "pending_hooks": list(hooks)})
+        except BaseException:
+            self.lease.release()
+            raise
+        return self
+
+    @property
+    def growing(self) -> bool:
+        """True while adding hooks to a complete store (:meth:`add_hooks`)."""
+        return self.final_hooks != self.hook_names
 
     def _create_arrays(self, n: int) -> None:
         kw = {"config": {"write_empty_chunks": True}}
@@ -137,12 +191,17 @@ class StoreWriter:
         self.group.create_array(TOKENS, shape=(n,), chunks=(self.chunk_tokens,), dtype="int32", fill_value=-1,
                                 dimension_names=("token",), **checked, **kw)
         for h in self.hook_names:
-            self.group.create_array(h, shape=(n, self.d_model), chunks=(self.chunk_tokens, self.d_model),
-                                    dtype=self.codec.storage_dtype, dimension_names=("token", "d_model"),
-                                    **self.codec.zarr_kwargs(), **kw)
-            if self.codec.has_scale:
-                self.group.create_array(scale_array_name(h), shape=(n,), chunks=(self.chunk_tokens,),
-                                        dtype="float32", dimension_names=("token",), **checked, **kw)
+            self._create_hook_arrays(h, n)
+
+    def _create_hook_arrays(self, h: str, n: int) -> None:
+        kw = {"config": {"write_empty_chunks": True}}
+        checked = CodecSpec("none", "float32").zarr_kwargs()
+        self.group.create_array(h, shape=(n, self.d_model), chunks=(self.chunk_tokens, self.d_model),
+                                dtype=self.codec.storage_dtype, dimension_names=("token", "d_model"),
+                                **self.codec.zarr_kwargs(), **kw)
+        if self.codec.has_scale:
+            self.group.create_array(scale_array_name(h), shape=(n,), chunks=(self.chunk_tokens,),
+                                    dtype="float32", dimension_names=("token",), **checked, **kw)
 
     # -- state ------------------------------------------------------------------------------------
     @property
@@ -235,7 +294,8 @@ class StoreWriter:
             raise StoreError(f"{self.loc}: chunks {missing[:5]} are not committed; continue with --resume")
         crcs: dict[str, list[int]] = {TOKENS: self.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"]}
         stats, count = {}, 0
-        for h in self.hook_names:
+        hooks = self.final_hooks
+        for h in hooks:
             total, sq, cnt = np.zeros(self.d_model, dtype=np.float64), 0.0, 0
             crcs[h], crcs[scale_array_name(h)] = [], []
             for i in range(self.n_chunks):
@@ -249,10 +309,22 @@ class StoreWriter:
             c = max(cnt, 1)
             stats[h] = {"sum": total.tolist(), "sum_sq_norm": sq, "mean": (total / c).tolist(), "mean_sq_norm": sq / c}
             count = cnt
-        order = array_names(self.hook_names, self.codec.has_scale)
+        order = array_names(hooks, self.codec.has_scale)
         digest = content_digest([c for name in order for c in crcs[name]])
-        self.group.update_attributes({**dict(self.group.attrs), "n_tokens_written": self.n_tokens, "stats": stats,
-                                      "stats_count": count, "status": STATUS_COMPLETE, "content_digest": digest})
+        per_hook = {h: content_digest([c for name in array_names([h], self.codec.has_scale) for c in crcs[name]])
+                    for h in hooks}
+        attrs = {**dict(self.group.attrs), "n_tokens_written": self.n_tokens, "stats": stats, "stats_count": count,
+                 "status": STATUS_COMPLETE, "content_digest": digest, "hook_digests": per_hook, "hook_names": hooks}
+        if "pending_hooks" in attrs:
+            attrs.pop("pending_hooks")
+            del self.group.attrs["pending_hooks"]  # update_attributes merges: drop the key itself
+        if self.growing:  # hooks are blocks.<L>.hook_resid_post
+            attrs["layers"] = sorted({*attrs.get("layers", []),
+                                      *(int(h.split(".")[1]) for h in hooks if h.split(".")[1].isdigit())})
+        if self.history is not None and self.history.get("content_digest") not in (None, digest):
+            attrs["digest_history"] = [*attrs.get("digest_history", []),
+                                       {**self.history, "replaced": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+        self.group.update_attributes(attrs)
         self.close()
 
     def close(self) -> None:

@@ -138,7 +138,7 @@ def test_failed_overwrite_keeps_old_store_and_failed_new_harvest_leaves_nothing(
     out = tmp_path / "acts.zarr"
     harvest(_harvest_cfg(tiny_model_dir, out, tokens=2048), loaded=tiny_lm, quiet=True)
     before = tree_hash(out)
-    real = harvest_mod._forward_chunk
+    real = harvest_mod.forward_chunk
     calls = {"n": 0}
 
     def flaky(*a, **k):
@@ -147,7 +147,7 @@ def test_failed_overwrite_keeps_old_store_and_failed_new_harvest_leaves_nothing(
             raise RuntimeError("device fell over")
         return real(*a, **k)
 
-    monkeypatch.setattr(harvest_mod, "_forward_chunk", flaky)
+    monkeypatch.setattr(harvest_mod, "forward_chunk", flaky)
     with pytest.raises(RuntimeError, match="fell over"):
         harvest(_harvest_cfg(tiny_model_dir, out, overwrite=True), loaded=tiny_lm, quiet=True)
     assert tree_hash(out) == before
@@ -159,7 +159,7 @@ def test_failed_overwrite_keeps_old_store_and_failed_new_harvest_leaves_nothing(
 
 
 def test_harvest_never_commits_non_finite_activations(tiny_lm, tiny_model_dir, tmp_path, monkeypatch):
-    real = harvest_mod._forward_chunk
+    real = harvest_mod.forward_chunk
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -170,7 +170,7 @@ def test_harvest_never_commits_non_finite_activations(tiny_lm, tiny_model_dir, t
             acts[2][70, 0] = float("inf")
         return acts
 
-    monkeypatch.setattr(harvest_mod, "_forward_chunk", poisoned)
+    monkeypatch.setattr(harvest_mod, "forward_chunk", poisoned)
     out = tmp_path / "nan.zarr"
     with pytest.raises(NonFiniteError, match=r"2 rows of the chunk at rows 1024:2048 contain NaN or inf "
                                              r"\(first: row 1029\)"):

@@ -48,7 +48,7 @@ def run_settings(cfg: TrainConfig, store: ActivationStore, hook: str) -> dict[st
     """What a checkpoint must agree on to be resumed: :meth:`TrainConfig.run_settings` plus the
     store's identity (id and rows), the resolved hook and ``d_in``."""
     return {**cfg.run_settings(), "store_id": store.attrs.get("store_id"), "store_rows": store.n_tokens,
-            "content_digest": store.content_digest, "hook_name": hook, "d_in": store.d_model}
+            "hook_digest": store.hook_digest(hook) or store.content_digest, "hook_name": hook, "d_in": store.d_model}
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
@@ -225,7 +225,8 @@ def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: flo
         "activation_scale_folded": scale, "device": "cpu", "sae_lens_training_version": None,
         "variant": cfg.variant, "variant_config": dataclasses.asdict(penalty_config),
         "store_path": str(store.path), "store_url": str(store.path), "store_fingerprint": store.fingerprint,
-        "store_id": a.get("store_id"), "content_digest": store.content_digest, "store_rows": store.n_tokens,
+        "store_id": a.get("store_id"), "content_digest": store.content_digest, "hook_digest": store.hook_digest(hook),
+        "store_rows": store.n_tokens,
         "store_format_version": store.format_version,
         "trained_rows": steps * cfg.batch_size, "training_tokens": steps * cfg.batch_size, "training_steps": steps,
         "train_config": {k: v for k, v in cfg.to_dict().items() if k != "storage_options"},
