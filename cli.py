@@ -110,6 +110,8 @@ def harvest(
     storage_option: StorageOptions = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
+    extend: Annotated[bool, typer.Option(help="Grow the complete store at --out to --tokens, continuing its corpus "
+                                              "stream (rows already there stay byte-identical).")] = False,
     into: Annotated[str | None, typer.Option(help="Add --layer(s) to this existing store, over its own tokens "
                                                "(the store's model by default).")] = None,
     workers: Annotated[str | None, typer.Option(help="Dask worker processes on this machine (a LocalCluster); "
@@ -125,7 +127,7 @@ def harvest(
                         tokens=tokens, context_size=context_size, batch_size=batch_size, dtype=dtype, codec=codec,
                         chunk_tokens=chunk_tokens, device=device, seed=seed, out=out, resume=resume,
                         overwrite=overwrite, storage_options=parse_storage_options(storage_option),
-                        workers=workers, scheduler=scheduler, into=into)
+                        workers=workers, scheduler=scheduler, into=into, extend=extend)
     cfg.validate()  # before the model loads or anything is created
     run(cfg)
 

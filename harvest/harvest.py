@@ -46,6 +46,8 @@ class HarvestConfig:
     overwrite: bool = False
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a remote ``out`` (never written into the store)."""
+    extend: bool = False
+    """Append sequences to the complete store at ``out`` until it holds ``tokens`` (``--extend``)."""
     into: str | None = None
     """Add ``layers`` to this existing complete store, over its own token ids (``--into``)."""
     workers: int | str | None = None
@@ -82,10 +84,13 @@ class HarvestConfig:
         if self.into is not None and (self.resume or self.overwrite):
             raise ConfigError("--into adds layers to an existing store: it takes no --resume/--overwrite "
                               "(rerun the same --into to continue an interrupted one)")
+        if self.extend and (self.resume or self.overwrite or self.into is not None):
+            raise ConfigError("--extend grows the store at --out: it takes no --resume/--overwrite/--into "
+                              "(rerun the same --extend to continue an interrupted one)")
         if self.workers is not None and self.scheduler is not None:
             raise ConfigError("--workers and --scheduler are exclusive: a --scheduler cluster has its own workers")
         resolve_workers(self.workers)
-        if self.into is None and ("://" not in str(self.out) or str(self.out).startswith("file://")):
+        if self.into is None and not self.extend and ("://" not in str(self.out) or str(self.out).startswith("file://")):
             check_output_location(str(self.out).removeprefix("file://"), "--out")
 
 
@@ -114,6 +119,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     cfg.validate()
     if cfg.into is not None:
         return _harvest_into(cfg, loaded, quiet)
+    if cfg.extend:
+        return _harvest_extend(cfg, loaded, quiet)
     loc = as_location(cfg.out, cfg.storage_options)
     if loc.read_only:
         raise ConfigError(f"--out {cfg.out}: {loc.scheme}:// is read-only; harvest to a path, s3:// or gs://")
@@ -226,6 +233,52 @@ def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -
     return cfg.into
 
 
+def _harvest_extend(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -> str:
+    """``--extend``: append sequences that continue the store's own deterministic corpus stream
+    (its dataset, split, seed, text column, context size) until it holds ``cfg.tokens``; rows already
+    there stay byte-identical. Everything is checked (store, layers, model fingerprint, the corpus
+    still yielding the stored prefix, enough corpus left) before anything is written."""
+    from ..store import ActivationStore
+
+    store = ActivationStore(cfg.out, storage_options=cfg.storage_options)
+    a = store.attrs
+    if a.get("status") != "complete":
+        raise StoreError(f"--extend {cfg.out}: the store is not complete; finish it with --resume first "
+                         "(an interrupted --extend continues with the same --extend command)")
+    if sorted(set(cfg.layers)) != sorted(a.get("layers") or []):
+        raise ConfigError(f"--extend keeps the store's layers {a.get('layers')}: pass exactly those --layer values "
+                          "(add layers with --into)")
+    ctx, n1 = store.context_size, store.n_tokens
+    n2 = -(-cfg.tokens // ctx) * ctx
+    if n2 <= n1:
+        raise ConfigError(f"--tokens {cfg.tokens}: {cfg.out} already holds {n1} tokens; --extend needs a larger "
+                          "--tokens (the new total)")
+    lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=a.get("model_weights"))
+    if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
+        raise ConfigError(f"--extend {cfg.out}: the model's weights (fingerprint {lm.fingerprint}) are not the ones "
+                          f"the store was harvested with ({a['model_fingerprint']}): pass that model with --model")
+    docs = iter_documents(a["dataset"], a["split"], int(a.get("seed", 0)), a.get("text_column") or "text")
+    seqs = pack_sequences((d.text for d in docs), lm.tokenizer, ctx, lm.bos_token_id)
+    prefix = list(itertools.islice(seqs, n1 // ctx))
+    if len(prefix) * ctx != n1 or not np.array_equal(np.stack(prefix).reshape(-1), store.tokens):
+        raise ConfigError(f"--extend {cfg.out}: dataset {a['dataset']!r} no longer yields the stored tokens (the "
+                          "corpus or tokenizer changed); harvest a new store instead")
+    more = list(itertools.islice(seqs, (n2 - n1) // ctx))
+    if len(more) * ctx < n2 - n1:
+        have = n1 + len(more) * ctx
+        raise ConfigError(f"--extend {cfg.out}: the corpus runs out at {have} tokens ({have - n1} more than stored); "
+                          f"ask for --tokens {have} or fewer" if more else
+                          f"--extend {cfg.out}: the corpus has no tokens beyond the {n1} already stored")
+    writer = StoreWriter.extend(cfg.out, np.stack(more).reshape(-1), storage_options=cfg.storage_options)
+    run_cfg = replace(cfg, context_size=ctx, chunk_tokens=store.chunk_tokens,
+                      model=cfg.model or (None if lm.model_weights else a.get("model_id")))
+    try:
+        _run_harvest(run_cfg, writer, lm, sorted(set(cfg.layers)), iter(()), quiet)
+    finally:
+        writer.close()
+    return cfg.out
+
+
 def _remote_is_store(loc: StoreLocation) -> bool:
     try:
         return is_store_attrs(loc.read_json("zarr.json", fresh=True).get("attributes"))
@@ -263,15 +316,16 @@ def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layer
     # keeps every core busy and a concurrent writer only fights torch's OpenMP threads (measured:
     # harvest/bare-forward 0.87 with the thread vs 0.97 without, benchmarks/harvest.py), so writes
     # run inline there. At most one write is in flight; a chunk counts once its commit object exists.
-    if todo and (cfg.workers is not None or cfg.scheduler is not None):
+    local_only = set(getattr(writer, "prefix", {}))  # --extend's boundary chunk keeps old bytes: computed here
+    if [i for i in todo if i not in local_only] and (cfg.workers is not None or cfg.scheduler is not None):
         job = ChunkJob(url=writer.path, model_id=cfg.model, model_weights=lm.model_weights,
                        fingerprint=lm.fingerprint, layers=tuple(layers), batch_size=cfg.batch_size,
                        context_size=ctx, device=cfg.device, special_token_ids=tuple(int(t) for t in special),
                        storage_options=dict(cfg.storage_options))
         with progress_bar(quiet) as bar, dask_client(resolve_workers(cfg.workers), cfg.scheduler) as client:
             task = bar.add_task("harvest", total=total, completed=done)
-            done += run_chunks(client, job, todo, bar, task)
-        todo = []
+            done += run_chunks(client, job, [i for i in todo if i not in local_only], bar, task)
+        todo = [i for i in todo if i in local_only]
     background = cfg.background_writes if cfg.background_writes is not None else lm.device.type != "cpu"
     with progress_bar(quiet or not todo) as bar, _Writer(1 if background else 0) as pool:
         task = bar.add_task("harvest", total=total, completed=done)

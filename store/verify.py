@@ -17,6 +17,7 @@ Chunks are read by ``workers`` threads in parallel.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 import warnings
@@ -179,12 +180,39 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
                                                                                  f" ≠ recorded {str(rec)[:16]}…")))
         else:
             rep.checks.append(("content digest", False, "not computable: chunks are not all committed"))
+        for entry in store.attrs.get("digest_history") or []:
+            if isinstance(entry, dict) and entry.get("crc32c"):
+                rep.checks.append(_prefix_check(store, entry, recorded_crcs))
     else:
         rep.checks.append(("checksums", True, "format 1: no checksums (convert to format 2 with `sae store convert`)"))
     bad = {(a, i) for a, i, _, _ in rep.bad_chunks}
     rep.checks.insert(0, ("chunks", not bad, f"{len(jobs)} chunks read, {len(bad)} bad"))
     rep.seconds = time.perf_counter() - t0
     return rep
+
+
+def _prefix_check(store: ActivationStore, entry: dict, recorded: dict[str, list[int | None]]
+                  ) -> tuple[str, bool, str]:
+    """Re-verify the digest a store had before ``--extend`` grew it: its recorded chunk crc32c give that
+    digest, the chunks it had in full are the current ones (same crc32c, checked against the bytes
+    above), and the partial chunk it ended with still starts with the same stored bytes (sha256)."""
+    n1, old = int(entry["n_tokens"]), entry["crc32c"]
+    order = array_names(list(entry["hook_names"]), store.codec.has_scale)
+    name = f"prefix digest ({n1:,} rows)"
+    if content_digest([int(c) for a in order for c in old[a]]) != entry.get("content_digest"):
+        return name, False, "its recorded chunk checksums do not give its digest"
+    boundary = entry.get("boundary")
+    full = boundary["chunk"] if boundary else -(-n1 // store.chunk_tokens)
+    for a in order:
+        if any(recorded[a][i] != old[a][i] for i in range(full)):
+            return name, False, f"{a}: a chunk of the first {n1:,} rows changed"
+    if boundary:
+        start, stop = boundary["rows"]
+        for a in order:
+            now = np.ascontiguousarray(np.asarray(store.array(a)[start:stop])).tobytes()
+            if hashlib.sha256(now).hexdigest() != boundary["sha256"][a]:
+                return name, False, f"{a}: rows {start}:{stop} changed"
+    return name, True, f"{str(entry['content_digest'])[:16]}… still verifiable"
 
 
 def _record(rep: VerifyReport, store: ActivationStore, array: str, i: int, problems: list[str]) -> None:

@@ -179,6 +179,73 @@ class StoreWriter:
             raise
         return self
 
+    @classmethod
+    def extend(cls, path: str | Path | StoreLocation, new_tokens: np.ndarray, storage_options: dict | None = None
+               ) -> StoreWriter:
+        """Reopen a *complete* store to append ``new_tokens`` (whole sequences) after its rows
+        (``sae harvest --extend``); its hooks' new chunks are then missing, to be computed.
+
+        Rows ``[0, N1)`` stay byte-identical: whole chunks are not rewritten, and the chunk holding
+        row ``N1`` (if partial) is recomputed with its first rows forced to the old stored bytes
+        (:attr:`prefix`). The old content digest goes to ``digest_history`` with what
+        :func:`~sae.store.verify.verify_store` needs to re-verify the prefix: the old chunks'
+        crc32c and a sha256 of the boundary chunk's old rows.
+
+        Raises:
+            StoreError: not a complete format-2 store; ``new_tokens`` not whole sequences. LeaseHeldError.
+        """
+        self = cls.__new__(cls)
+        self.loc = as_location(path, storage_options)
+        self.lease = Lease(self.loc).acquire(takeover_stale=True)
+        try:
+            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
+            a = dict(self.group.attrs)
+            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
+                raise StoreError(f"--extend {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
+                                 f"(status {a.get('status')}); finish it with --resume first")
+            self.codec = CodecSpec.parse(a["codec"], a["dtype"])
+            self.hook_names = self.final_hooks = list(a["hook_names"])
+            self.chunk_tokens, self.d_model = int(a["chunk_tokens"]), int(a["d_model"])
+            self.context_size = int(a["context_size"])
+            self._next = self._appended = 0
+            n1, ct = self.n_tokens, self.chunk_tokens
+            if len(new_tokens) == 0 or len(new_tokens) % self.context_size:
+                raise StoreError(f"--extend: {len(new_tokens)} new tokens are not whole sequences of "
+                                 f"{self.context_size}")
+            arrays = array_names(self.hook_names, self.codec.has_scale)
+            old_crcs = {TOKENS: self.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"]}
+            for h in self.hook_names:
+                recs = [self.loc.read_json(COMMITS, h, f"{i}.json") for i in range(self.n_chunks)]
+                old_crcs[h] = [int(r["crc32c"][0]) for r in recs]
+                if self.codec.has_scale:
+                    old_crcs[scale_array_name(h)] = [int(r["crc32c"][1]) for r in recs]
+            j, start = n1 // ct, (n1 // ct) * ct
+            self.prefix: dict[int, dict[str, np.ndarray]] = {}
+            boundary = None
+            if n1 % ct:  # the partial last chunk: keep its stored rows, byte for byte
+                rows = {name: np.asarray(self.group[name][start:n1]) for name in arrays}
+                self.prefix[j] = {k: v for k, v in rows.items() if k != TOKENS}
+                boundary = {"chunk": j, "rows": [start, n1],
+                            "sha256": {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+                                       for k, v in rows.items()}}
+            self.history = {"content_digest": a.get("content_digest"), "hook_names": list(self.hook_names),
+                            "n_tokens": n1, "reason": "extend", "crc32c": {k: old_crcs[k] for k in arrays},
+                            "boundary": boundary}
+            record = {**(a.get("harvest_config") or {}), "tokens": n1 + len(new_tokens)}
+            self.group.update_attributes({**a, "status": STATUS_IN_PROGRESS, "n_tokens_target": n1 + len(new_tokens),
+                                          "harvest_config": record})
+            self._resize(n1 + len(new_tokens))
+            self.group[TOKENS][n1:] = new_tokens.astype(np.int32)
+            crcs = [chunk_crc(self.loc, TOKENS, i, 1) for i in range(self.n_chunks)]
+            self.loc.write_json({"rows": self.n_tokens, "crc32c": crcs}, COMMITS, TOKENS_COMMIT)
+            if boundary is not None:  # recompute the boundary chunk: uncommit it
+                for h in self.hook_names:
+                    self.loc.remove(COMMITS, h, f"{j}.json")
+        except BaseException:
+            self.lease.release()
+            raise
+        return self
+
     @property
     def growing(self) -> bool:
         """True while adding hooks to a complete store (:meth:`add_hooks`)."""
@@ -268,7 +335,8 @@ class StoreWriter:
         if tokens is not None:
             start = i * self.chunk_tokens
             self.group[TOKENS][start:start + len(valid)] = tokens.astype(np.int32)
-        ChunkWriter(self.loc, self.group, self.codec, self.hook_names, self.chunk_tokens).write_chunk(i, acts, valid)
+        ChunkWriter(self.loc, self.group, self.codec, self.hook_names, self.chunk_tokens).write_chunk(
+            i, acts, valid, prefix=getattr(self, "prefix", {}).get(i))
 
     def append(self, tokens: np.ndarray, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
         """Sequential writing (``sae store convert``, tests): the next chunk with its token rows."""
@@ -361,8 +429,11 @@ class ChunkWriter:
         """The token ids of chunk ``i`` (int32)."""
         return np.asarray(self.group[TOKENS][i * self.chunk_tokens:(i + 1) * self.chunk_tokens])
 
-    def write_chunk(self, i: int, acts: dict[str, torch.Tensor], valid: np.ndarray) -> None:
+    def write_chunk(self, i: int, acts: dict[str, torch.Tensor], valid: np.ndarray,
+                    prefix: dict[str, np.ndarray] | None = None) -> None:
         """Write and commit chunk ``i`` of each of :attr:`hook_names` (see :meth:`StoreWriter.write_chunk`).
+        ``prefix``: stored values (per array name) that the chunk's first rows must keep, byte for byte
+        (the old rows of a chunk that ``--extend`` recomputes).
 
         Raises:
             NonFiniteError: a row holds NaN or inf (nothing of the chunk is committed).
@@ -380,6 +451,11 @@ class ChunkWriter:
         vmask = torch.from_numpy(valid)
         for h in self.hook_names:
             stored, scale = self.codec.encode(acts[h])
+            if prefix is not None:
+                keep = prefix[h]
+                stored = np.concatenate([keep, stored[len(keep):]]).astype(stored.dtype)
+                if scale is not None:
+                    scale = np.concatenate([prefix[scale_array_name(h)], scale[len(keep):]]).astype(scale.dtype)
             self.group[h][start:start + rows] = stored
             crcs = [chunk_crc(self.loc, h, i, 2)]
             if scale is not None:
