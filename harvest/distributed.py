@@ -50,6 +50,7 @@ class ChunkJob:
     storage_options: dict = field(default_factory=dict, hash=False, compare=False)
 
 
+_SPAWN_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
 _MODELS: dict[tuple, LoadedModel] = {}
 """The model of this worker process (loaded by its first task, reused by every later one)."""
 
@@ -134,8 +135,16 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator[object]:
         finally:
             client.close()
         return
-    cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                           dashboard_address=None)
+    saved = {k: os.environ.get(k) for k in _SPAWN_ENV}
+    try:
+        cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+    finally:  # distributed writes its worker settings (OMP_NUM_THREADS=1...) into this process's environment
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     client = Client(cluster)
     try:
         yield client

@@ -463,7 +463,8 @@ class ChunkWriter:
                 crcs.append(chunk_crc(self.loc, scale_array_name(h), i, 1))
             # statistics of exactly what readers will see (read back: lossy filters run inside zarr)
             back = np.asarray(self.group[h][start:start + rows])
-            x = self.codec.decode(back, scale)[vmask].double()
+            # numpy reductions: the same bits whatever torch's thread count (workers run single-threaded)
+            x = self.codec.decode(back, scale)[vmask].double().numpy()
             record = {"chunk": i, "rows": [start, start + rows], "crc32c": crcs, "count": int(valid.sum()),
-                      "sum": x.sum(0).numpy().tolist(), "sum_sq_norm": float(x.pow(2).sum())}
+                      "sum": x.sum(0).tolist(), "sum_sq_norm": float((x * x).sum())}
             self.loc.write_json(record, COMMITS, h, f"{i}.json")  # the commit point of (h, i)

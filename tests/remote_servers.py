@@ -37,7 +37,9 @@ def s3_server(bucket: str = "team") -> Iterator[dict]:
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
-        s3fs.S3FileSystem(**opts).mkdir(bucket)
+        fs = s3fs.S3FileSystem(**opts)
+        if not fs.exists(bucket):  # moto keeps its buckets per process, across server instances
+            fs.mkdir(bucket)
         yield opts
     finally:
         server.stop()

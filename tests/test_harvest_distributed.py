@@ -56,8 +56,8 @@ def test_a_two_process_local_cluster_harvest_equals_a_single_process_one(referen
 
 def test_a_distributed_harvest_into_s3_equals_the_local_one(reference, tiny_model_dir, tiny_lm) -> None:
     pytest.importorskip("s3fs")
-    with s3_server("team") as opts:
-        url = "s3://team/dist.zarr"
+    with s3_server("dist") as opts:  # its own bucket: moto's state outlives the server in this process
+        url = "s3://dist/acts.zarr"
         harvest(_cfg(tiny_model_dir, url, workers=2, storage_options=opts), loaded=tiny_lm, quiet=True)
         _assert_same_store(reference, url, opts)
 
@@ -67,6 +67,8 @@ def test_a_worker_killed_by_pid_mid_harvest_still_yields_the_identical_store(ref
     """--scheduler on our own LocalCluster (so the test knows the worker pids): SIGKILL one worker while
     its task sleeps inside a chunk; dask reschedules its chunks (the nanny restarts the worker)."""
     monkeypatch.setenv(TEST_DELAY_ENV, "0.4")  # inherited by the worker processes started below
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)  # distributed sets these in *our* environment: restored after
     out = str(tmp_path / "killed.zarr")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster, distributed.Client(cluster) as client:
