@@ -406,6 +406,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     results_dir: Annotated[Path | None, typer.Option(help="Write DIR/<run>/eval_results/ instead of into the run "
                                                           "directories (for runs you cannot write to).")] = None,
+    compat: Annotated[str, typer.Option(help="ours | saebench: core CE/KL/EV/mse by SAEBench's and SAELens' "
+                                             "definitions (README, Evaluations).")] = "ours",
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
@@ -414,7 +416,7 @@ def evaluate(
     evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
-                               allow_other_store=allow_other_store)
+                               allow_other_store=allow_other_store, compat=compat)
     ev.print_comparison(results)
 
 

