@@ -323,7 +323,8 @@ def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_st
                                                               "kl_div_with_sae"}
         assert set(groups["model_performance_preservation"]) == {"ce_loss_score", "ce_loss_with_ablation",
                                                                  "ce_loss_with_sae", "ce_loss_without_sae"}
-        assert {"explained_variance", "mse", "cossim"} == set(groups["reconstruction_quality"])
+        assert {"explained_variance", "mse", "cossim", "explained_variance_ratio",
+                "explained_variance_legacy"} == set(groups["reconstruction_quality"])
         assert set(groups["shrinkage"]) == {"l2_norm_in", "l2_norm_out", "l2_ratio",
                                             "relative_reconstruction_bias"}
         assert {"l0", "l1"} == set(groups["sparsity"])
