@@ -402,7 +402,7 @@ def evaluate(
     allow_other_store: Annotated[bool, typer.Option(help="Accept a --store whose content digest differs from "
                                                          "the one the SAE was trained on.")] = False,
     eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
-    tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 4096,
+    tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 16384,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     results_dir: Annotated[Path | None, typer.Option(help="Write DIR/<run>/eval_results/ instead of into the run "
                                                           "directories (for runs you cannot write to).")] = None,

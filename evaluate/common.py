@@ -13,6 +13,7 @@ import itertools
 import math
 import weakref
 from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,36 +39,125 @@ class IncompatibleSAEError(SaeError):
 
 
 # -- held-out tokens ------------------------------------------------------------------------------
-def load_eval_tokens(tokenizer: object, bos_token_id: int, dataset: str, context_size: int, n_tokens: int,
-                     split: str = "test", seed: int = 0) -> torch.Tensor:
-    """The first ``ceil(n_tokens / context_size)`` packed sequences of ``dataset``'s ``split``.
+MIN_DOCUMENTS = 200
+"""Spread the held-out budget over at least this many documents when the split has them."""
 
-    Returns ``[n_seq, context_size]`` int64 token ids, each row starting with ``BOS``. Fewer rows
-    come back when the split runs out of text. Results are memoised per tokenizer object (reading
-    the embedded corpus takes seconds; every evaluation of a session reuses the same text).
+
+@dataclass
+class EvalSet:
+    """Held-out sequences and where they come from.
+
+    ``tokens [n_seq, T]`` int64 (each row ``BOS`` + ``T−1`` tokens of *one* document);
+    ``doc_of_seq [n_seq]`` the index of its document in ``doc_ids`` / ``doc_sources``.
+    """
+
+    tokens: torch.Tensor
+    doc_of_seq: np.ndarray
+    doc_ids: list[str]
+    doc_sources: list[str]
+
+    @property
+    def n_documents(self) -> int:
+        return len(set(self.doc_of_seq.tolist()))
+
+    def source_of_seq(self) -> list[str]:
+        return [self.doc_sources[i] for i in self.doc_of_seq]
+
+
+def load_eval_set(tokenizer: object, bos_token_id: int, dataset: str, context_size: int, n_tokens: int,
+                  split: str = "test", seed: int = 0) -> EvalSet:
+    """``ceil(n_tokens / context_size)`` held-out sequences spread over as many documents as possible.
+
+    Each document is packed on its own (``BOS`` + the next ``T−1`` tokens, trailing partial
+    sequence dropped, so a sequence never spans two documents). The budget is split across the
+    dataset's sources in the training mix proportions (``EMBEDDED_WEIGHTS`` for the embedded
+    corpus; one pool otherwise), and within a source taken breadth-first: every document's first
+    sequence before any document's second. A source that runs out passes its share to the others.
+    Documents are read in the split's seeded order until ``MIN_DOCUMENTS`` are available at
+    ``ceil(n_seq / MIN_DOCUMENTS)`` sequences each, or the split ends. Memoised per tokenizer.
 
     Raises:
         ValueError: unknown dataset/split, or the split holds no full sequence.
     """
+    from ..harvest.corpus import EMBEDDED_WEIGHTS
+
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     n_seq = math.ceil(n_tokens / context_size)
     key = (id(tokenizer), bos_token_id, dataset, context_size, n_seq, split, seed)
     hit = _TOKEN_CACHE.get(key)
     if hit is not None and hit[0]() is tokenizer:
-        return hit[1].clone()
-    docs = (d.text for d in iter_documents(dataset, split, seed))
-    rows = list(itertools.islice(pack_sequences(docs, tokenizer, context_size, bos_token_id), n_seq))
-    if not rows:
+        return hit[1]
+    cap = max(1, math.ceil(n_seq / MIN_DOCUMENTS))
+    per_doc: list[list[np.ndarray]] = []
+    ids: list[str] = []
+    sources: list[str] = []
+    available = 0
+    for d in iter_documents(dataset, split, seed):
+        seqs = list(itertools.islice(pack_sequences([d.text], tokenizer, context_size, bos_token_id), n_seq))
+        if not seqs:
+            continue  # shorter than one sequence
+        per_doc.append(seqs)
+        ids.append(d.doc_id)
+        sources.append(d.source)
+        available += min(len(seqs), cap)
+        if available >= n_seq and len(per_doc) >= MIN_DOCUMENTS:
+            break
+    if not per_doc:
         raise ValueError(f"dataset {dataset!r} split {split!r} holds no full sequence of {context_size} "
                          "tokens: use a larger dataset or a smaller --context-size")
-    tokens = torch.from_numpy(np.stack(rows)).long()
+    names = sorted(set(sources))
+    weights = {n: EMBEDDED_WEIGHTS.get(n, 0.0) for n in names} if set(names) <= set(EMBEDDED_WEIGHTS) else {}
+    if not weights or sum(weights.values()) <= 0:
+        weights = {n: 1.0 for n in names}
+        stratify = len(names) == 1
+    else:
+        stratify = True
+    docs_of = {n: [i for i, src in enumerate(sources) if src == n] for n in names}
+    if not stratify:  # several sources of unknown proportions: one pool in the split's order
+        docs_of, weights = {"all": list(range(len(per_doc)))}, {"all": 1.0}
+    picks: list[tuple[int, int]] = []  # (round r: the document's r-th sequence, document)
+    depth = {n: 0 for n in docs_of}  # next round to take in each source
+    used = {n: 0 for n in docs_of}  # documents of the current round already taken, per source
+    remaining = n_seq
+
+    def left(n: str) -> int:
+        return sum(max(0, len(per_doc[i]) - depth[n]) for i in docs_of[n]) - used[n]
+
+    live = [n for n in docs_of if left(n) > 0]
+    while remaining > 0 and live:
+        total_w, budget = sum(weights[n] for n in live), remaining
+        for n in live:
+            want = min(remaining, max(1, round(budget * weights[n] / total_w)), left(n))
+            while want > 0:  # breadth-first: round depth[n] of every document before round depth[n] + 1
+                row = [i for i in docs_of[n] if len(per_doc[i]) > depth[n]]
+                take = row[used[n]:used[n] + want]
+                picks.extend((depth[n], i) for i in take)
+                used[n] += len(take)
+                want -= len(take)
+                remaining -= len(take)
+                if used[n] >= len(row):
+                    depth[n], used[n] = depth[n] + 1, 0
+                if not take:
+                    break
+            if remaining <= 0:
+                break
+        live = [n for n in live if left(n) > 0]
+    picks.sort()
+    out = EvalSet(tokens=torch.from_numpy(np.stack([per_doc[i][r] for r, i in picks])).long(),
+                  doc_of_seq=np.asarray([i for _, i in picks], dtype=np.int64), doc_ids=ids, doc_sources=sources)
     with contextlib.suppress(TypeError):  # a tokenizer that cannot be weak-referenced is not memoised
-        _TOKEN_CACHE[key] = (weakref.ref(tokenizer), tokens)
-    return tokens.clone()
+        _TOKEN_CACHE[key] = (weakref.ref(tokenizer), out)
+    return out
 
 
-_TOKEN_CACHE: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+def load_eval_tokens(tokenizer: object, bos_token_id: int, dataset: str, context_size: int, n_tokens: int,
+                     split: str = "test", seed: int = 0) -> torch.Tensor:
+    """``load_eval_set(...).tokens`` (a copy): ``[n_seq, context_size]`` int64, rows starting with BOS."""
+    return load_eval_set(tokenizer, bos_token_id, dataset, context_size, n_tokens, split, seed).tokens.clone()
+
+
+_TOKEN_CACHE: dict[tuple, tuple[weakref.ref, EvalSet]] = {}
 
 
 def non_special_mask(tokens: torch.Tensor, special_token_ids: Sequence[int]) -> torch.Tensor:

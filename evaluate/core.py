@@ -53,6 +53,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,10 +61,11 @@ from ..model import LoadedModel, layer_of_hook, logits, splice
 from ..progress import progress_bar
 from ..train.sae import SAE
 from .common import (
+    EvalSet,
     batches,
     check_compatible,
     forward_with_capture,
-    load_eval_tokens,
+    load_eval_set,
     model_fingerprints,
     model_hook_names,
     non_special_mask,
@@ -80,8 +82,11 @@ __all__ = ["EVAL_TYPE_ID", "CoreConfig", "CoreReference", "check_compatible", "c
 class CoreConfig:
     """Settings of the core evaluation (recorded as ``eval_config`` in the result file)."""
 
-    n_eval_tokens: int = 4096
-    """Held-out tokens to evaluate (BOS included): ``ceil(n / context_size)`` sequences."""
+    n_eval_tokens: int = 16384
+    """Held-out tokens to evaluate (BOS included): ``ceil(n / context_size)`` sequences, spread over
+    the split's documents and sources (:func:`~sae.evaluate.common.load_eval_set`)."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of *documents* for the 95 % confidence intervals (0: none)."""
     batch_size: int = 16
     """Sequences per forward pass."""
     context_size: int | None = None
@@ -125,6 +130,8 @@ class _RefBatch:
     lp_mask: torch.Tensor       # [b, T] bool, positions whose next-token distribution is scored (KL)
     ce_rows: torch.Tensor       # [n_lp] bool, which of those also score CE (they have a target)
     targets: torch.Tensor       # [n_ce] int64, the next token at the CE rows
+    lp_seq: torch.Tensor        # [n_lp] int64, the sequence (row of ``tokens``) of each lp row
+    seq0: int                   # index of this batch's first sequence in the eval set
     ce_clean: torch.Tensor      # [n_ce] float32 nats
     ce_zero: torch.Tensor       # [n_ce]
     kl_zero: torch.Tensor       # [n_lp]
@@ -142,6 +149,7 @@ class CoreReference:
     batches: list[_RefBatch]
     act_mean: torch.Tensor      # [d_model] float64, mean of x over scored tokens
     total_sq_dev: float         # Σ‖x − x̄‖² over scored tokens
+    eval_set: EvalSet
     n_tokens_total: int
     n_tokens_scored: int
     n_positions_ce: int
@@ -230,8 +238,9 @@ def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: b
     if cfg.dataset is None or cfg.context_size is None:
         raise ValueError("compute_reference needs a resolved CoreConfig (dataset and context_size set)")
     layer = layer_of_hook(hook_name)
-    tokens = load_eval_tokens(lm.tokenizer, lm.bos_token_id, cfg.dataset, cfg.context_size, cfg.n_eval_tokens,
-                              cfg.split, cfg.seed)
+    eval_set = load_eval_set(lm.tokenizer, lm.bos_token_id, cfg.dataset, cfg.context_size, cfg.n_eval_tokens,
+                             cfg.split, cfg.seed)
+    tokens = eval_set.tokens
     special = lm.special_token_ids if cfg.exclude_special else []
     budget = cfg.max_cached_logprob_gib * 2**30
     out: list[_RefBatch] = []
@@ -252,6 +261,7 @@ def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: b
             rows = ce_rows.to(lp_clean.device)
             out.append(_RefBatch(
                 tokens=ids, acts=acts.cpu(), recon_mask=recon_mask, lp_mask=lp_mask, ce_rows=ce_rows, targets=targets,
+                lp_seq=lp_mask.nonzero()[:, 0], seq0=sl.start,
                 ce_clean=_ce(lp_clean[rows], targets).cpu(), ce_zero=_ce(lp_zero[rows], targets).cpu(),
                 kl_zero=_kl(lp_clean, lp_zero).cpu(),
                 clean_logprobs=lp_clean.cpu() if keep_logprobs else None))
@@ -270,7 +280,7 @@ def compute_reference(lm: LoadedModel, hook_name: str, cfg: CoreConfig, quiet: b
                                   ("ce_clean", "ce_zero", "kl_zero"))
     return CoreReference(
         key=reference_key(lm, hook_name, cfg), model_id=lm.model_id, model_fingerprint=lm.fingerprint,
-        hook_name=hook_name, batches=out, act_mean=mean, total_sq_dev=sq_dev,
+        hook_name=hook_name, batches=out, act_mean=mean, total_sq_dev=sq_dev, eval_set=eval_set,
         n_tokens_total=int(tokens.numel()), n_tokens_scored=n_scored, n_positions_ce=len(ce_clean),
         n_positions_kl=len(kl_zero),
         ce_clean=_mean(ce_clean), ce_zero=_mean(ce_zero),
@@ -327,6 +337,7 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
     fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
     ce_sae, kl_sae = [], []
+    per_seq = _PerSeq(reference.n_sequences, sae.d_in)
     with progress_bar(quiet, unit="seq") as bar:
         task = bar.add_task(f"core {run_dir or hook}", total=reference.n_sequences)
         for rb in reference.batches:
@@ -346,11 +357,15 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
             acc["x_dot_xhat"] += float((xs * xh).sum())
             # SAEBench core / SAELens explained_variance_legacy: per token, against this batch's mean
             err = ((xs - xh) ** 2).sum(-1)
-            acc["ev_legacy"] += float((1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)).sum())
+            ev_tok = 1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)
+            acc["ev_legacy"] += float(ev_tok.sum())
+            seq_of_tok = (torch.arange(b, device=dev)[:, None].expand(b, T)[m] + rb.seq0).cpu()
+            per_seq.add_tokens(seq_of_tok, xs.cpu(), err.cpu(), ev_tok.cpu())
             mf = m.reshape(-1)
             vals, idx = codes.vals[mf], codes.idx[mf]
             active = vals > 0
             acc["l0"] += float(active.sum())
+            per_seq.add("l0", seq_of_tok, active.sum(-1).double().cpu())
             acc["l1"] += float(vals.abs().sum())
             fire += torch.bincount(idx[active], minlength=d_sae).double()
             seq_of = torch.arange(b, device=dev).repeat_interleave(T)[mf][:, None].expand_as(idx)
@@ -365,6 +380,8 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
                 ref_lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
             ce_sae.append(_ce(lp[rb.ce_rows.to(lp.device)], rb.targets).cpu())
             kl_sae.append(_kl(ref_lp, lp).cpu())
+            lp_seq = rb.lp_seq + rb.seq0
+            per_seq.add_scores(lp_seq, rb.ce_rows, rb.ce_clean, ce_sae[-1], rb.ce_zero, rb.kl_zero, kl_sae[-1])
             del lp, ref_lp
             bar.update(task, advance=b)
 
@@ -402,6 +419,21 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
         "n_positions_ce": float(reference.n_positions_ce),
         "n_positions_kl": float(reference.n_positions_kl),
     })
+    es = reference.eval_set
+    stats = per_seq.finish()
+    per_source = {}
+    for src in sorted(set(es.doc_sources[i] for i in es.doc_of_seq)):
+        w = np.asarray([es.doc_sources[i] == src for i in es.doc_of_seq], dtype=np.float64)[None]
+        per_source[src] = {k: float(v[0]) for k, v in _aggregate(stats, w, saebench).items()}
+        per_source[src].update(n_documents=len({int(i) for i in es.doc_of_seq if es.doc_sources[i] == src}),
+                               n_sequences=int(w.sum()), n_tokens_scored=int((w @ stats["n"])[0]))
+    ci = _bootstrap_ci(stats, es.doc_of_seq, cfg.n_bootstrap, cfg.seed, saebench)
+    metrics.update({f"{k}_ci_{side}": v[j] for k, v in ci.items() for j, side in enumerate(("low", "high"))})
+    metrics["n_documents"] = float(es.n_documents)
+    metrics["frac_dead_eval"] = metrics["frac_dead"]
+    trained_dead = None if saebench else _training_dead_fraction(run_dir)
+    if trained_dead is not None:  # the run's own counter (never fired in its last dead_tokens tokens)
+        metrics["frac_dead"] = trained_dead
     eval_config = {**asdict(cfg), "model_name": lm.model_id, "hook_name": hook,
                    "llm_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                    "n_sequences": reference.n_sequences}
@@ -415,11 +447,100 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
             "run_dir": run_dir, "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
             "hook_name": hook,
             "dataset": cfg.dataset, "split": cfg.split, "exclude_special": cfg.exclude_special,
-            "compat": cfg.compat,
+            "compat": cfg.compat, "per_source": per_source,
+            "frac_dead_source": "training run (metrics.jsonl dead_fraction)" if trained_dead is not None
+            else "eval tokens (latents that never fired on them)",
+            "confidence_intervals": {"level": 0.95, "method": "percentile bootstrap over documents",
+                                     "n_bootstrap": cfg.n_bootstrap, "n_documents": es.n_documents},
             "special_token_ids": lm.special_token_ids if cfg.exclude_special else [],
             "clean_logprobs_cached": reference.extra.get("clean_logprobs_cached"),
         },
     }
+
+
+class _PerSeq:
+    """Per-sequence sums from which any weighted subset of sequences (a source, a bootstrap resample)
+    gets its headline metrics exactly as the full set does (:func:`_aggregate`)."""
+
+    def __init__(self, n_seq: int, d: int) -> None:
+        z = lambda: torch.zeros(n_seq, dtype=torch.float64)  # noqa: E731
+        self.v = {k: z() for k in ("n", "err", "sxx", "ev_tok", "l0", "ce_clean", "ce_sae", "ce_zero", "n_ce",
+                                   "kl_sae", "kl_zero", "n_kl")}
+        self.sx = torch.zeros(n_seq, d, dtype=torch.float64)
+
+    def add(self, name: str, seq: torch.Tensor, values: torch.Tensor) -> None:
+        self.v[name].index_add_(0, seq, values.double())
+
+    def add_tokens(self, seq: torch.Tensor, xs: torch.Tensor, err: torch.Tensor, ev_tok: torch.Tensor) -> None:
+        self.add("n", seq, torch.ones(len(seq)))
+        self.add("err", seq, err)
+        self.add("sxx", seq, (xs * xs).sum(-1))
+        self.add("ev_tok", seq, ev_tok)
+        self.sx.index_add_(0, seq, xs.double())
+
+    def add_scores(self, lp_seq: torch.Tensor, ce_rows: torch.Tensor, ce_clean: torch.Tensor, ce_sae: torch.Tensor,
+                   ce_zero: torch.Tensor, kl_zero: torch.Tensor, kl_sae: torch.Tensor) -> None:
+        ce_seq = lp_seq[ce_rows]
+        for name, vals in (("ce_clean", ce_clean), ("ce_sae", ce_sae), ("ce_zero", ce_zero)):
+            self.add(name, ce_seq, vals)
+        self.add("n_ce", ce_seq, torch.ones(len(ce_seq)))
+        self.add("kl_zero", lp_seq, kl_zero)
+        self.add("kl_sae", lp_seq, kl_sae)
+        self.add("n_kl", lp_seq, torch.ones(len(lp_seq)))
+
+    def finish(self) -> dict[str, np.ndarray]:
+        return {**{k: v.numpy() for k, v in self.v.items()}, "sx": self.sx.numpy()}
+
+
+def _aggregate(st: dict[str, np.ndarray], w: np.ndarray, saebench: bool) -> dict[str, np.ndarray]:
+    """Headline metrics for sequence weights ``w [B, n_seq]`` (one row per subset/resample)."""
+    n = w @ st["n"]
+    sx = w @ st["sx"]
+    sq_dev = w @ st["sxx"] - (sx * sx).sum(-1) / np.maximum(n, 1)
+    err = w @ st["err"]
+    cz, cs, cc = w @ st["ce_zero"], w @ st["ce_sae"], w @ st["ce_clean"]
+    kz, ks = w @ st["kl_zero"], w @ st["kl_sae"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "explained_variance": (w @ st["ev_tok"]) / n if saebench else 1 - err / sq_dev,
+            "l0": (w @ st["l0"]) / n,
+            "mse": err / n if saebench else err / (n * st["sx"].shape[1]),
+            "ce_loss_score": (cz - cs) / (cz - cc),
+            "kl_div_score": (kz - ks) / kz,
+        }
+
+
+def _bootstrap_ci(st: dict[str, np.ndarray], doc_of_seq: np.ndarray, n_boot: int, seed: int, saebench: bool
+                  ) -> dict[str, tuple[float, float]]:
+    """95 % percentile-bootstrap intervals, resampling *documents* with replacement (their sequences
+    move together: tokens of one document are not independent)."""
+    if n_boot <= 0:
+        return {}
+    docs, local = np.unique(doc_of_seq, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(docs), len(docs)), minlength=len(docs))
+                       for _ in range(n_boot)]).astype(np.float64)
+    vals = _aggregate(st, counts[:, local], saebench)
+    return {k: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5))) for k, v in vals.items()}
+
+
+def _training_dead_fraction(run_dir: str | None) -> float | None:
+    """The run's last logged ``dead_fraction`` (its dead-latent counter), or None without one."""
+    import json
+    from pathlib import Path
+
+    if not run_dir or not (Path(run_dir) / "metrics.jsonl").is_file():
+        return None
+    last = None
+    with (Path(run_dir) / "metrics.jsonl").open() as fh:
+        for line in fh:
+            if line.strip():
+                last = line
+    try:
+        value = json.loads(last)["dead_fraction"] if last else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
 
 
 def _density_metrics(density: torch.Tensor, dense_threshold: float) -> dict[str, float]:
@@ -474,11 +595,14 @@ def metric_categories(m: dict[str, float]) -> dict[str, dict[str, float]]:
         "shrinkage": {k: m[k] for k in ("l2_norm_in", "l2_norm_out", "l2_ratio",
                                         "relative_reconstruction_bias")},
         "sparsity": {k: m[k] for k in ("l0", "l1")},
-        "misc_metrics": {k: m[k] for k in ("frac_dead", "frac_alive", "frac_dense", "freq_over_1_percent",
+        "confidence_intervals": {k: v for k, v in m.items() if k.endswith(("_ci_low", "_ci_high"))},
+        "misc_metrics": {k: m[k] for k in ("frac_dead", "frac_dead_eval", "frac_alive", "frac_dense",
+                                           "freq_over_1_percent",
                                            "freq_over_10_percent", "normalized_freq_over_1_percent",
                                            "normalized_freq_over_10_percent")},
         "token_stats": {"total_tokens_eval_reconstruction": int(m["n_tokens_total"]),
                         "total_tokens_eval_sparsity_variance": int(m["n_tokens_total"]),
                         "n_tokens_scored": int(m["n_tokens_scored"]),
-                        "n_positions_ce": int(m["n_positions_ce"]), "n_positions_kl": int(m["n_positions_kl"])},
+                        "n_positions_ce": int(m["n_positions_ce"]), "n_positions_kl": int(m["n_positions_kl"]),
+                        "n_documents": int(m["n_documents"])},
     }

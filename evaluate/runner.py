@@ -37,7 +37,7 @@ COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "
 
 
 def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
-                  evals: Sequence[str] = ("core",), n_tokens: int = 4096, device: str = "auto",
+                  evals: Sequence[str] = ("core",), n_tokens: int = 16384, device: str = "auto",
                   quiet: bool = False, results_dir: str | Path | None = None,
                   storage_options: dict | None = None, allow_other_store: bool = False,
                   compat: str = "ours") -> list[dict]:

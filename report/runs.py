@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunInfo:
     for f in sorted((run_dir / RESULTS_DIR).glob("*.json")):
         try:
             r = read_result(run_dir, f.stem)
-            info.results[str(r.get("eval_type_id", f.stem))] = r
+            info.results[f.stem] = r  # <eval_type_id>.json; core_saebench.json (--compat saebench) stays apart
         except (ResultSchemaError, ValueError, OSError) as e:
             info.bad_results[f.name] = str(e)
     metrics = run_dir / "metrics.jsonl"
@@ -157,6 +157,12 @@ def metric_value(run: RunInfo, eval_id: str, category: str | None, name: str | N
         if isinstance(ms, dict) and name in ms:
             return ms[name]
     return None
+
+
+def metric_ci(run: RunInfo, eval_id: str, name: str) -> tuple[float, float] | None:
+    """The 95 % interval ``(low, high)`` a result stores for ``name`` (``<name>_ci_low/_ci_high``), if any."""
+    lo, hi = metric_value(run, eval_id, None, f"{name}_ci_low"), metric_value(run, eval_id, None, f"{name}_ci_high")
+    return (float(lo), float(hi)) if is_number(lo) and is_number(hi) else None
 
 
 def absorption_value(run: RunInfo) -> tuple[str | None, float | None]:

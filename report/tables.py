@@ -18,6 +18,7 @@ from .runs import (
     fmt_value,
     is_number,
     load_run,
+    metric_ci,
     metric_value,
     resolve_run_dirs,
     unique_labels,
@@ -71,9 +72,15 @@ def _headline_values(r: RunInfo, cols: list[tuple]) -> list[Any]:
         if eval_id == "absorption":
             out.append(absorption_value(r)[1])
             continue
-        vals = [metric_value(r, eval_id, cat, n) for n in names] if names else [metric_value(r, eval_id, cat, None)]
-        vals = [v for v in vals if v is not None]
-        out.append(vals[0] if vals else None)
+        vals = [(metric_value(r, eval_id, cat, n), n) for n in names] if names else [
+            (metric_value(r, eval_id, cat, None), None)]
+        vals = [(v, n) for v, n in vals if v is not None]
+        if not vals:
+            out.append(None)
+            continue
+        v, n = vals[0]
+        ci = metric_ci(r, eval_id, n) if n else None
+        out.append(f"{v:.4g} [{ci[0]:.4g}, {ci[1]:.4g}]" if ci is not None and isinstance(v, float) else v)
     return out
 
 
@@ -82,7 +89,8 @@ def headline_section(runs: list[RunInfo]) -> str:
     if not cols:
         return missing_html(f"{NOT_EVALUATED}: no run has evaluation results (run `sae evaluate` first)")
     rows = [[r.label, r.variant, *_headline_values(r, cols)] for r in runs]
-    note = ('<p class="note">– = not evaluated (or not reported). Every metric is in the tables of '
+    note = ('<p class="note">– = not evaluated (or not reported); [a, b] = 95 % interval (bootstrap over held-out '
+            'documents). Every metric is in the tables of '
             '<a href="#metrics">All evaluation metrics</a>.</p>')
     return table_html(["run", "variant", *[h[0] for h in cols]], rows) + note
 

@@ -3,7 +3,6 @@ compatibility errors and the result files."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from pathlib import Path
@@ -25,7 +24,6 @@ from sae.evaluate.results import (
     write_result,
 )
 from sae.harvest.corpus import iter_documents
-from sae.harvest.tokens import pack_sequences
 from sae.model import EMBEDDED_MODEL_ID
 from sae.train.sae import SAE
 
@@ -67,10 +65,10 @@ def topk_sae(model_dir: Path, seed: int = 0, **cfg: object) -> SAE:
 
 
 def held_out_tokens(lm, n_seq: int) -> torch.Tensor:
-    """The eval sequences, rebuilt here from the corpus and the packer (independently of evaluate/)."""
-    docs = (d.text for d in iter_documents("embedded", "test", 0))
-    rows = list(itertools.islice(pack_sequences(docs, lm.tokenizer, CTX, lm.bos_token_id), n_seq))
-    return torch.from_numpy(np.stack(rows)).long()
+    """The eval sequences (their selection is tested on its own in test_the_held_out_set_...)."""
+    from sae.evaluate.common import load_eval_set
+
+    return load_eval_set(lm.tokenizer, lm.bos_token_id, "embedded", CTX, n_seq * CTX).tokens.clone()
 
 
 def _out(output):
@@ -447,3 +445,78 @@ def test_compat_saebench_matches_saelens_definitions_written_out(tiny_model_dir,
     ours = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=N_TOKENS))["metrics"]
     assert ours["ce_loss_zero_abl"] != m["ce_loss_zero_abl"]  # the two definitions really differ
     np.testing.assert_allclose(ours["explained_variance"], m["explained_variance_ratio"], rtol=1e-9)
+
+
+def test_the_held_out_set_spreads_over_documents_and_sources(tiny_lm):
+    """Every sequence is one document's own packing (BOS + the next T-1 tokens, no document boundary
+    inside), documents are taken breadth-first (a second sequence of a document only once every
+    document of its source with one more has given one), and sources follow the training mix."""
+    from collections import Counter
+
+    from sae.evaluate.common import load_eval_set
+    from sae.harvest.corpus import EMBEDDED_WEIGHTS
+
+    es = load_eval_set(tiny_lm.tokenizer, tiny_lm.bos_token_id, "embedded", CTX, 96 * CTX)
+    docs = {d.doc_id: d for d in iter_documents("embedded", "test", 0)}
+    own = {}
+    for row, di in zip(es.tokens.numpy(), es.doc_of_seq, strict=True):
+        doc = docs[es.doc_ids[di]]
+        if doc.doc_id not in own:
+            ids = tiny_lm.tokenizer(doc.text, add_special_tokens=False)["input_ids"]
+            body = CTX - 1
+            own[doc.doc_id] = [[tiny_lm.bos_token_id, *ids[j:j + body]] for j in range(0, len(ids), body)
+                               if len(ids[j:j + body]) == body]
+        assert row.tolist() in own[doc.doc_id]
+        assert tiny_lm.bos_token_id not in row[1:].tolist()
+    per_doc = Counter(es.doc_of_seq.tolist())
+
+    def available(i):
+        ids = tiny_lm.tokenizer(docs[es.doc_ids[i]].text, add_special_tokens=False)["input_ids"]
+        return len(ids) // (CTX - 1)
+
+    for src in set(es.doc_sources):
+        idx = [i for i, s in enumerate(es.doc_sources) if s == src]
+        top = max(per_doc.get(i, 0) for i in idx)
+        for i in idx:  # breadth-first: a document short of the deepest round has no more sequences
+            assert per_doc.get(i, 0) >= top - 1 or per_doc.get(i, 0) == available(i), (src, i)
+    share = Counter(es.source_of_seq())
+    assert es.n_documents >= 40 and len(es.tokens) == 96
+    for src, w in EMBEDDED_WEIGHTS.items():  # the mix, unless a source runs out of documents
+        assert share[src] >= min(w * 96 - 2, sum(len(v) for k, v in own.items() if docs[k].source == src))
+
+
+def test_core_reports_document_bootstrap_cis_per_source_metrics_and_the_training_dead_fraction(
+        tiny_model_dir, tiny_lm, tmp_path):
+    from sae.evaluate.common import load_eval_set
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0, "dead_fraction": 0.5}\n{"step": 9, "dead_fraction": 0.0625}\n')
+    sae = topk_sae(tiny_model_dir)
+    n = 24 * CTX
+    out = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=n, n_bootstrap=400), run_dir=str(run))
+    m, un = out["metrics"], out["unstructured"]
+    for k in ("explained_variance", "l0", "ce_loss_score", "kl_div_score", "mse"):
+        assert m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"], k
+        if k != "l0":  # (TopK: L0 is k on every token)
+            assert m[f"{k}_ci_low"] < m[f"{k}_ci_high"], k  # several documents: a real spread
+    assert m["frac_dead"] == 0.0625 and "frac_dead_eval" in m and "training" in un["frac_dead_source"]
+    es = load_eval_set(tiny_lm.tokenizer, tiny_lm.bos_token_id, "embedded", CTX, n)
+    assert m["n_documents"] == es.n_documents >= 10
+    # per-source explained variance, by hand from the definition on that source's sequences
+    with torch.no_grad():
+        _, x = forward(tiny_lm, es.tokens)
+        x_hat = sae(x.reshape(-1, 64)).reshape(x.shape)
+    keep = ~torch.isin(es.tokens, torch.tensor(tiny_lm.special_token_ids))
+    src = np.asarray(es.source_of_seq())
+    assert set(un["per_source"]) == set(src.tolist())
+    for name, ps in un["per_source"].items():
+        rows = torch.from_numpy(src == name)
+        xs, xh = x[rows][keep[rows]].double(), x_hat[rows][keep[rows]].double()
+        ev = 1 - ((xs - xh) ** 2).sum() / ((xs - xs.mean(0)) ** 2).sum()
+        np.testing.assert_allclose(ps["explained_variance"], float(ev), rtol=1e-6)
+        assert ps["n_sequences"] == int(rows.sum()) and ps["n_tokens_scored"] == int(keep[rows].sum())
+    assert sum(ps["n_tokens_scored"] for ps in un["per_source"].values()) == m["n_tokens_scored"]
+    # without a training log (an imported SAE), frac_dead is the eval's own
+    m2 = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=n, n_bootstrap=0))["metrics"]
+    assert m2["frac_dead"] == m2["frac_dead_eval"] and "explained_variance_ci_low" not in m2
