@@ -490,6 +490,9 @@ def sweep(
     tokens: Annotated[int, typer.Option(help="Training tokens per SAE.")] = 1_000_000,
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated initialisation seeds: every configuration is "
+                                                   "trained once per seed, all in the same pass (same data order, "
+                                                   "--seed).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     out: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs/sweep"),
     workers: Annotated[int, typer.Option(help="Spread config groups over N local dask worker processes.")] = 0,
@@ -522,7 +525,13 @@ def sweep(
         tables = read_toml(config)[1]
     else:
         base = TrainConfig(**opts)
-    cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grid or []), out, tables)
+    grids = list(grid or [])
+    if seeds is not None:
+        values = [x.strip() for x in seeds.split(",") if x.strip()]
+        if not values or not all(x.isdigit() for x in values) or len(set(values)) != len(values):
+            raise ConfigError(f"--seeds {seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
+        grids.append(f"init_seed={','.join(values)}")
+    cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grids), out, tables)
     run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     print_summary(summarize(run_dirs), out)

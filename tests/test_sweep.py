@@ -76,3 +76,25 @@ def test_sweep_over_two_local_dask_workers(store, tmp_path) -> None:
                  quiet=True)
     a, b = SAE.load(tmp_path / "dask" / "topk-k=3"), SAE.load(solo)
     torch.testing.assert_close(a.W_dec, b.W_dec)
+
+
+def test_seeds_train_in_one_pass_and_equal_solo_runs_of_that_init_seed(store, tmp_path) -> None:
+    """sae sweep --seeds 0,1,2: every configuration once per initialisation seed, one data pass (the same
+    data order, --seed); each equals a solo run with that init_seed, and the seeds really differ."""
+    from typer.testing import CliRunner
+
+    from sae.cli import app
+
+    r = CliRunner().invoke(app, ["sweep", "--store", str(store), "--variants", "topk", "--seeds", "0,1,2",
+                                 "--expansion", "2", "--k", "2", "--tokens", str(256 * 8), "--batch-size", "256",
+                                 "--device", "cpu", "--out", str(tmp_path / "sw"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    runs = sorted((tmp_path / "sw").glob("topk-init_seed=*"))
+    assert [p.name for p in runs] == ["topk-init_seed=0", "topk-init_seed=1", "topk-init_seed=2"]
+    solo = train(TrainConfig(store=str(store), expansion=2, k=2, tokens=256 * 8, batch_size=256, device="cpu",
+                             init_seed=2, out=str(tmp_path / "solo")), quiet=True)
+    a, b = SAE.load(runs[2]), SAE.load(solo)
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    assert not torch.equal(SAE.load(runs[0]).W_dec, a.W_dec)
+    r = CliRunner().invoke(app, ["sweep", "--store", str(store), "--seeds", "1,1", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "distinct" in r.output

@@ -66,6 +66,10 @@ class TrainConfig:
     normalize: bool = True
     """Scale inputs so that E‖x‖² = d_in (store statistics); folded into the saved weights."""
     seed: int = 0
+    init_seed: int | None = None
+    """Seed of the SAE's initialisation and per-step randomness (AuxK, penalty sampling); None = ``seed``.
+    ``seed`` alone fixes the data order, so runs differing only in ``init_seed`` share one pass
+    (``sae sweep --seeds``)."""
     device: str = "auto"
     out: str = "runs/sae"
     resume: bool = False
@@ -77,6 +81,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     checkpoint_minutes: float = 10.0
     """Also checkpoint when this many minutes passed since the last checkpoint (besides SIGTERM/SIGINT)."""
+
+    @property
+    def model_seed(self) -> int:
+        """The seed of initialisation and per-step randomness (``init_seed``, else ``seed``)."""
+        return self.seed if self.init_seed is None else self.init_seed
 
     @property
     def activation(self) -> str:
@@ -172,6 +181,8 @@ class TrainConfig:
         integer("dead_tokens", self.dead_tokens)
         integer("mix_chunks", self.mix_chunks)
         integer("--seed", self.seed, 0)
+        if self.init_seed is not None:
+            integer("--init-seed", self.init_seed, 0)
         integer("--log-every", self.log_every)
         integer("--checkpoint-every", self.checkpoint_every)
         number("--checkpoint-minutes", self.checkpoint_minutes, 0, lo_open=True)

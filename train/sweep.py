@@ -48,6 +48,9 @@ def _typed(cfg: TrainConfig, name: str, value: str) -> Any:
     if field is None:
         raise ConfigError(f"--grid: unknown training option {name!r}")
     current = getattr(cfg, name)
+    if current is None:  # an optional option (``int | None``...): parse by its declared type
+        kind = str(field.type)
+        current = 0 if "int" in kind else 0.0 if "float" in kind else current
     try:
         if isinstance(current, bool):
             return value.lower() in ("1", "true", "yes")

@@ -57,7 +57,7 @@ class Trainer(nn.Module):
         d_sae = cfg.d_sae or cfg.expansion * d_in
         # the training SAE holds W_enc, b_enc, W_dec, b_dec; the arch holds its own state
         self.sae = SAE(d_in, d_sae, "topk" if cfg.activation == "topk" else "relu", cfg.k)
-        self.sae.init_weights(torch.Generator().manual_seed(cfg.seed), b_dec_init)
+        self.sae.init_weights(torch.Generator().manual_seed(cfg.model_seed), b_dec_init)
         self.arch = build_arch(cfg.activation, d_in, d_sae, cfg.k, cfg.arch_params, cfg)
         self.penalty = build_penalty(cfg.variant, d_sae, d_in, cfg.variant_params)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
@@ -108,7 +108,7 @@ class Trainer(nn.Module):
             loss = loss + self.cfg.aux_k_coefficient * aux
             logs["auxk"] = aux.item()
         ctx = PenaltyContext(W_dec=sae.W_dec, codes=codes, step=step, total_steps=self.total_steps,
-                             generator=step_generator(self.cfg.seed, step))
+                             generator=step_generator(self.cfg.model_seed, step))
         pen, pen_logs = self.penalty(ctx)
         loss = loss + pen
         logs.update({f"penalty/{k}": v for k, v in pen_logs.items()})
