@@ -31,6 +31,7 @@ import numpy as np
 
 from ..train.sae import SAE
 from .datasets import tasks as T
+from .intervals import accuracy_ci
 from .probing import ProbeSettings, corpus_unavailable_reason, pooled_texts, probe_scores
 from .registry import EvalContext, EvalOutput
 
@@ -110,8 +111,14 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
         chosen[ds.name] = {str(k): v for k, v in sae_chosen.items()}
     names = [k for k in details[0] if k.startswith(("llm_", "sae_"))]
     means = {k: float(np.mean([d[k] for d in details])) for k in names}
+    sizes = [int(d["n_test"]) for d in details]
+    intervals = {}
+    for k in names:  # 95 % Wilson intervals on the pooled test snippets (evaluate/intervals.py)
+        lo, hi = accuracy_ci([float(d[k]) for d in details], sizes)
+        intervals[f"{k}_ci_low"], intervals[f"{k}_ci_high"] = lo, hi
     metrics = {"llm": {k: v for k, v in means.items() if k.startswith("llm_")},
-               "sae": {k: v for k, v in means.items() if k.startswith("sae_")}}
+               "sae": {k: v for k, v in means.items() if k.startswith("sae_")},
+               "confidence_intervals": intervals}
     eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_tasks": len(task_sets)}

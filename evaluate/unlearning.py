@@ -79,6 +79,7 @@ from ..model import LoadedModel, capture_resid_post, splice
 from ..train.sae import SAE
 from .common import non_special_mask
 from .datasets.mcq import LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
+from .intervals import wilson
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "unlearning"
@@ -458,6 +459,17 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
         "best_n_features": best["n_features"] if best else math.nan,
         "best_retain_threshold": best["retain_threshold"] if best else math.nan,
     }
+    n_f, n_r = len(sets.forget.correct), len(sets.retain.correct)
+    intervals = {}  # 95 % Wilson intervals (evaluate/intervals.py) over the questions
+    for name, acc, n in (("forget_accuracy_clean", sets.forget.accuracy, n_f),
+                         ("retain_accuracy_clean", sets.retain.accuracy, n_r),
+                         ("best_forget_accuracy", metrics["best_forget_accuracy"], n_f),
+                         ("best_retain_accuracy", metrics["best_retain_accuracy"], n_r)):
+        lo, hi = wilson(acc * n, n) if math.isfinite(acc) else (math.nan, math.nan)
+        intervals[f"{name}_ci_low"], intervals[f"{name}_ci_high"] = lo, hi
+    if measurable and best is not None:  # score = 1 − forget accuracy of the best setting
+        intervals["unlearning_score_ci_low"] = 1 - intervals["best_forget_accuracy_ci_high"]
+        intervals["unlearning_score_ci_high"] = 1 - intervals["best_forget_accuracy_ci_low"]
     note = None
     if math.isnan(score):
         note = "the clean model answers no forget or no retain question correctly: nothing to unlearn/retain"
@@ -473,5 +485,6 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
         "n_forget_corpus_tokens": len(sets.forget_acts), "n_retain_corpus_tokens": len(sets.retain_acts),
         "note": note,
     }
-    return EvalOutput(metrics={"unlearning": metrics}, details=settings, eval_config=eval_config,
+    return EvalOutput(metrics={"unlearning": metrics, "confidence_intervals": intervals}, details=settings,
+                      eval_config=eval_config,
                       unstructured=unstructured)

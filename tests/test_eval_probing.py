@@ -377,7 +377,9 @@ def test_evaluate_runs_end_to_end(tmp_path: Path, tiny_model_dir, tiny_lm, monke
         for r in res.values():
             validate_result(r)
         sp = res["sparse_probing"]["eval_result_metrics"]
-        assert set(sp) == {"llm", "sae"}
+        assert set(sp) == {"llm", "sae", "confidence_intervals"}
+        for k, v in {**sp["llm"], **sp["sae"]}.items():  # 95 % Wilson intervals around every mean accuracy
+            assert sp["confidence_intervals"][f"{k}_ci_low"] <= v <= sp["confidence_intervals"][f"{k}_ci_high"], k
         assert set(sp["llm"]) == {"llm_test_accuracy"} | {f"llm_top_{k}_test_accuracy" for k in (1, 2, 5)}
         assert set(sp["sae"]) == {"sae_test_accuracy"} | {f"sae_top_{k}_test_accuracy" for k in (1, 2, 5)}
         assert all(0.0 <= v <= 1.0 for v in sp["llm"].values())

@@ -251,5 +251,10 @@ def test_evaluate_runs_absorption_and_unlearning(tmp_path, tiny_model_dir):
         assert "not measurable on this model" in (unlearning["eval_result_unstructured"]["note"] or "") or \
             un["unlearning_score_unchecked"] is None
     assert un["n_forget_questions"] == 50 and un["n_retain_questions"] == 50
+    ci = unlearning["eval_result_metrics"]["confidence_intervals"]
+    from sae.evaluate.intervals import wilson
+
+    assert (ci["forget_accuracy_clean_ci_low"], ci["forget_accuracy_clean_ci_high"]) == pytest.approx(
+        wilson(un["n_forget_correct"], 50))
     assert un["n_settings"] == len(unlearning["eval_result_details"]) == 16
     assert unlearning["eval_config"]["multipliers"] == [25.0, 50.0, 100.0, 200.0]
