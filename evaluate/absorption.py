@@ -72,6 +72,7 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 from ..model import LoadedModel, capture_resid_post
@@ -106,6 +107,14 @@ class Config:
     absorption_fraction_max_absorbing_latents: int = 3
     llm_batch_size: int = 32
     seed: int = 42
+    ranking: str = "mean_diff"
+    """How main-latent candidates are ranked: ``mean_diff`` (class-mean difference of the codes) or
+    ``l1_probe`` (SAEBench: an L1-regularised one-vs-rest logistic probe on the codes, ranked by its
+    signed weights; here solved to convergence by liblinear, SAEBench takes 50 Adam epochs)."""
+    l1_decay: float = 0.01
+    """``l1_probe``: SAEBench's ``k_sparse_probe_l1_decay`` (mean BCE + l1_decay · Σ|w|)."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples (held-out words within each letter) for the 95 % intervals (0: none)."""
 
 
 # -- ground-truth probes --------------------------------------------------------------------------
@@ -218,8 +227,35 @@ class KSparseResult:
         return self.ranked[: self.k]
 
 
+def rank_latents(f_train: torch.Tensor, pos_train: torch.Tensor, max_k: int, ranking: str = "mean_diff",
+                 l1_decay: float = 0.01) -> list[int]:
+    """The ``max_k`` best main-latent candidates for one letter (see :attr:`Config.ranking`).
+
+    ``l1_probe`` minimises mean BCE + ``l1_decay``·Σ|w| (SAEBench ``train_sparse_multi_probe``), i.e.
+    scikit-learn's L1 logistic regression with ``C = 1 / (l1_decay · n)``, and ranks by the weights
+    (largest positive first: latents that predict the letter, as SAEBench's ``topk``).
+    """
+    pos = pos_train.bool()
+    k = min(max_k, f_train.shape[1])
+    if ranking == "mean_diff":
+        diff = f_train[pos].double().mean(0) - f_train[~pos].double().mean(0)
+        return torch.argsort(-diff, stable=True)[:k].tolist()
+    if ranking != "l1_probe":
+        raise ValueError(f"ranking {ranking!r}: choose mean_diff or l1_probe")
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    x = f_train.double().cpu().numpy()
+    major_minor = tuple(int(p) for p in sklearn.__version__.split(".")[:2])
+    l1 = {"l1_ratio": 1.0} if major_minor >= (1, 8) else {"penalty": "l1"}  # `penalty` is deprecated in 1.8
+    clf = LogisticRegression(solver="liblinear", C=1.0 / (l1_decay * len(x)), max_iter=1000, **l1)
+    clf.fit(x, pos.cpu().numpy())
+    return torch.argsort(-torch.from_numpy(clf.coef_[0]), stable=True)[:k].tolist()
+
+
 def k_sparse_probe(f_train: torch.Tensor, pos_train: torch.Tensor, f_test: torch.Tensor, pos_test: torch.Tensor,
-                   max_k: int = 10, f1_jump_threshold: float = 0.03) -> KSparseResult:
+                   max_k: int = 10, f1_jump_threshold: float = 0.03, ranking: str = "mean_diff",
+                   l1_decay: float = 0.01) -> KSparseResult:
     """Step 2 of the module doc for one letter.
 
     ``f_train [n, d_sae]``, ``f_test [m, d_sae]``: SAE codes; ``pos_* [n] / [m]`` bool: word has the letter.
@@ -228,8 +264,7 @@ def k_sparse_probe(f_train: torch.Tensor, pos_train: torch.Tensor, f_test: torch
     ``k`` = last ``k`` of the run ``F1_k > best + f1_jump_threshold`` (SAEBench feature splitting).
     """
     pos_tr = pos_train.bool()
-    diff = f_train[pos_tr].double().mean(0) - f_train[~pos_tr].double().mean(0)
-    ranked = torch.argsort(-diff, stable=True)[: min(max_k, f_train.shape[1])].tolist()
+    ranked = rank_latents(f_train, pos_tr, max_k, ranking, l1_decay)
     from sklearn.linear_model import LogisticRegression
 
     ytr = pos_tr.cpu().numpy()
@@ -330,6 +365,7 @@ def compute_absorption(x_train: torch.Tensor, y_train: torch.Tensor, x_test: tor
         probes = train_ground_truth_probes(x_train, y_train, x_test, y_test, cfg.probe_c)
     letters: list[dict] = []
     fracs, fulls, splits = [], [], []
+    per_word: list[tuple[np.ndarray, np.ndarray]] = []  # per evaluated letter: its true positives' values
     for L in range(26):
         f1 = probes.f1[L]
         if f1 is None:
@@ -340,7 +376,8 @@ def compute_absorption(x_train: torch.Tensor, y_train: torch.Tensor, x_test: tor
         letters.append(row)
         if not row["evaluated"]:
             continue
-        ks = k_sparse_probe(f_train, y_train == L, f_test, y_test == L, cfg.max_k_value, cfg.f1_jump_threshold)
+        ks = k_sparse_probe(f_train, y_train == L, f_test, y_test == L, cfg.max_k_value, cfg.f1_jump_threshold,
+                            cfg.ranking, cfg.l1_decay)
         detected = (y_test == L) & (probes.test_scores[:, L] > 0)
         idx = torch.nonzero(detected).flatten()
         n_tp = len(idx)
@@ -361,11 +398,14 @@ def compute_absorption(x_train: torch.Tensor, y_train: torch.Tensor, x_test: tor
             fracs.append(frac)
             fulls.append(full_rate)
             splits.append(float(ks.k))
+            per_word.append((wa.fraction.double().numpy(), wa.full.double().numpy()))
     probed = [r["gt_probe_f1"] for r in letters]
     metrics: dict[str, float | int | None] = {
         "mean_absorption_fraction_score": _mean(fracs),
         "mean_full_absorption_score": _mean(fulls),
         "mean_num_split_features": _mean(splits),
+        # SAEBench counts the split features beyond the first (``len(split_feats) - 1``)
+        "mean_num_split_features_saebench": _mean([k - 1 for k in splits]),
         "std_dev_absorption_fraction_score": _stdev(fracs),
         "std_dev_full_absorption_score": _stdev(fulls),
         "std_dev_num_split_features": _stdev(splits),
@@ -375,7 +415,27 @@ def compute_absorption(x_train: torch.Tensor, y_train: torch.Tensor, x_test: tor
         "n_words_train": int(len(y_train)),
         "n_words_test": int(len(y_test)),
     }
+    metrics.update(_word_bootstrap(per_word, cfg.n_bootstrap, cfg.seed))
     return AbsorptionResult(metrics, letters)
+
+
+def _word_bootstrap(per_word: list[tuple[np.ndarray, np.ndarray]], n_boot: int, seed: int) -> dict[str, float]:
+    """95 % percentile-bootstrap intervals of the two letter-mean scores, resampling each evaluated
+    letter's held-out true-positive words with replacement (letters fixed)."""
+    if n_boot <= 0 or not per_word:
+        return {}
+    rng = np.random.default_rng(seed)
+    frac_b, full_b = np.zeros(n_boot), np.zeros(n_boot)
+    for fr, fu in per_word:
+        pick = rng.integers(0, len(fr), (n_boot, len(fr)))
+        frac_b += fr[pick].mean(1)
+        full_b += fu[pick].mean(1)
+    frac_b /= len(per_word)
+    full_b /= len(per_word)
+    return {"mean_absorption_fraction_score_ci_low": float(np.percentile(frac_b, 2.5)),
+            "mean_absorption_fraction_score_ci_high": float(np.percentile(frac_b, 97.5)),
+            "mean_full_absorption_score_ci_low": float(np.percentile(full_b, 2.5)),
+            "mean_full_absorption_score_ci_high": float(np.percentile(full_b, 97.5))}
 
 
 # -- words, prompts and model activations ---------------------------------------------------------
@@ -407,7 +467,7 @@ def sample_words(words: Sequence[tuple[int, str]], max_words: int, train_fractio
     into train (``round(n·train_fraction)``, at least 1 and, for n ≥ 2, at most n − 1) and held-out.
     Returns (words, is_train) in a letter-major order."""
     rng = random.Random(seed)
-    per_letter = max(max_words // 26, 1)
+    per_letter = max(max_words // 26, 1) if max_words > 0 else None  # ≤ 0: the whole vocabulary (SAEBench)
     by_letter: dict[str, list[tuple[int, str]]] = {c: [] for c in LETTERS}
     for i, w in words:
         by_letter[w.strip()[0].lower()].append((i, w))
@@ -415,7 +475,7 @@ def sample_words(words: Sequence[tuple[int, str]], max_words: int, train_fractio
     is_train: list[bool] = []
     for c in LETTERS:
         ws = by_letter[c]
-        ws = rng.sample(ws, min(per_letter, len(ws)))
+        ws = rng.sample(ws, len(ws) if per_letter is None else min(per_letter, len(ws)))
         n_train = min(max(round(len(ws) * train_fraction), 1), max(len(ws) - 1, 1))
         chosen += ws
         is_train += [j < n_train for j in range(len(ws))]

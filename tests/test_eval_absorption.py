@@ -107,6 +107,31 @@ def test_planted_absorption_is_recovered():
     assert res.metrics["mean_absorption_fraction_score"] == pytest.approx(sum(rates.values()) / 4, abs=1e-6)
     assert res.metrics["mean_full_absorption_score"] == pytest.approx(sum(rates.values()) / 4, abs=1e-6)
     assert res.metrics["mean_num_split_features"] == pytest.approx(1.0)
+    assert res.metrics["mean_num_split_features_saebench"] == pytest.approx(0.0)  # SAEBench counts k - 1
+    # 95 % word-bootstrap interval around the letter mean; letter a (rate 0) cannot vary, the others can
+    m = res.metrics
+    assert m["mean_absorption_fraction_score_ci_low"] < m["mean_absorption_fraction_score"] < \
+        m["mean_absorption_fraction_score_ci_high"]
+    assert m["mean_absorption_fraction_score_ci_high"] - m["mean_absorption_fraction_score_ci_low"] < 0.4
+    # SAEBench's L1-probe ranking finds the same main latents on this planted case
+    res_l1 = compute_absorption(x_tr, y_tr, x_te, y_te, encode_dense(sae, x_tr), encode_dense(sae, x_te),
+                                sae.W_dec.detach(), Config(ranking="l1_probe"))
+    assert [r["split_feats"] for r in res_l1.letters] == [r["split_feats"] for r in res.letters]
+    assert res_l1.metrics["mean_absorption_fraction_score"] == pytest.approx(m["mean_absorption_fraction_score"])
+
+
+def test_l1_probe_ranking_puts_the_predictive_latent_first_and_rejects_unknown_rankings():
+    from sae.evaluate.absorption import rank_latents
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(400, generator=g) < 0.3
+    f = torch.rand(400, 12, generator=g).relu() * 0.3
+    f[:, 7] += y.float() * 2.0  # latent 7 fires on the letter
+    f[:, 2] += (~y).float() * 2.0  # latent 2 fires on everything else: large |weight|, but negative
+    assert rank_latents(f, y, 3, "l1_probe")[0] == 7 and 2 not in rank_latents(f, y, 1, "l1_probe")
+    assert rank_latents(f, y, 3, "mean_diff")[0] == 7
+    with pytest.raises(ValueError, match="ranking"):
+        rank_latents(f, y, 3, "magic")
 
 
 def test_feature_splitting_counts_split_latents():
