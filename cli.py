@@ -408,6 +408,9 @@ def evaluate(
                                                           "directories (for runs you cannot write to).")] = None,
     compat: Annotated[str, typer.Option(help="ours | saebench: core CE/KL/EV/mse by SAEBench's and SAELens' "
                                              "definitions (README, Evaluations).")] = "ours",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="EVAL.SETTING=VALUE for an evaluation's "
+                                                                        "Config, e.g. absorption.ranking=l1_probe "
+                                                                        "(repeatable).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
@@ -416,8 +419,23 @@ def evaluate(
     evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
-                               allow_other_store=allow_other_store, compat=compat)
+                               allow_other_store=allow_other_store, compat=compat,
+                               eval_params=_eval_params(param or []))
     ev.print_comparison(results)
+
+
+def _eval_params(items: list[str]) -> dict[str, dict[str, str]]:
+    """``-p EVAL.SETTING=VALUE`` items → ``{eval: {setting: value}}`` (one-line error for a bad item)."""
+    from .errors import ConfigError
+
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        name, dot, setting = key.partition(".")
+        if not eq or not dot or not name or not setting:
+            raise ConfigError(f"-p {item!r} must look like EVAL.SETTING=VALUE, e.g. absorption.ranking=l1_probe")
+        out.setdefault(name.strip(), {})[setting.strip()] = value.strip()
+    return out
 
 
 @app.command("import")

@@ -40,7 +40,7 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                   evals: Sequence[str] = ("core",), n_tokens: int = 16384, device: str = "auto",
                   quiet: bool = False, results_dir: str | Path | None = None,
                   storage_options: dict | None = None, allow_other_store: bool = False,
-                  compat: str = "ours") -> list[dict]:
+                  compat: str = "ours", eval_params: dict[str, dict[str, str]] | None = None) -> list[dict]:
     """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
 
     The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
@@ -56,6 +56,9 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     consistent, finite) and every results location is checked for writability. ``results_dir``
     writes ``results_dir/<run name>/eval_results/`` instead of into the run directories (for runs
     you cannot write to, e.g. a teammate's).
+
+    ``eval_params``: ``{eval name: {Config field: value}}`` overrides of an evaluation's settings
+    (``sae evaluate -p absorption.ranking=l1_probe``), validated before anything loads.
 
     ``compat="saebench"`` computes the core metrics by SAEBench's / SAELens' definitions (see
     :class:`~sae.evaluate.core.CoreConfig`); the default is ours.
@@ -84,6 +87,12 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
         raise ConfigError(f"--compat {compat!r}: choose {' or '.join(COMPAT_MODES)}")
     for e in evals:
         eval_module(e)  # ValueError naming the choices for an unknown evaluation
+    for name in eval_params or {}:
+        if name not in evals or name == EVAL_TYPE_ID:
+            others = ", ".join(e for e in evals if e != EVAL_TYPE_ID) or "none"
+            raise ConfigError(f"-p {name}.…: {name!r} is not one of the evaluations run here ({others}; "
+                              "core takes --tokens/--compat)")
+    configs = {name: eval_settings(name, (eval_params or {}).get(name, {})) for name in evals if name != EVAL_TYPE_ID}
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ConfigError(f"--tokens {n_tokens!r} must be a positive integer")
     check_device(device)
@@ -171,12 +180,49 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                     print(f"skipping {name} for {run_dir}: {reason}")
                 continue
             t0 = time.perf_counter()
-            out = mod.run(sae, ctx, mod.Config())
+            out = mod.run(sae, ctx, configs[name])
             eval_config = {**out.eval_config, "wall_time_s": round(time.perf_counter() - t0, 2)}
             write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, sae.cfg,
                          out.unstructured)
             results.append(read_result(res_dir, mod.EVAL_TYPE_ID))
     return results
+
+
+def eval_settings(name: str, params: dict[str, str]) -> object:
+    """``eval_module(name).Config`` with ``params`` (strings, typed by each field's default) applied.
+
+    Raises:
+        ConfigError: an unknown field, or a value that does not parse as the field's type.
+    """
+    import dataclasses
+
+    from ..errors import ConfigError
+
+    cls = eval_module(name).Config
+    base = cls()
+    fields = {f.name: f for f in dataclasses.fields(base)}  # (tests may swap Config for a factory)
+    typed: dict[str, object] = {}
+    for key, raw in params.items():
+        if key not in fields:
+            raise ConfigError(f"-p {name}.{key}: unknown setting; {name} has {', '.join(sorted(fields))}")
+        cur = getattr(base, key)
+        try:
+            if isinstance(cur, bool):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                typed[key] = raw.lower() in ("true", "1", "yes")
+            elif isinstance(cur, int):
+                typed[key] = int(raw)
+            elif isinstance(cur, float):
+                typed[key] = float(raw)
+            elif isinstance(cur, str) or cur is None:
+                typed[key] = raw
+            else:
+                raise ConfigError(f"-p {name}.{key}: a {type(cur).__name__} setting cannot be set from the "
+                                  "command line")
+        except ValueError:
+            raise ConfigError(f"-p {name}.{key}={raw!r}: expected {type(cur).__name__}") from None
+    return dataclasses.replace(base, **typed)
 
 
 def _label(result: dict, i: int) -> str:

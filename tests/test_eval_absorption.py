@@ -209,3 +209,23 @@ def test_run_on_tiny_model(tiny_lm, tiny_model_dir, tmp_path):
     assert len(ctx.cache) == 2                                     # word activations + probes, SAE-independent
     run(sae, ctx, Config(max_words=260, max_k_value=3))
     assert len(ctx.cache) == 2
+
+
+def test_evaluate_takes_eval_settings_from_the_command_line_and_validates_them(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from sae.cli import app
+    from sae.evaluate.runner import eval_settings
+
+    cfg = eval_settings("absorption", {"ranking": "l1_probe", "max_words": "0", "max_icl_examples": "10"})
+    assert (cfg.ranking, cfg.max_words, cfg.max_icl_examples) == ("l1_probe", 0, 10)
+    with pytest.raises(ValueError, match="unknown setting"):
+        eval_settings("absorption", {"rankng": "x"})
+    with pytest.raises(ValueError, match="expected int"):
+        eval_settings("absorption", {"max_words": "many"})
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--eval", "absorption", "-p", "absorption.rankng=x"])
+    assert r.exit_code == 2 and "unknown setting" in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--eval", "absorption", "-p", "scr.n_values=1"])
+    assert r.exit_code == 2 and "not one of the evaluations run here" in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--eval", "absorption", "-p", "ranking"])
+    assert r.exit_code == 2 and "EVAL.SETTING=VALUE" in r.output
