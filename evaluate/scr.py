@@ -40,6 +40,7 @@ per pair (``dataset_name``, the metrics, clean accuracies, quadrant sizes);
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -78,6 +79,8 @@ class Config(ProbeSettings):
     """SAEBench: 1000."""
     n_values: tuple[int, ...] = N_VALUES
     top_latents_reported: int = 20
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of each pair's test examples for the 95 % intervals (0: none)."""
     """How many top-ranked latents per direction go to ``eval_result_unstructured``."""
 
 
@@ -136,16 +139,21 @@ def scr_pair(x: dict[tuple[str, str], np.ndarray], f: dict[tuple[str, str], np.n
     ablated: dict[str, dict[str, float]] = {}
     ranked: dict[str, list[int]] = {}
     use_dir = 1 if clean["acc_biased_probe_on_a"] <= clean["acc_biased_probe_on_b"] else 2
+    hits: dict[str, np.ndarray] = {}  # per test example: correct (1) or not, for the paired bootstrap
     for d, (ranked_by, eval_set) in plan.items():
         effects = latent_effects(f[ranked_by, "train"], y[ranked_by, "train"], probes[ranked_by], w_dec, "scr")
         ranked[f"dir{d}"] = [int(i) for i in select_top_n(effects, top_reported)]
         original = clean[f"acc_biased_probe_on_{eval_set}"]
         oracle = clean[f"acc_{eval_set}_probe_on_{eval_set}"]
+        yt = np.asarray(y[eval_set, "test"])
+        hits[f"dir{d}_original"] = (probes["biased"].predict(x[eval_set, "test"]) == yt).astype(np.float64)
+        hits[f"dir{d}_oracle"] = (probes[eval_set].predict(x[eval_set, "test"]) == yt).astype(np.float64)
         ablated[f"dir{d}"] = {}
         for n in n_values:
             latents = select_top_n(effects, min(n, d_sae))
             xa = ablate_pooled(x[eval_set, "test"], f[eval_set, "test"], w_dec, latents)
             changed = probes["biased"].accuracy(xa, y[eval_set, "test"])
+            hits[f"dir{d}_{n}"] = (probes["biased"].predict(xa) == yt).astype(np.float64)
             ablated[f"dir{d}"][str(n)] = changed
             metrics[f"scr_dir{d}_threshold_{n}"] = _ratio(changed - original, oracle - original)
     ordered: dict[str, float] = {}
@@ -154,8 +162,38 @@ def scr_pair(x: dict[tuple[str, str], np.ndarray], f: dict[tuple[str, str], np.n
         ordered[f"scr_metric_threshold_{n}"] = metrics[f"scr_dir{use_dir}_threshold_{n}"]
         ordered[f"scr_dir2_threshold_{n}"] = metrics[f"scr_dir2_threshold_{n}"]
     extra = {"clean_accuracies": clean, "metric_direction": use_dir, "ablated_accuracies": ablated,
-             "top_latents": ranked}
+             "top_latents": ranked, "_hits": hits}
     return ordered, extra
+
+
+def scr_bootstrap_ci(pairs: list[tuple[int, dict[str, np.ndarray]]], n_values: Sequence[int], n_boot: int,
+                     seed: int) -> dict[str, float]:
+    """95 % percentile intervals of the pair-mean ``scr_metric_threshold_N``: each pair's test examples are
+    resampled with replacement (paired: the same draw scores the original, oracle and ablated probes),
+    the metric recomputed per pair and averaged over pairs (pairs with an undefined metric skipped)."""
+    if n_boot <= 0 or not pairs:
+        return {}
+    rng = np.random.default_rng(seed)
+    sums = {n: np.zeros(n_boot) for n in n_values}
+    counts = {n: np.zeros(n_boot) for n in n_values}
+    for use_dir, hits in pairs:
+        orig, oracle = hits[f"dir{use_dir}_original"], hits[f"dir{use_dir}_oracle"]
+        draw = rng.integers(0, len(orig), (n_boot, len(orig)))
+        o, best = orig[draw].mean(1), oracle[draw].mean(1)
+        for n in n_values:
+            changed = hits[f"dir{use_dir}_{n}"][draw].mean(1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = (changed - o) / (best - o)
+            ok = np.isfinite(v)
+            sums[n][ok] += v[ok]
+            counts[n][ok] += 1
+    out = {}
+    for n in n_values:
+        vals = sums[n][counts[n] > 0] / counts[n][counts[n] > 0]
+        if len(vals):
+            out[f"scr_metric_threshold_{n}_ci_low"] = float(np.percentile(vals, 2.5))
+            out[f"scr_metric_threshold_{n}_ci_high"] = float(np.percentile(vals, 97.5))
+    return out
 
 
 def _finite_mean(values: list[float]) -> float:
@@ -175,6 +213,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
                           cfg.store_dtype)
     w_dec = sae.W_dec.detach().double().cpu().numpy()
     details, unstructured = [], {"run_dir": str(ctx.run_dir), "pairs": {}}
+    boot: list[tuple[int, dict[str, np.ndarray]]] = []
     for ds in datasets:
         s = _sets(ds, pooled)
         metrics, extra = scr_pair(s.x, s.f, s.y, w_dec, tuple(cfg.n_values), cfg.probe_C, cfg.probe_max_iter,
@@ -183,10 +222,12 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
                         "metric_direction": extra["metric_direction"],
                         "quadrant_size_train": ds.quadrant_size("train"),
                         "quadrant_size_test": ds.quadrant_size("test")})
+        boot.append((extra["metric_direction"], extra.pop("_hits")))
         unstructured["pairs"][ds.name] = extra
     names = [k for k in details[0] if k.startswith("scr_")]
     means = {k: _finite_mean([d[k] for d in details]) for k in names}
     eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_values_effective": [min(n, sae.d_sae) for n in cfg.n_values]}
-    return EvalOutput({"scr_metrics": means}, details, eval_config, unstructured)
+    intervals = scr_bootstrap_ci(boot, list(cfg.n_values), cfg.n_bootstrap, cfg.seed)
+    return EvalOutput({"scr_metrics": means, "confidence_intervals": intervals}, details, eval_config, unstructured)

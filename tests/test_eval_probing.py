@@ -388,6 +388,10 @@ def test_evaluate_runs_end_to_end(tmp_path: Path, tiny_model_dir, tiny_lm, monke
         scr = res["scr"]["eval_result_metrics"]["scr_metrics"]
         assert {f"scr_metric_threshold_{n}" for n in (2, 5, 500)} <= set(scr)
         assert res["scr"]["eval_config"]["n_values_effective"] == [2, 5, 128]
+        ci = res["scr"]["eval_result_metrics"]["confidence_intervals"]
+        for n in (2, 5, 500):  # paired bootstrap intervals over test examples (checked in the test below)
+            if f"scr_metric_threshold_{n}_ci_low" in ci:
+                assert ci[f"scr_metric_threshold_{n}_ci_low"] <= ci[f"scr_metric_threshold_{n}_ci_high"]
         tpp = res["tpp"]["eval_result_metrics"]["tpp_metrics"]
         assert {f"tpp_threshold_{n}_total_metric" for n in (2, 5, 500)} <= set(tpp)
         assert all(v is None or math.isfinite(v) for v in tpp.values())
@@ -395,3 +399,23 @@ def test_evaluate_runs_end_to_end(tmp_path: Path, tiny_model_dir, tiny_lm, monke
     # the LLM half of sparse probing does not depend on the SAE
     a, b = (read_result(r, "sparse_probing")["eval_result_metrics"]["llm"] for r in runs)
     assert a == b
+
+
+def test_scr_bootstrap_interval_from_per_example_hits() -> None:
+    """The interval of (changed − original)/(oracle − original), resampling test examples in pairs: it brackets
+    the full-sample value and is degenerate when every example agrees."""
+    from sae.evaluate.scr import scr_bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    n = 200
+    orig = (rng.random(n) < 0.6).astype(float)
+    oracle = np.maximum(orig, (rng.random(n) < 0.9).astype(float))
+    changed = np.where(rng.random(n) < 0.5, oracle, orig)
+    hits = {"dir1_original": orig, "dir1_oracle": oracle, "dir1_2": changed}
+    ci = scr_bootstrap_ci([(1, hits)], [2], 2000, 0)
+    full = (changed.mean() - orig.mean()) / (oracle.mean() - orig.mean())
+    assert ci["scr_metric_threshold_2_ci_low"] < full < ci["scr_metric_threshold_2_ci_high"]
+    assert 0.05 < ci["scr_metric_threshold_2_ci_high"] - ci["scr_metric_threshold_2_ci_low"] < 0.6
+    same = {"dir1_original": np.zeros(n), "dir1_oracle": np.ones(n), "dir1_2": np.ones(n)}
+    ci = scr_bootstrap_ci([(1, same)], [2], 500, 0)
+    assert ci["scr_metric_threshold_2_ci_low"] == ci["scr_metric_threshold_2_ci_high"] == 1.0
