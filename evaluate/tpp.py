@@ -28,6 +28,7 @@ per-class metrics, clean accuracies, top-ranked latents and the ablated accuracy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -65,6 +66,8 @@ class Config(ProbeSettings):
     n_test: int = 50
     n_values: tuple[int, ...] = N_VALUES
     top_latents_reported: int = 20
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of each class's test examples for the 95 % intervals (0: none)."""
 
 
 def available(ctx: EvalContext, cfg: Config | None = None) -> str | None:
@@ -87,6 +90,8 @@ def tpp_scores(sets: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
     classes = list(sets)
     probes = {c: fit_probe(sets[c]["train"][0], sets[c]["train"][2], C, max_iter, standardize, seed) for c in classes}
     clean = {c: probes[c].accuracy(sets[c]["test"][0], sets[c]["test"][2]) for c in classes}
+    hits: dict = {"clean": {c: (probes[c].predict(sets[c]["test"][0]) == sets[c]["test"][2]).astype(np.float64)
+                            for c in classes}, "ablated": {}}
     d_sae = w_dec.shape[0]
     per_class: dict[str, dict[str, float]] = {c: {} for c in classes}
     ablated: dict[str, dict[str, dict[str, float]]] = {c: {} for c in classes}
@@ -100,7 +105,9 @@ def tpp_scores(sets: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
             acc = {}
             for j in classes:
                 xj, fj, yj = sets[j]["test"]
-                acc[j] = probes[j].accuracy(ablate_pooled(xj, fj, w_dec, latents), yj)
+                pred = probes[j].predict(ablate_pooled(xj, fj, w_dec, latents))
+                hits["ablated"][i, n, j] = (pred == np.asarray(yj)).astype(np.float64)
+                acc[j] = float(hits["ablated"][i, n, j].mean())
             ablated[i][str(n)] = acc
             intended = clean[i] - acc[i]
             unintended = float(np.mean([clean[j] - acc[j] for j in classes if j != i]))
@@ -109,8 +116,31 @@ def tpp_scores(sets: dict[str, dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
             per_class[i][f"tpp_threshold_{n}_unintended_diff_only"] = unintended
     names = list(per_class[classes[0]])
     means = {k: float(np.mean([per_class[c][k] for c in classes])) for k in names}
-    extra = {"per_class": per_class, "clean_accuracies": clean, "ablated_accuracies": ablated, "top_latents": ranked}
+    extra = {"per_class": per_class, "clean_accuracies": clean, "ablated_accuracies": ablated, "top_latents": ranked,
+             "_hits": hits}
     return means, extra
+
+
+def tpp_bootstrap_ci(hits: dict, classes: Sequence[str], n_values: Sequence[int], n_boot: int, seed: int
+                     ) -> dict[str, float]:
+    """95 % percentile intervals of the class-mean ``tpp_threshold_N_total_metric``: each class's test
+    examples are resampled with replacement (one draw per class, shared by its clean and every ablated
+    accuracy) and the metric recomputed."""
+    if n_boot <= 0 or len(classes) < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    draws = {c: rng.integers(0, len(hits["clean"][c]), (n_boot, len(hits["clean"][c]))) for c in classes}
+    clean = {c: hits["clean"][c][draws[c]].mean(1) for c in classes}
+    out = {}
+    for n in n_values:
+        total = np.zeros(n_boot)
+        for i in classes:
+            drop = {j: clean[j] - hits["ablated"][i, n, j][draws[j]].mean(1) for j in classes}
+            total += drop[i] - np.mean([drop[j] for j in classes if j != i], axis=0)
+        total /= len(classes)
+        out[f"tpp_threshold_{n}_total_metric_ci_low"] = float(np.percentile(total, 2.5))
+        out[f"tpp_threshold_{n}_total_metric_ci_high"] = float(np.percentile(total, 97.5))
+    return out
 
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
@@ -136,5 +166,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_values_effective": [min(n, sae.d_sae) for n in cfg.n_values]}
+    hits = extra.pop("_hits")
+    intervals = tpp_bootstrap_ci(hits, list(sets), list(cfg.n_values), cfg.n_bootstrap, cfg.seed)
     unstructured = {"run_dir": str(ctx.run_dir), "dataset_name": ds.name, "classes": list(ds.classes), **extra}
-    return EvalOutput({"tpp_metrics": means}, details, eval_config, unstructured)
+    return EvalOutput({"tpp_metrics": means, "confidence_intervals": intervals}, details, eval_config, unstructured)

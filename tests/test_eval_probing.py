@@ -318,6 +318,9 @@ def test_tpp_planted_latents_hit_their_own_class():
         assert pc["tpp_threshold_1_intended_diff_only"] > 0.3
     assert set(means) == {f"tpp_threshold_{n}_{m}" for n in (1, 2, 20)
                           for m in ("total_metric", "intended_diff_only", "unintended_diff_only")}
+    ci = tpp_mod.tpp_bootstrap_ci(extra["_hits"], classes, (1, 2, 20), 1000, 0)  # resampled test examples
+    lo, hi = ci["tpp_threshold_1_total_metric_ci_low"], ci["tpp_threshold_1_total_metric_ci_high"]
+    assert lo < means["tpp_threshold_1_total_metric"] < hi and hi - lo < 0.3
 
 
 def test_available_reasons():
