@@ -133,6 +133,32 @@ class StoreWriter:
         self.history: dict | None = None  # a digest_history entry to record at finalize (growing a store)
 
     @classmethod
+    def _reopen_complete(cls, path: str | Path | StoreLocation, storage_options: dict | None, option: str
+                         ) -> tuple[StoreWriter, dict]:
+        """Take the lease of a *complete* format-2 store and open it for growing (``--into``/``--extend``):
+        the writer (codec, chunking and shapes from the store) and its attributes. Raises ``StoreError``."""
+        self = cls.__new__(cls)
+        self.loc = as_location(path, storage_options)
+        self.lease = Lease(self.loc).acquire(takeover_stale=True)
+        try:
+            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
+            a = dict(self.group.attrs)
+            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
+                raise StoreError(f"{option} {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
+                                 f"(it is format {a.get('format_version')}, status {a.get('status')}); finish it "
+                                 "with --resume or convert it first")
+            self.codec = CodecSpec.parse(a["codec"], a["dtype"])
+            self.hook_names = self.final_hooks = list(a["hook_names"])
+            self.chunk_tokens, self.d_model = int(a["chunk_tokens"]), int(a["d_model"])
+            self.context_size = int(a["context_size"])
+            self._next = self._appended = 0
+            self.history = None
+        except BaseException:
+            self.lease.release()
+            raise
+        return self, a
+
+    @classmethod
     def add_hooks(cls, path: str | Path | StoreLocation, hooks: list[str], storage_options: dict | None = None
                   ) -> StoreWriter:
         """Reopen a *complete* store to add activation arrays for ``hooks`` over its own tokens
@@ -145,16 +171,8 @@ class StoreWriter:
         Raises:
             StoreError: not a complete format-2 store, a hook it already has. LeaseHeldError.
         """
-        self = cls.__new__(cls)
-        self.loc = as_location(path, storage_options)
-        self.lease = Lease(self.loc).acquire(takeover_stale=True)
+        self, a = cls._reopen_complete(path, storage_options, "--into")
         try:
-            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
-            a = dict(self.group.attrs)
-            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
-                raise StoreError(f"--into {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
-                                 f"(it is format {a.get('format_version')}, status {a.get('status')}); finish or "
-                                 "convert it first")
             old, pending = list(a["hook_names"]), list(a.get("pending_hooks") or [])
             have = [h for h in hooks if h in old]
             if have:
@@ -162,11 +180,7 @@ class StoreWriter:
             if pending and sorted(pending) != sorted(hooks):
                 raise StoreError(f"--into {self.loc}: an interrupted --into of {', '.join(pending)} is pending; "
                                  "rerun it with those layers to finish it first")
-            self.codec = CodecSpec.parse(a["codec"], a["dtype"])
-            self.hook_names, self.chunk_tokens = list(hooks), int(a["chunk_tokens"])
-            self.d_model, self.context_size = int(a["d_model"]), int(a["context_size"])
-            self._next = self._appended = 0
-            self.final_hooks = old + list(hooks)
+            self.hook_names, self.final_hooks = list(hooks), old + list(hooks)
             self.history = {"content_digest": a.get("content_digest"), "hook_names": old,
                             "n_tokens": int(a.get("n_tokens_written", self.n_tokens)), "reason": "into"}
             n = self.n_tokens
@@ -194,20 +208,8 @@ class StoreWriter:
         Raises:
             StoreError: not a complete format-2 store; ``new_tokens`` not whole sequences. LeaseHeldError.
         """
-        self = cls.__new__(cls)
-        self.loc = as_location(path, storage_options)
-        self.lease = Lease(self.loc).acquire(takeover_stale=True)
+        self, a = cls._reopen_complete(path, storage_options, "--extend")
         try:
-            self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
-            a = dict(self.group.attrs)
-            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
-                raise StoreError(f"--extend {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
-                                 f"(status {a.get('status')}); finish it with --resume first")
-            self.codec = CodecSpec.parse(a["codec"], a["dtype"])
-            self.hook_names = self.final_hooks = list(a["hook_names"])
-            self.chunk_tokens, self.d_model = int(a["chunk_tokens"]), int(a["d_model"])
-            self.context_size = int(a["context_size"])
-            self._next = self._appended = 0
             n1, ct = self.n_tokens, self.chunk_tokens
             if len(new_tokens) == 0 or len(new_tokens) % self.context_size:
                 raise StoreError(f"--extend: {len(new_tokens)} new tokens are not whole sequences of "
