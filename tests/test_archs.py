@@ -281,8 +281,8 @@ def test_resume_after_a_kill_is_bit_identical(store, tmp_path, monkeypatch, arch
     train(_cfg(store, tmp_path / "ref", **kw), quiet=True)
     real = Trainer.step
 
-    def dying(self, x):
-        out = real(self, x)
+    def dying(self, x, sync=True):
+        out = real(self, x, sync)
         if self.step_idx == 7:
             raise RuntimeError("node lost")
         return out

@@ -135,11 +135,11 @@ def test_resume_after_kill_ends_with_identical_weights(planted_store, tmp_path, 
     real_step = run_mod.Trainer.step
     count = {"n": 0}
 
-    def dying_step(self, x):
+    def dying_step(self, x, sync=True):
         if count["n"] == 17:
             raise KeyboardInterrupt("killed")
         count["n"] += 1
-        return real_step(self, x)
+        return real_step(self, x, sync)
 
     monkeypatch.setattr(run_mod.Trainer, "step", dying_step)
     cut = tmp_path / "cut"

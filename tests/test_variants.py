@@ -482,13 +482,15 @@ def test_state_dict_round_trip_gives_identical_continuation(variant: str) -> Non
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_logs_are_floats_with_required_keys(variant: str) -> None:
+def test_logs_are_scalars_with_required_keys(variant: str) -> None:
     F = 48
     W = unit_rows(F, 12)
     p = build_penalty(variant, F, 12, PARAMS[variant])
     _, logs = p(ctx_for(W, make_codes("topk", F, B=200), step=0, total=10))
     assert {"penalty", "weight", "pairs"} <= logs.keys()
-    assert all(isinstance(v, float) for v in logs.values())
+    # floats, or 0-d tensors that the trainer reads back at log steps only (no per-step host sync)
+    assert all(isinstance(v, float) or (isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad)
+               for v in logs.values())
     if variant == "progressive":
         assert {"lambda2", "thr"} <= logs.keys()
     if variant == "topk_pairs":

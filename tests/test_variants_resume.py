@@ -37,11 +37,11 @@ def test_resumed_variant_run_is_bit_identical(variant: str, store, tmp_path, mon
     real_step = run_mod.Trainer.step
     count = {"n": 0}
 
-    def dying_step(self, x):
+    def dying_step(self, x, sync=True):
         if count["n"] == 8:
             raise KeyboardInterrupt("killed")
         count["n"] += 1
-        return real_step(self, x)
+        return real_step(self, x, sync)
 
     monkeypatch.setattr(run_mod.Trainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):

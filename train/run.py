@@ -335,6 +335,7 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
     with progress_bar(quiet) as bar, _Signals() as signals:
         task = bar.add_task(label, total=steps * cfg.batch_size, completed=step0 * cfg.batch_size)
         batches = iter(loader)
+        desc = label
         for step in range(step0, steps):
             live = [r for r in runs if r.failed is None]
             if not live:
@@ -342,9 +343,10 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
             x = next(batches)
             logs: dict[str, Any] = {}
             for r in live:
-                logs = r.trainer.step(x)
                 last = step == steps - 1
-                if step % r.cfg.log_every == 0 or last:
+                log_step = step % r.cfg.log_every == 0 or last
+                logs = r.trainer.step(x, sync=log_step)  # no host read on other steps (GPU stays busy)
+                if log_step:
                     if not math.isfinite(logs["loss"]):
                         r.fail(f"the loss is {logs['loss']} at step {step}")
                         continue
@@ -367,7 +369,8 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
                     raise Interrupted(f"{name} received: checkpoint saved at step {step + 1}/{steps} in "
                                       f"{', '.join(str(r.dir) for r in live)}; continue with the same command "
                                       "plus --resume", signals.signum)
-            desc = f"{label} EV {logs['explained_variance']:.3f} L0 {logs['l0']:.0f}" if len(runs) == 1 else label
+            if len(runs) == 1 and "explained_variance" in logs:  # a log step: the values are on the host
+                desc = f"{label} EV {logs['explained_variance']:.3f} L0 {logs['l0']:.0f}"
             bar.update(task, completed=(step + 1) * cfg.batch_size, description=desc)
 
 

@@ -8,7 +8,7 @@ architecture's own terms):
     + the arch's sparsity terms (ReLU: L1; JumpReLU: L0 / tanh + pre-activation loss)
     + AuxK for topk/batchtopk/matryoshka: α · Σ‖e − ê_aux‖² / Σ‖x − x̄‖² · min(1, n_dead / k_aux)
           (α = 1/32, k_aux = d_in/2; e = x − x̂ detached, ê_aux = decoder of the top-k_aux *dead*
-          latents' pre-activations)
+          latents' pre-activations; computed on the dead columns only, ``train/auxk.py``)
     + penalty(ctx)                                                      (orthogonality variant)
 After ``backward`` the decoder gradient is projected orthogonally to each unit row, Adam steps
 (on the SAE's and the arch's parameters), and rows are renormalised to unit norm.
@@ -16,7 +16,6 @@ After ``backward`` the decoder gradient is projected orthogonally to each unit r
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -24,15 +23,25 @@ from torch import nn
 
 from .archs import build_arch
 from .archs.base import warmed_up
+from .auxk import auxk_loss, capacity
 from .config import TrainConfig
 from .sae import SAE, SparseCodes
-from .sparse_ops import gather_pre_acts
 from .variants import PenaltyContext, build_penalty
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """CPU generator for step ``step`` of a run seeded ``seed`` (stateless → resume-exact)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def read_logs(logs: dict[str, Any]) -> dict[str, float]:
+    """Logged terms as floats: every tensor value is read back in ONE device→host transfer."""
+    keys = [k for k, v in logs.items() if isinstance(v, torch.Tensor)]
+    out = {k: float(v) for k, v in logs.items() if not isinstance(v, torch.Tensor)}
+    if keys:
+        vals = torch.stack([logs[k].detach().reshape(()).double() for k in keys]).tolist()
+        out.update(zip(keys, vals, strict=True))
+    return out
 
 
 def _fused_adam_ok(device: str | torch.device) -> bool:
@@ -66,6 +75,7 @@ class Trainer(nn.Module):
         self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), fused=_fused_adam_ok(device))
         self.step_idx = 0
         self.aux_k = cfg.aux_k or d_in // 2
+        self.aux_cap = 0  # AuxK candidate columns; sized at log steps (refresh_aux_capacity)
 
     # -- schedules ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
@@ -85,7 +95,10 @@ class Trainer(nn.Module):
 
     # -- one step -----------------------------------------------------------------------------
     def losses(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any], SparseCodes]:
-        """Forward and total loss for batch ``x [batch, d_in]`` (normalised units)."""
+        """Forward and total loss for batch ``x [batch, d_in]`` (normalised units).
+
+        Returns ``(loss, logs, codes)``; the values of ``logs`` are 0-d device tensors (or floats):
+        nothing here reads a device value on the host (see :meth:`step`)."""
         sae = self.sae
         x_c = x - sae.b_dec
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -96,31 +109,52 @@ class Trainer(nn.Module):
         logs = {**logs, **enc.logs}
         for term in enc.losses.values():
             loss = loss + term
-        e = x - x_hat
-        n_dead = int(dead.sum())
-        if self.arch.uses_auxk and pre is not None and n_dead and self.cfg.aux_k_coefficient > 0:
-            k_aux = min(self.aux_k, n_dead)
-            with torch.no_grad():
-                aux_idx = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=-1, sorted=False).indices
-            aux_vals = torch.relu(gather_pre_acts(x_c, sae.W_enc, sae.b_enc, aux_idx, pre))
-            e_hat = sae.decode_sparse(SparseCodes(aux_vals, aux_idx), bias=False)
-            aux = (e_hat - e.detach()).pow(2).sum() / total_var * min(1.0, n_dead / self.aux_k)
+        n_dead = dead.sum()
+        if self.arch.uses_auxk and pre is not None and self.aux_cap and self.cfg.aux_k_coefficient > 0:
+            aux, overflow = self._auxk(x, x - x_hat, pre, dead, total_var)
             loss = loss + self.cfg.aux_k_coefficient * aux
-            logs["auxk"] = aux.item()
+            logs["auxk"], logs["auxk_overflow"] = aux.detach(), overflow
         ctx = PenaltyContext(W_dec=sae.W_dec, codes=codes, step=step, total_steps=self.total_steps,
                              generator=step_generator(self.cfg.model_seed, step))
         pen, pen_logs = self.penalty(ctx)
         loss = loss + pen
         logs.update({f"penalty/{k}": v for k, v in pen_logs.items()})
-        logs["loss"] = loss.item()
-        logs["explained_variance"] = 1.0 - logs["fvu"]
-        logs["l0"] = (codes.vals > 0).sum(-1).float().mean().item()
+        logs["loss"] = loss.detach()
+        logs["l0"] = (codes.vals > 0).sum(-1).float().mean()
         logs["dead_fraction"] = n_dead / sae.d_sae
         return loss, logs, codes
 
-    def step(self, x: torch.Tensor) -> dict[str, Any]:
-        """One optimiser step on ``x [batch, d_in]``; returns the step's logged terms."""
+    def _auxk(self, x: torch.Tensor, e: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor,
+              total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """AuxK on the dead latents' columns (:func:`~sae.train.auxk.auxk_loss`): ``(aux, overflow)``."""
+        s = self.sae
+        return auxk_loss(x, s.b_dec, s.W_enc, s.b_enc, s.W_dec, pre, e, total_var, self.tokens_since_fired,
+                         dead, self.aux_k, self.aux_cap)
+
+    @torch.no_grad()
+    def refresh_aux_capacity(self) -> int:
+        """Size AuxK's candidate set from the current dead count (one host read; see
+        :func:`~sae.train.auxk.capacity`). Called at the start of log steps and on resume."""
+        if not self.arch.uses_auxk or self.cfg.aux_k_coefficient <= 0:
+            self.aux_cap = 0
+            return 0
+        n_dead = int((self.tokens_since_fired > self.cfg.dead_tokens).sum())
+        self.aux_cap = capacity(n_dead, self.aux_k, self.sae.d_sae)
+        return self.aux_cap
+
+    def step(self, x: torch.Tensor, sync: bool = True) -> dict[str, Any]:
+        """One optimiser step on ``x [batch, d_in]``.
+
+        With ``sync=False`` nothing is read back to the host (no ``.item()``, ``int(tensor)``,
+        ``bool(tensor)``, data-dependent shapes) on the default TopK path, so a GPU never stalls; the
+        logged terms are returned as 0-d device tensors. With ``sync=True`` (log steps) they are
+        read in one transfer and returned as floats, and AuxK's capacity is re-sized
+        (:meth:`refresh_aux_capacity`, before the step). Architectures with a data-dependent number of active
+        latents (relu, jumprelu, batchtopk, matryoshka) and the co-firing-pair penalties size their
+        tensors from the data, which needs a host read on CUDA; see README "Scale"."""
         step = self.step_idx
+        if sync:
+            self.refresh_aux_capacity()
         lr = self.lr_at(step)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -131,13 +165,15 @@ class Trainer(nn.Module):
         self.opt.step()
         self.sae.normalize_decoder_()
         self.arch.after_step(self.sae)
-        with torch.no_grad():
-            fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
-            fired[codes.idx[codes.vals > 0]] = True
-            self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired] = 0
+        with torch.no_grad():  # a latent fired if any token gave it a value > 0 (scatter: no sync)
+            hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
+                0, codes.idx.reshape(-1), (codes.vals > 0).reshape(-1).to(torch.int64))
+            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(hits > 0, 0)
         self.step_idx += 1
         logs["lr"] = lr
+        if sync:
+            logs = read_logs(logs)
+            logs["explained_variance"] = 1.0 - logs["fvu"]
         return logs
 
     @torch.no_grad()
@@ -155,9 +191,14 @@ class Trainer(nn.Module):
 
     # -- checkpointing ------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:
-        return {"model": self.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step_idx}
+        return {"model": self.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step_idx,
+                "aux_cap": self.aux_cap}
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
         self.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.step_idx = int(state["step"])
+        if "aux_cap" in state:
+            self.aux_cap = int(state["aux_cap"])
+        else:  # a checkpoint from before the capacity existed
+            self.refresh_aux_capacity()

@@ -34,13 +34,13 @@ class Encoded:
         codes: ``vals``/``idx`` ``[batch, K]``; ``vals`` carry the gradients into the encoder.
         pre: ``[batch, d_sae]`` no-grad pre-activations (AuxK picks dead latents from them), or None.
         losses: extra loss terms already weighted (sparsity penalties), summed into the loss.
-        logs: scalars for ``metrics.jsonl``.
+        logs: scalars for ``metrics.jsonl``: 0-d tensors (read on the host at log steps only) or floats.
     """
 
     codes: SparseCodes
     pre: torch.Tensor | None
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -89,13 +89,13 @@ class Arch(nn.Module):
         raise NotImplementedError
 
     def reconstruction(self, sae: SAE, x: torch.Tensor, codes: SparseCodes,
-                       total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+                       total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """``(loss, x̂ [batch, d_in], logs)``; default: ``FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖²``.
 
         ``logs["fvu"]`` is always the FVU of the *full* reconstruction."""
         x_hat = sae.decode_sparse(codes)
         fvu = (x - x_hat).pow(2).sum() / total_var
-        return fvu, x_hat, {"fvu": fvu.item()}
+        return fvu, x_hat, {"fvu": fvu.detach()}
 
     def inference(self) -> Inference:
         """The saved form (see :class:`Inference`)."""

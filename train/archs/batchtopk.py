@@ -146,7 +146,7 @@ class BatchTopK(Arch):
         if frac > 0 and step >= total_steps * (1 - frac) and float(tau) > 0:
             self.tau_sum += float(tau)
             self.tau_count += 1
-        return Encoded(codes, pre, logs={"batch_threshold": float(tau), "threshold": float(self.threshold)})
+        return Encoded(codes, pre, logs={"batch_threshold": tau.detach(), "threshold": self.threshold.clone()})
 
     def saved_threshold(self) -> float:
         """θ of the saved JumpReLU: the final-steps mean of τ_B, or the EMA when none was recorded."""

@@ -158,23 +158,23 @@ class JumpReLU(Arch):
         coef = self.l0_coefficient_at(step, total_steps)
         B = x_c.shape[0]
         losses: dict[str, torch.Tensor] = {}
-        logs: dict[str, float] = {"l0_coefficient": coef, "threshold_mean": float(theta.detach().mean())}
+        logs: dict[str, Any] = {"l0_coefficient": coef, "threshold_mean": theta.detach().mean()}
         if cfg.variant == "gemma":
             l0 = StepFn.apply(p.detach(), t, eps).sum() / B
             target = self.k if cfg.target_l0 < 0 else cfg.target_l0
             losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
-            logs["l0_surrogate"] = float(l0.detach())
+            logs["l0_surrogate"] = l0.detach()
         else:
             tanh = torch.tanh(cfg.tanh_scale * f).sum() / B  # ‖W_dec,i‖ = 1 (unit decoder rows)
             losses["sparsity"] = coef * tanh
-            logs["tanh_sparsity"] = float(tanh.detach())
+            logs["tanh_sparsity"] = tanh.detach()
             dead_idx = dead.nonzero().squeeze(1)
             if cfg.pre_act_coefficient > 0 and dead_idx.numel():
                 dead = dead_idx
                 pre_dead = x_c @ sae.W_enc[:, dead] + sae.b_enc[dead]  # [B, n_dead], dense only on dead latents
                 pa = (theta[dead] - pre_dead).relu().sum() / B
                 losses["pre_act"] = cfg.pre_act_coefficient * pa
-                logs["pre_act_loss"] = float(pa.detach())
+                logs["pre_act_loss"] = pa.detach()
         return Encoded(codes, None, losses, logs)
 
     def inference(self) -> Inference:

@@ -97,7 +97,7 @@ class Matryoshka(BatchTopK):
                                 per_sample_weights=codes.vals[live][order]).view(B, G, -1)
         prefix = parts.cumsum(1) + sae.b_dec                    # [B, G, d_in]: x̂ of each prefix
         fvu = (x[:, None, :] - prefix).pow(2).sum((0, 2)) / total_var  # [G]
-        logs = {f"fvu_prefix_{m}": float(v) for m, v in zip(self.widths, fvu.detach().tolist(), strict=True)}
+        logs: dict[str, Any] = {f"fvu_prefix_{m}": v for m, v in zip(self.widths, fvu.detach().unbind(), strict=True)}
         logs["fvu"] = logs[f"fvu_prefix_{self.widths[-1]}"]
         return fvu.sum(), prefix[:, -1], logs
 

@@ -71,7 +71,7 @@ class ReLU(Arch):
         norms = sae.W_dec.norm(dim=1).gather(0, codes.idx.reshape(-1)).view_as(codes.idx)
         l1 = (codes.vals * norms).sum(-1).mean()
         coef = self.l1_at(step, total_steps)
-        return Encoded(codes, pre.detach(), {"l1": coef * l1}, {"l1": l1.item(), "l1_coefficient": coef})
+        return Encoded(codes, pre.detach(), {"l1": coef * l1}, {"l1": l1.detach(), "l1_coefficient": coef})
 
     def inference(self) -> Inference:
         return Inference("relu")

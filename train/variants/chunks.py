@@ -30,6 +30,14 @@ def random_chunks(d_sae: int, chunk_size: int, chunks_per_step: int, generator: 
     return out[:chunks_per_step] if 0 < chunks_per_step < m else out
 
 
+def chunk_sizes(d_sae: int, chunks: Tensor) -> list[int]:
+    """Real latents per row of ``chunks`` from :func:`random_chunks`, by arithmetic (no tensor read):
+    every chunk is full except the last of the partition, which holds ``F − (M − 1)·c``."""
+    m, c = chunks.shape
+    total = -(-d_sae // c)
+    return [c] * m if m < total else [c] * (m - 1) + [d_sae - (total - 1) * c]
+
+
 def padded(W: Tensor) -> Tensor:
     """``W`` with one zero row appended (the padding index ``F`` of :func:`random_chunks`)."""
     return torch.cat([W, W.new_zeros(1, W.shape[1])])

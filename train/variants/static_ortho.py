@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import Penalty, PenaltyContext, register
-from .chunks import CHUNK_BLOCK, padded, random_chunks
+from .chunks import CHUNK_BLOCK, chunk_sizes, padded, random_chunks
 
 
 class _ChunkOffDiagSq(torch.autograd.Function):
@@ -62,10 +62,8 @@ class _ChunkOffDiagSq(torch.autograd.Function):
 
 def chunk_offdiag_sq(W: Tensor, chunks: Tensor) -> tuple[Tensor, int]:
     """``(Σ_{i≠j in the same chunk} cos_ij², number of ordered pairs i≠j)`` for ``chunks`` ``[m, c]``."""
-    chunks = chunks.to(W.device)
-    sizes = (chunks < W.shape[0]).sum(1)
-    n_pairs = int((sizes * (sizes - 1)).sum())
-    return _ChunkOffDiagSq.apply(W, chunks), n_pairs
+    n_pairs = sum(s * (s - 1) for s in chunk_sizes(W.shape[0], chunks))  # arithmetic: no device read
+    return _ChunkOffDiagSq.apply(W, chunks.to(W.device)), n_pairs
 
 
 @register
@@ -97,6 +95,6 @@ class StaticOrthoPenalty(Penalty):
             return W.sum() * 0.0, {"penalty": 0.0, "weight": self.config.lambda_, "pairs": 0.0}
         mean_sq = sq / n_pairs
         val = self.config.lambda_ * mean_sq * (F * (F - 1) / F**2)
-        logs = {"penalty": float(val.detach()), "weight": float(self.config.lambda_),
-                "pairs": float(n_pairs // 2), "mean_cos2": float(mean_sq.detach())}
+        logs = {"penalty": val.detach(), "weight": float(self.config.lambda_),
+                "pairs": float(n_pairs // 2), "mean_cos2": mean_sq.detach()}
         return val, logs
