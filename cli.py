@@ -354,6 +354,10 @@ def train(
     save_unit_decoder: Annotated[bool, typer.Option(
         help="Save unit-norm decoder rows (scale moved into the encoder and the codes: SAELens' fold_W_dec_norm "
              "convention). Reconstructions are identical either way.")] = True,
+    read_workers: Annotated[int, typer.Option(help="Store decode threads (0 = one per CPU core); never changes "
+                                                   "the batches.")] = 0,
+    autocast: Annotated[str, typer.Option(help="none | bf16: the dense encoder GEMM in bfloat16 (parameters and "
+                                               "Adam state stay float32).")] = "none",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
@@ -367,7 +371,8 @@ def train(
                                 batch_size=batch_size, seed=seed, device=device, out=str(out) if out else None,
                                 log_every=log_every, checkpoint_every=checkpoint_every,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
-                                save_unit_decoder=save_unit_decoder, variant_params=_parse_params(param or []))
+                                save_unit_decoder=save_unit_decoder, variant_params=_parse_params(param or []),
+                                read_workers=read_workers, autocast=autocast)
     if jumprelu_variant is not None:
         if (arch or "") != "jumprelu" and config is None:
             raise ConfigError("--jumprelu-variant needs --arch jumprelu")
@@ -518,6 +523,8 @@ def sweep(
     checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
     resume: Annotated[bool, typer.Option(help="Continue killed runs from their checkpoints.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace existing run directories of ours (atomically).")] = False,
+    read_workers: Annotated[int, typer.Option(help="Store decode threads (0 = one per CPU core).")] = 0,
+    autocast: Annotated[str, typer.Option(help="none | bf16 (see `sae train --help`).")] = "none",
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train many configurations from ONE pass over the store, then print a summary table."""
@@ -534,7 +541,8 @@ def sweep(
     opts: dict[str, Any] = dict(store=store, storage_options=parse_storage_options(storage_option), cache=cache,
                                 hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr,
                                 tokens=tokens, batch_size=batch_size, seed=seed, device=device,
-                                checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite)
+                                checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
+                                read_workers=read_workers, autocast=autocast)
     tables: dict[str, dict] = {}
     if config is not None:
         names = {"hook": "hook_name", "storage_option": "storage_options"}

@@ -15,20 +15,20 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from sae.store import ActivationStore, ShuffledBatches
 from sae.train.config import TrainConfig
 from sae.train.run import train, train_many
 
 _read_bytes = {"n": 0}
-_real_load = ShuffledBatches._load_window
+_real_assemble = ShuffledBatches._assemble
 
 
-def _counting_load(self: ShuffledBatches, epoch: int, w: int):
-    x = _real_load(self, epoch, w)
-    rows = sum(int(self.store.chunk_bounds(int(c))[1] - self.store.chunk_bounds(int(c))[0])
-               for c in self._windows(epoch)[w])
-    _read_bytes["n"] += rows * self.store.d_model * 2  # bf16 rows decoded from the store
-    return x
+def _counting_assemble(self: ShuffledBatches, epoch: int, w: int, parts):
+    itemsize = np.dtype(self.store.codec.storage_dtype).itemsize
+    _read_bytes["n"] += sum(p[0].numel() * itemsize for p in parts)  # stored bytes decoded
+    return _real_assemble(self, epoch, w, parts)
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=81_920)
     ap.add_argument("--batch-size", type=int, default=4096)
     a = ap.parse_args()
-    ShuffledBatches._load_window = _counting_load  # type: ignore[method-assign]
+    ShuffledBatches._assemble = _counting_assemble  # type: ignore[method-assign]
     ks = [16, 24, 32, 48][: a.configs]
     s = ActivationStore(a.store)
     print(f"store {a.store}: {s.n_tokens:,} tokens, {s.attrs['codec']} {s.attrs['dtype']}; "

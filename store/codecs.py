@@ -95,11 +95,23 @@ class CodecSpec:
 
     def decode(self, stored: np.ndarray, scale: np.ndarray | None = None) -> torch.Tensor:
         """Inverse of :meth:`encode` → float32 tensor ``[rows, d]``."""
+        return self.dequantize(*self.as_tensors(stored, scale))
+
+    def as_tensors(self, stored: np.ndarray, scale: np.ndarray | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The stored bytes as tensors without converting them: ``(raw [rows, d], scale [rows] | None)``
+        with ``raw`` int8 (int8), uint8 (fp8 bit patterns), bfloat16, float16 or float32. The loader
+        ships these to the GPU (1–2 bytes per value instead of 4) and calls :meth:`dequantize` there."""
+        raw = torch.from_numpy(np.ascontiguousarray(stored))
+        if self.dtype == "bfloat16" and not self.has_scale:
+            raw = raw.view(torch.int16).view(torch.bfloat16)
+        return raw, (torch.from_numpy(np.asarray(scale, dtype=np.float32)) if self.has_scale else None)
+
+    def dequantize(self, raw: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``raw`` (from :meth:`as_tensors`, on any device) → float32 ``[rows, d]`` on that device.
+        Elementwise, so the result is bit-identical on CPU and GPU and commutes with a row shuffle."""
         if self.name == "int8":
-            return torch.from_numpy(stored).float() * torch.from_numpy(np.asarray(scale))[:, None]
+            return raw.float() * scale[:, None]
         if self.name == "fp8":
-            v = torch.from_numpy(stored).view(torch.float8_e4m3fn).float()
-            return v * torch.from_numpy(np.asarray(scale))[:, None]
-        if self.dtype == "bfloat16":
-            return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16).float()
-        return torch.from_numpy(stored).float()
+            return raw.view(torch.float8_e4m3fn).float() * scale[:, None]
+        return raw.float()

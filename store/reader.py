@@ -225,6 +225,11 @@ class ActivationStore:
 
     def read_rows(self, hook_name: str, start: int, stop: int) -> torch.Tensor:
         """Decode rows ``[start, stop)`` → float32 ``[stop - start, d_model]`` (raw units)."""
+        return self.codec.dequantize(*self.read_rows_stored(hook_name, start, stop))
+
+    def read_rows_stored(self, hook_name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows ``[start, stop)`` decompressed but not converted: ``(raw, scale)`` of
+        :meth:`CodecSpec.as_tensors` (finish with ``self.codec.dequantize``, on any device)."""
         try:
             stored = np.asarray(self.array(hook_name)[start:stop])
             scale = (np.asarray(self.array(scale_array_name(hook_name))[start:stop])
@@ -236,7 +241,7 @@ class ActivationStore:
             raise StoreError(f"corrupt chunk {chunk} of {self.path}/{hook_name} (rows {start}:{stop}; "
                              f"{e.__class__.__name__}): run `sae store verify {self.path}`, then restore or "
                              "re-harvest the store") from None
-        return self.codec.decode(stored, scale)
+        return self.codec.as_tensors(stored, scale)
 
     def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
         """Decoded chunk ``i`` → float32 ``[rows, d_model]``."""

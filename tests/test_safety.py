@@ -229,8 +229,8 @@ def _stop_at(monkeypatch, step: int, how: str) -> None:
     """Make the ``step``-th optimiser step send SIGTERM to this process (``how='signal'``) or die."""
     real = Trainer.step
 
-    def step_fn(self, x):
-        out = real(self, x)
+    def step_fn(self, x, sync=True):
+        out = real(self, x, sync)
         if self.step_idx == step:
             if how == "signal":
                 os.kill(os.getpid(), signal.SIGTERM)

@@ -161,3 +161,124 @@ def test_auxk_capacity_overflow_is_flagged_and_uses_the_stalest() -> None:
     pre = (x_c @ tr.sae.W_enc + tr.sae.b_enc).detach()
     _, overflow = tr._auxk(x, x, pre, dead, x.pow(2).sum())
     assert bool(overflow)
+
+
+# -- the loader: parallel decode, stored-form shuffle, device dequantisation -----------------------
+def _stream(store_path: Path, n: int = 6, **kw) -> list[torch.Tensor]:
+    from sae.store import ActivationStore, ShuffledBatches
+
+    s = ActivationStore(store_path)
+    loader = ShuffledBatches(s, s.hook_names[0], 300, seed=3, mix_chunks=2, scale=0.5, **kw)
+    it = iter(loader)
+    out = [next(it).clone() for _ in range(n)]
+    it.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def codec_stores(tmp_path_factory) -> dict[str, Path]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6000, 24, generator=g) * 3
+    root = tmp_path_factory.mktemp("codecs")
+    return {f"{c}-{d}": write_store(root / f"{c}-{d}.zarr", x, chunk_tokens=512, codec=c, dtype=d)
+            for c, d in (("zstd", "float32"), ("zstd", "bfloat16"), ("int8", "float32"), ("fp8", "float32"))}
+
+
+@pytest.mark.parametrize("codec", ["zstd-float32", "zstd-bfloat16", "int8-float32", "fp8-float32"])
+def test_stream_is_identical_for_any_number_of_decode_threads(codec_stores, codec: str) -> None:
+    path = codec_stores[codec]
+    ref = _stream(path, read_workers=1, prefetch=1)
+    for workers, prefetch in ((2, 2), (7, 3)):
+        got = _stream(path, read_workers=workers, prefetch=prefetch)
+        assert all(torch.equal(a, b) for a, b in zip(ref, got, strict=True)), (workers, prefetch)
+
+
+def test_stored_form_shuffle_then_dequantise_equals_the_cpu_path(codec_stores) -> None:
+    """What the CUDA path does (shuffle int8/fp8 codes + scales or bf16 bits, dequantise after),
+    run on the CPU: bit-identical to dequantising each chunk first."""
+    from sae.store import ActivationStore, ShuffledBatches
+
+    for path in codec_stores.values():
+        s = ActivationStore(path)
+        a = ShuffledBatches(s, s.hook_names[0], 300, seed=3, mix_chunks=2, scale=0.5)
+        b = ShuffledBatches(s, s.hook_names[0], 300, seed=3, mix_chunks=2, scale=0.5)
+        b.dequantize_late = True
+        ia, ib = iter(a), iter(b)
+        for _ in range(8):
+            assert torch.equal(next(ia), next(ib)), path.name
+        ia.close()
+        ib.close()
+        if s.codec.name in ("int8", "fp8") or s.codec.dtype == "bfloat16":
+            assert 0 < b.bytes_read < a.bytes_read  # 1–2 bytes per value (+ 4 per row) instead of 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_stream_matches_cpu_and_never_syncs(codec_stores) -> None:
+    from sae.store import ActivationStore, ShuffledBatches
+
+    for path in codec_stores.values():
+        s = ActivationStore(path)
+        cpu = iter(ShuffledBatches(s, s.hook_names[0], 300, seed=3, mix_chunks=2, scale=0.5))
+        gpu = iter(ShuffledBatches(s, s.hook_names[0], 300, seed=3, mix_chunks=2, scale=0.5, device="cuda"))
+        first = next(gpu)  # the pipeline has started
+        assert first.is_cuda and torch.equal(first.cpu(), next(cpu))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = [next(gpu) for _ in range(6)]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for g in got:
+            assert torch.equal(g.cpu(), next(cpu)), path.name
+
+
+# -- precision -------------------------------------------------------------------------------------
+def test_autocast_bf16_runs_the_encoder_gemm_in_bf16_and_keeps_fp32_state() -> None:
+    from sae.train.sparse_ops import dense_pre_no_grad
+
+    g = torch.Generator().manual_seed(1)
+    x, W, b = torch.randn(64, 32, generator=g), torch.randn(32, 256, generator=g), torch.randn(256, generator=g)
+    exact = x.double() @ W.double() + b.double()
+    fp32 = dense_pre_no_grad(x, W, b).clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = dense_pre_no_grad(x, W, b).clone()
+    assert low.dtype == torch.float32
+    err32, err16 = (fp32.double() - exact).abs().max(), (low.double() - exact).abs().max()
+    assert err16 > 100 * err32  # really computed in bf16 ...
+    assert err16 < 0.02 * exact.abs().max()  # ... to bf16 precision
+
+    def train(autocast: str) -> tuple[Trainer, float]:
+        torch.manual_seed(0)
+        tr = _trainer(autocast=autocast)
+        data = torch.randn(4096, 8) @ torch.randn(8, 32)  # low-rank: learnable
+        logs = {}
+        for i in range(60):
+            logs = tr.step(data[(i * 128) % 4096:][:128], sync=i == 59)
+        return tr, logs["explained_variance"]
+
+    tr16, ev16 = train("bf16")
+    tr32, ev32 = train("none")
+    assert all(p.dtype == torch.float32 for p in tr16.sae.parameters())
+    assert all(v.dtype == torch.float32 for s in tr16.opt.state.values() for v in s.values() if v.is_floating_point())
+    assert ev32 > 0.4 and abs(ev16 - ev32) < 0.02, (ev16, ev32)
+    assert not torch.equal(tr16.sae.W_enc, tr32.sae.W_enc)  # bf16 changed the arithmetic
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("autocast", ["none", "bf16"])
+def test_cuda_topk_step_is_sync_free(autocast: str) -> None:
+    cfg = TrainConfig(d_sae=4096, k=32, batch_size=1024, dead_tokens=1000, autocast=autocast)
+    tr = Trainer(cfg, d_in=256, total_steps=50, device="cuda")
+    tr.tokens_since_fired[:300] = 10_000  # AuxK active
+    x = torch.randn(10, 1024, 256, device="cuda")
+    tr.step(x[0], sync=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(1, 10):
+            tr.step(x[i], sync=False)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    logs = tr.step(x[0], sync=True)
+    assert math.isfinite(logs["loss"]) and logs["auxk"] > 0

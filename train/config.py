@@ -13,7 +13,7 @@ from ..errors import ConfigError
 
 # Settings that do not change the trained weights: everything else must match for ``--resume``.
 NON_RUN_KEYS = ("store", "storage_options", "cache", "hook_name", "device", "out", "resume", "overwrite",
-                "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder")
+                "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder", "read_workers")
 
 
 @dataclass
@@ -63,6 +63,11 @@ class TrainConfig:
     dead_tokens: int = 200_000
     """A latent is dead when it has not fired for this many training tokens."""
     mix_chunks: int = 4
+    read_workers: int = 0
+    """Store decode threads (0 = ``os.cpu_count()``); never changes the batch stream."""
+    autocast: str = "none"
+    """``bf16``: the dense encoder GEMM (and AuxK's column GEMMs) in bfloat16 with fp32 accumulation;
+    parameters, Adam state, the sparse backward and the losses stay float32. ``none``: all float32."""
     normalize: bool = True
     """Scale inputs so that E‖x‖² = d_in (store statistics); folded into the saved weights."""
     seed: int = 0
@@ -180,6 +185,9 @@ class TrainConfig:
             integer("aux_k", self.aux_k)
         integer("dead_tokens", self.dead_tokens)
         integer("mix_chunks", self.mix_chunks)
+        integer("--read-workers", self.read_workers, 0)
+        if self.autocast not in ("none", "bf16"):
+            raise ConfigError(f"--autocast {self.autocast!r}: choose none or bf16")
         integer("--seed", self.seed, 0)
         if self.init_seed is not None:
             integer("--init-seed", self.init_seed, 0)

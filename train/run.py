@@ -273,7 +273,8 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
                          f"{store.mean_sq_norm(hook)}); re-harvest it")
     steps = first.tokens // first.batch_size
     loader = ShuffledBatches(store, hook, first.batch_size, seed=first.seed, mix_chunks=first.mix_chunks,
-                             start_row=0, scale=scale, device=device)  # raises before any run dir exists
+                             start_row=0, scale=scale, device=device,
+                             read_workers=first.read_workers)  # raises before any run dir exists
     runs: list[_Run] = []
     try:
         for c in cfgs:

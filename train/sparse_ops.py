@@ -39,9 +39,16 @@ def dense_pre_no_grad(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tenso
     """``pre = x_c W_enc + b_enc`` ``[batch, d_sae]`` without autograd, in one GEMM with the bias
     fused (into a per-thread reused buffer on CPU: valid only until the next call on this thread).
     The archs select latents from it; only the selected values then carry gradients
-    (:func:`gather_pre_acts`)."""
+    (:func:`gather_pre_acts`). Under ``torch.autocast`` (``--autocast bf16``) the GEMM runs in the
+    autocast dtype (fp32 accumulation) and ``pre`` is returned in ``x_c``'s dtype."""
+    out = _scratch(x_c.shape[0], W_enc.shape[1], x_c.dtype, x_c.device)
     with torch.no_grad():
-        return torch.addmm(b_enc, x_c, W_enc, out=_scratch(x_c.shape[0], W_enc.shape[1], x_c.dtype, x_c.device))
+        dev = x_c.device.type
+        if torch.is_autocast_enabled(dev):  # ``out=`` variants are not autocast: cast explicitly
+            dt = torch.get_autocast_dtype(dev)
+            low = torch.addmm(b_enc.to(dt), x_c.to(dt), W_enc.to(dt))
+            return out.copy_(low) if out is not None else low.to(x_c.dtype)
+        return torch.addmm(b_enc, x_c, W_enc, out=out)
 
 
 class GatherPreActs(torch.autograd.Function):

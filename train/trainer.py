@@ -103,17 +103,19 @@ class Trainer(nn.Module):
         x_c = x - sae.b_dec
         total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         dead = self.tokens_since_fired > self.cfg.dead_tokens
-        enc = self.arch.encode(sae, x_c, step, self.total_steps, dead)
-        codes, pre = enc.codes, enc.pre
-        loss, x_hat, logs = self.arch.reconstruction(sae, x, codes, total_var)
-        logs = {**logs, **enc.logs}
-        for term in enc.losses.values():
-            loss = loss + term
-        n_dead = dead.sum()
-        if self.arch.uses_auxk and pre is not None and self.aux_cap and self.cfg.aux_k_coefficient > 0:
-            aux, overflow = self._auxk(x, x - x_hat, pre, dead, total_var)
-            loss = loss + self.cfg.aux_k_coefficient * aux
-            logs["auxk"], logs["auxk_overflow"] = aux.detach(), overflow
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
+            enc = self.arch.encode(sae, x_c, step, self.total_steps, dead)
+            codes, pre = enc.codes, enc.pre
+            loss, x_hat, logs = self.arch.reconstruction(sae, x, codes, total_var)
+            logs = {**logs, **enc.logs}
+            for term in enc.losses.values():
+                loss = loss + term
+            n_dead = dead.sum()
+            if self.arch.uses_auxk and pre is not None and self.aux_cap and self.cfg.aux_k_coefficient > 0:
+                aux, overflow = self._auxk(x, x - x_hat, pre, dead, total_var)
+                loss = loss + self.cfg.aux_k_coefficient * aux
+                logs["auxk"], logs["auxk_overflow"] = aux.detach(), overflow
+        loss = loss.float()
         ctx = PenaltyContext(W_dec=sae.W_dec, codes=codes, step=step, total_steps=self.total_steps,
                              generator=step_generator(self.cfg.model_seed, step))
         pen, pen_logs = self.penalty(ctx)
