@@ -15,20 +15,19 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from sae.store import ActivationStore, ShuffledBatches
 from sae.train.config import TrainConfig
 from sae.train.run import train, train_many
 
 _read_bytes = {"n": 0}
-_real_assemble = ShuffledBatches._assemble
+_real_start = ShuffledBatches._start_window
 
 
-def _counting_assemble(self: ShuffledBatches, epoch: int, w: int, parts):
-    itemsize = np.dtype(self.store.codec.storage_dtype).itemsize
-    _read_bytes["n"] += sum(p[0].numel() * itemsize for p in parts)  # stored bytes decoded
-    return _real_assemble(self, epoch, w, parts)
+def _counting_start(self: ShuffledBatches, *args):
+    before = self.bytes_read
+    out = _real_start(self, *args)
+    _read_bytes["n"] += self.bytes_read - before  # stored bytes decoded for this window
+    return out
 
 
 def main() -> None:
@@ -38,7 +37,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=81_920)
     ap.add_argument("--batch-size", type=int, default=4096)
     a = ap.parse_args()
-    ShuffledBatches._assemble = _counting_assemble  # type: ignore[method-assign]
+    ShuffledBatches._start_window = _counting_start  # type: ignore[method-assign]
     ks = [16, 24, 32, 48][: a.configs]
     s = ActivationStore(a.store)
     print(f"store {a.store}: {s.n_tokens:,} tokens, {s.attrs['codec']} {s.attrs['dtype']}; "

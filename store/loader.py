@@ -72,7 +72,8 @@ class ShuffledBatches:
         self.prefetch = max(1, prefetch)
         self.read_workers = max(1, read_workers or default_read_workers())
         self.rows_consumed = start_row
-        self.bytes_read = 0  # decompressed bytes of the stored form (what crosses PCIe on CUDA)
+        self.bytes_read = 0  # decompressed bytes of the stored form read so far (windows started)
+        self.bytes_staged = 0  # bytes of the windows handed to the device (stored form on CUDA, else float32)
         tokens = store.tokens
         self._valid = [store.valid_mask(tokens[slice(*store.chunk_bounds(i))]) if exclude_special
                        else np.ones(np.subtract(*store.chunk_bounds(i)[::-1]), dtype=bool)
@@ -102,44 +103,82 @@ class ShuffledBatches:
             rem -= n
         raise AssertionError("unreachable: row beyond epoch")
 
-    def _read(self, c: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chunk ``c``'s valid rows in stored form ``(raw, row scale | None)``; dequantised here
-        already when training on the CPU (in the decode thread, in parallel)."""
-        raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(int(c)))
-        keep = self._valid_t[int(c)]
-        raw, sc = raw[keep], (sc[keep] if sc is not None else None)
-        if not self.dequantize_late:
-            return self.store.codec.dequantize(raw, sc), None
-        return raw, sc
+    def _start_window(self, epoch: int, w: int, pool: ThreadPoolExecutor
+                      ) -> tuple[torch.Tensor, torch.Tensor | None, list[Future]]:
+        """Start reading window ``w`` of ``epoch``: returns its output buffers and the chunk futures.
 
-    def _assemble(self, epoch: int, w: int, parts: list[tuple[torch.Tensor, torch.Tensor | None]]
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Concatenate a window's chunks and shuffle its rows (``default_rng([seed, epoch, w])``)."""
-        raw = torch.cat([p[0] for p in parts])
-        sc = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, w]).permutation(len(raw)))
-        self.bytes_read += raw.numel() * raw.element_size() + (sc.numel() * 4 if sc is not None else 0)
-        return raw[perm], (sc[perm] if sc is not None else None)
+        The window is ``cat(chunks' valid rows)[perm]`` with ``perm = default_rng([seed, epoch, w])
+        .permutation(n)``. Instead of concatenating and then gathering (two serial passes over the
+        window), every decode thread writes its chunk straight to the shuffled positions
+        (``out[inv[rows of the chunk]] = chunk``, ``inv = perm⁻¹``): the same values, and the work is
+        spread over the threads. On the CPU the chunk is dequantised and scaled first; for CUDA it
+        stays in its stored form (dequantised on the GPU)."""
+        chunks = [int(c) for c in self._windows(epoch)[w]]
+        sizes = [int(self._valid_t[c].sum()) for c in chunks]
+        n = sum(sizes)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, w]).permutation(n))
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        codec = self.store.codec
+        late = self.dequantize_late
+        raw_dtype = {"int8": torch.int8, "fp8": torch.uint8}.get(codec.name) or (
+            {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(codec.dtype, torch.float32))
+        pin = self.device.type == "cuda"  # staged in pinned memory: the H2D copy can be asynchronous
+        out = torch.empty(n, self.store.d_model, dtype=raw_dtype if late else torch.float32, pin_memory=pin)
+        sc_out = torch.empty(n, dtype=torch.float32, pin_memory=pin) if late and codec.has_scale else None
+        item = torch.empty((), dtype=raw_dtype).element_size()
+        self.bytes_read += n * self.store.d_model * item + (4 * n if codec.has_scale else 0)
+        self.bytes_staged += out.numel() * out.element_size() + (4 * n if sc_out is not None else 0)
+        self.store.check_unchanged()  # before reading: the store we opened
+        futs, off = [], 0
+        for c, m in zip(chunks, sizes, strict=True):
+            futs.append(pool.submit(self._read_into, c, inv[off:off + m], out, sc_out))
+            off += m
+        return out, sc_out, futs
+
+    def _read_into(self, c: int, dest: torch.Tensor, out: torch.Tensor, sc_out: torch.Tensor | None) -> None:
+        """Decode chunk ``c``'s valid rows into ``out[dest]`` (disjoint rows per chunk: thread-safe)."""
+        raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(c))
+        keep = self._valid_t[c]
+        raw, sc = raw[keep], (sc[keep] if sc is not None else None)  # copies: ours to modify
+        if self.dequantize_late:
+            out.index_copy_(0, dest, raw)
+            if sc_out is not None:
+                sc_out.index_copy_(0, dest, sc)
+            return
+        x = self.store.codec.dequantize(raw, sc)
+        out.index_copy_(0, dest, x.mul_(self.scale) if self.scale != 1.0 else x)
+
+    def _finish_window(self, out: torch.Tensor, sc_out: torch.Tensor | None, futs: list[Future]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        for f in futs:
+            f.result()  # raises a chunk's error (e.g. corruption) here
+        self.store.check_unchanged()  # unchanged after: every chunk came from the store we opened
+        return out, sc_out
 
     def _load_window(self, epoch: int, w: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
-        """Window ``w`` of ``epoch`` as float32 ``scale * x`` on the CPU (the reference path)."""
-        chunks = self._windows(epoch)[w]
-        self.store.check_unchanged()
-        parts = list(pool.map(self._read, chunks)) if pool is not None else [self._read(c) for c in chunks]
-        self.store.check_unchanged()
-        raw, sc = self._assemble(epoch, w, parts)
+        """Window ``w`` of ``epoch`` as float32 ``scale * x`` on the CPU (synchronously)."""
+        own = pool is None
+        pool = pool or ThreadPoolExecutor(1)
+        try:
+            raw, sc = self._finish_window(*self._start_window(epoch, w, pool))
+        finally:
+            if own:
+                pool.shutdown()
         return self._finish(raw, sc)
 
     def _finish(self, raw: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        """Dequantise (when still in stored form) and scale, in place: ``raw`` is the window's own copy."""
-        x = self.store.codec.dequantize(raw, sc) if self.dequantize_late else raw
+        """Dequantise and scale a window still in stored form (the late path); else it is final."""
+        if not self.dequantize_late:
+            return raw
+        x = self.store.codec.dequantize(raw, sc)  # ``raw`` is the window's own buffer: in place is safe
         return x.mul_(self.scale) if self.scale != 1.0 else x
 
     def _to_device(self, raw: torch.Tensor, sc: torch.Tensor | None, stream: torch.cuda.Stream
                    ) -> tuple[torch.Tensor, torch.cuda.Event]:
         """CUDA: pinned staging → non-blocking H2D on ``stream`` → dequantise + scale there."""
-        raw = raw.pin_memory()
-        sc = sc.pin_memory() if sc is not None else None
+        raw = raw if raw.is_pinned() else raw.pin_memory()
+        sc = sc if sc is None or sc.is_pinned() else sc.pin_memory()
         with torch.cuda.stream(stream):
             raw_d = raw.to(self.device, non_blocking=True)
             sc_d = sc.to(self.device, non_blocking=True) if sc is not None else None
@@ -158,20 +197,15 @@ class ShuffledBatches:
     def _producer(self, q: queue.Queue, stop: threading.Event, epoch: int, w: int) -> None:
         pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="store-read")
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        pending: deque[tuple[int, int, list[Future]]] = deque()
+        pending: deque[tuple[torch.Tensor, torch.Tensor | None, list[Future]]] = deque()
         positions = self._positions(epoch, w)
         # enough windows in flight to keep every decode thread busy, and at least prefetch + 1
         ahead = max(self.prefetch + 1, -(-self.read_workers // self.mix_chunks))
         try:
             while not stop.is_set():
                 while len(pending) < ahead:
-                    e, ww = next(positions)
-                    self.store.check_unchanged()  # before reading: the store we opened
-                    pending.append((e, ww, [pool.submit(self._read, c) for c in self._windows(e)[ww]]))
-                e, ww, futs = pending.popleft()
-                parts = [f.result() for f in futs]
-                self.store.check_unchanged()  # unchanged after: every chunk came from the store we opened
-                raw, sc = self._assemble(e, ww, parts)
+                    pending.append(self._start_window(*next(positions), pool))
+                raw, sc = self._finish_window(*pending.popleft())
                 item = self._to_device(raw, sc, stream) if stream is not None else (self._finish(raw, sc), None)
                 while not stop.is_set():
                     try:

@@ -37,13 +37,13 @@ def test_one_pass_sweep_equals_solo_runs_and_reads_once(store, tmp_path, monkeyp
     base = TrainConfig(store=str(store), d_sae=32, k=2, batch_size=256, tokens=256 * 12, log_every=3)
     cfgs = expand(base, ["topk", "relu"], parse_grid(["lr=1e-3,3e-3"]), tmp_path / "sweep")
     reads = {"n": 0}
-    real = run_mod.ShuffledBatches._assemble  # once per window read from the store
+    real = run_mod.ShuffledBatches._start_window  # once per window read from the store
 
     def counting(self, *a):
         reads["n"] += 1
         return real(self, *a)
 
-    monkeypatch.setattr(run_mod.ShuffledBatches, "_assemble", counting)
+    monkeypatch.setattr(run_mod.ShuffledBatches, "_start_window", counting)
     dirs = run_sweep(cfgs, quiet=True)
     sweep_reads = reads["n"]
     reads["n"] = 0

@@ -30,6 +30,7 @@ from ..progress import progress_bar
 from ..store import ActivationStore, ShuffledBatches, StoreError
 from .archs import arch_class, make_arch_config
 from .config import TrainConfig
+from .host_memory import keep_freed_memory
 from .sae import CFG_FILE, WEIGHTS_FILE
 from .trainer import Trainer
 
@@ -264,6 +265,8 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     if store.n_tokens == 0:
         raise StoreError(f"{store.path} holds no tokens: harvest into it again (`sae harvest --out {store.path}`)")
     device = resolve_device(first.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # ~13 % faster CPU steps (train/host_memory.py)
     for c in cfgs:
         d_sae = c.d_sae or c.expansion * store.d_model
         arch_class(c.activation).check(store.d_model, d_sae, c.k, make_arch_config(c.activation, c.arch_params))
