@@ -14,11 +14,12 @@ Parts (every number measured in this one run, side by side):
    in a few seconds; token ids only index the embedding, so the FLOPs are those of gemma-2-2b.
 2. **read**: the shuffled loader over the harvested store (bf16, Blosc-zstd) with 1, 2, 4 … N decode
    threads, tokens/s.
-3. **step**: one TopK training step (AuxK on, no dead latents) at ``d_in``, ``d_sae`` ∈ {16 384, 65 536},
-   ``k`` 64, ``B`` 4096, in tokens/s; its counted FLOPs (``2·B·d_in·d_sae`` for the encoder GEMM plus
-   ``10·B·k·d_in`` for the sparse encoder backward and the decoder forward/backward) per second, as a
-   fraction of the measured dense GEMM rate of the same ``[B, d_in] × [d_in, d_sae]`` product
-   ("executed-FLOP ratio"); fp32, and on CUDA also ``--autocast bf16`` against the bf16 GEMM rate.
+3. **step**: one TopK training step (no dead latents, then 10 % dead so AuxK runs) at ``d_in``,
+   ``d_sae`` ∈ {16 384, 65 536}, ``k`` 64, ``B`` 4096, in tokens/s; its counted FLOPs
+   (``2·B·d_in·d_sae`` for the encoder GEMM plus ``10·B·k·d_in`` for the sparse encoder backward
+   and the decoder forward/backward) per second, as a fraction of the measured dense GEMM rate of
+   the same ``[B, d_in] × [d_in, d_sae]`` product ("executed-FLOP ratio"); the AuxK cost as the
+   step time with 10 % dead latents ÷ without; fp32, and on CUDA also ``--autocast bf16`` against the bf16 GEMM rate.
 4. **sweep**: 8 TopK SAEs trained from one stream (``train_many``) vs the same 8 trained one after
    another: wall time, store bytes decoded, and the per-SAE throughput ratio.
 5. **read ÷ demand**: read rate at N threads ÷ the single-SAE training rate of part 3.
@@ -201,9 +202,21 @@ def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
             i = itertools.count()
             t = timed(lambda tr=tr, xs=xs, i=i: tr.step(xs[next(i) % 2], sync=False), s["step_repeats"], dev, warmup=2)
             rate = gemm_rate(B, D, F, torch.bfloat16 if mode == "bf16" else torch.float32, dev)
+            n_dead = F // 10
+            tr.cfg.dead_tokens = 10**12
+
+            def dead_step(tr=tr, xs=xs, i=i, n_dead=n_dead) -> None:  # 10 % of the latents dead: AuxK on
+                tr.tokens_since_fired.zero_()
+                tr.tokens_since_fired[:n_dead] = 2 * 10**12
+                tr.step(xs[next(i) % 2], sync=False)
+
+            tr.tokens_since_fired[:n_dead] = 2 * 10**12
+            tr.refresh_aux_capacity()
+            t_dead = timed(dead_step, s["step_repeats"], dev, warmup=1)
             rows.append({"d_in": D, "d_sae": F, "k": k, "batch": B, "autocast": mode, "step_s": t,
                          "tokens_per_s": B / t, "flops_per_s": step_flops(B, D, F, k) / t, "gemm_flops_per_s": rate,
-                         "executed_flop_ratio": step_flops(B, D, F, k) / t / rate})
+                         "executed_flop_ratio": step_flops(B, D, F, k) / t / rate,
+                         "step_s_10pct_dead": t_dead, "auxk_cost_ratio": t_dead / t})
             del tr
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -296,7 +309,8 @@ def main() -> None:
                       f"{row['autocast']}: {row['tokens_per_s']:,.0f} tokens/s, "
                       f"{row['flops_per_s'] / 1e9:,.1f} GFLOP/s "
                       f"= {row['executed_flop_ratio']:.2f} of the measured GEMM rate "
-                      f"({row['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s)")
+                      f"({row['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s); with 10 % dead latents (AuxK) "
+                      f"{row['auxk_cost_ratio']:.2f}x the step")
         if "read" in res and "step" in res:
             best = max(res["read"]["tokens_per_s"].values())
             res["read_over_demand"] = {f"{r['d_sae']}/{r['autocast']}": best / r["tokens_per_s"] for r in res["step"]}
