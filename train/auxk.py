@@ -33,11 +33,11 @@ import torch
 
 def capacity(n_dead: int, aux_k: int, d_sae: int) -> int:
     """Candidate columns for ``n_dead`` dead latents: 0 when none, else ``n_dead`` plus a margin of
-    ``max(64, n_dead / 4)`` for latents that die before the next resize, at least ``aux_k``, at
-    most ``d_sae``."""
+    ``max(64, n_dead / 4)`` for latents that die before the next resize, at most ``d_sae``. (When
+    ``n_dead < aux_k`` every dead latent is picked, so ``aux_k`` columns are never needed then.)"""
     if n_dead <= 0:
         return 0
-    return min(d_sae, max(aux_k, n_dead + max(64, n_dead // 4)))
+    return min(d_sae, n_dead + max(64, n_dead // 4))
 
 
 class _ColumnPreActs(torch.autograd.Function):
