@@ -192,7 +192,7 @@ def gemm_rate(B: int, d_in: int, d_sae: int, dtype: torch.dtype, dev: torch.devi
 
 
 def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
-    D, B, k = s["d_model"], s["batch"], s["k"]
+    D, B, k = s.get("step_d_in", s["d_model"]), s["batch"], s["k"]
     rows = []
     modes = ["none", "bf16"] if dev.type == "cuda" else ["none"]
     for F in s["d_sae"]:
@@ -263,8 +263,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved (bare, harvest) pairs")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: harvest,read,step,sweep")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--step-shape", default=None, help="D_IN,D_SAE,K,BATCH: time the step at this one shape "
+                                                         "(e.g. 640,5120,32,4096; the other parts still run)")
     a = ap.parse_args()
-    s = SMALL if a.small else FULL
+    s = dict(SMALL if a.small else FULL)
+    if a.step_shape:
+        d_in, d_sae, k, b = (int(v) for v in a.step_shape.split(","))
+        s.update(step_d_in=d_in, d_sae=[d_sae], k=k, batch=b)
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
     skip = {p.strip() for p in a.skip.split(",") if p.strip()}
