@@ -79,7 +79,8 @@ class ShuffledBatches:
                        else np.ones(np.subtract(*store.chunk_bounds(i)[::-1]), dtype=bool)
                        for i in range(store.n_chunks)]
         self._valid_t = [torch.from_numpy(v) for v in self._valid]
-        self.rows_per_epoch = int(sum(int(v.sum()) for v in self._valid))
+        self._n_valid = [int(v.sum()) for v in self._valid]
+        self.rows_per_epoch = sum(self._n_valid)
         if self.rows_per_epoch == 0:
             raise ValueError(f"{store.path} has no non-special rows to train on")
         self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
@@ -97,7 +98,7 @@ class ShuffledBatches:
         """Stream row → (epoch, window index, offset inside that window)."""
         epoch, rem = divmod(row, self.rows_per_epoch)
         for w, chunks in enumerate(self._windows(epoch)):
-            n = int(sum(int(self._valid[c].sum()) for c in chunks))
+            n = sum(self._n_valid[c] for c in chunks)
             if rem < n:
                 return epoch, w, rem
             rem -= n
@@ -114,7 +115,7 @@ class ShuffledBatches:
         spread over the threads. On the CPU the chunk is dequantised and scaled first; for CUDA it
         stays in its stored form (dequantised on the GPU)."""
         chunks = [int(c) for c in self._windows(epoch)[w]]
-        sizes = [int(self._valid_t[c].sum()) for c in chunks]
+        sizes = [self._n_valid[c] for c in chunks]
         n = sum(sizes)
         perm = torch.from_numpy(np.random.default_rng([self.seed, epoch, w]).permutation(n))
         inv = torch.empty_like(perm)
@@ -155,17 +156,6 @@ class ShuffledBatches:
             f.result()  # raises a chunk's error (e.g. corruption) here
         self.store.check_unchanged()  # unchanged after: every chunk came from the store we opened
         return out, sc_out
-
-    def _load_window(self, epoch: int, w: int, pool: ThreadPoolExecutor | None = None) -> torch.Tensor:
-        """Window ``w`` of ``epoch`` as float32 ``scale * x`` on the CPU (synchronously)."""
-        own = pool is None
-        pool = pool or ThreadPoolExecutor(1)
-        try:
-            raw, sc = self._finish_window(*self._start_window(epoch, w, pool))
-        finally:
-            if own:
-                pool.shutdown()
-        return self._finish(raw, sc)
 
     def _finish(self, raw: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
         """Dequantise and scale a window still in stored form (the late path); else it is final."""
