@@ -5,8 +5,9 @@ Schemes: a plain path or ``file://`` (local), ``s3://`` (``pip install 'sae[s3]'
 ``memory://`` (tests). Credentials and endpoints come the usual way (``AWS_*`` environment
 variables, ``~/.aws``, fsspec configuration) or from ``storage_options`` (the CLI's repeatable
 ``--storage-option KEY=VALUE``, e.g. ``endpoint_url=http://127.0.0.1:9000``). ``cache`` puts an
-fsspec ``simplecache`` in front of a remote store: each chunk object is downloaded once into that
-directory and read locally afterwards (a second epoch, a second run).
+fsspec ``simplecache`` (made safe for concurrent readers: :mod:`sae.store.cache`) in front of a
+remote store: each chunk object is downloaded once into that directory and read locally afterwards
+(a second epoch, a second run).
 """
 
 from __future__ import annotations
@@ -92,13 +93,13 @@ class StoreLocation:
     @cached_property
     def fs_root(self) -> tuple[Any, str]:
         """``(fsspec filesystem, root path inside it)`` (synchronous; with :attr:`cache`, an fsspec
-        ``simplecache`` over the remote one). Raises ``UnavailableError`` naming the extra to install
-        when the scheme's backend is missing."""
-        import fsspec
-
+        ``simplecache`` over the remote one, :class:`~sae.store.cache.AtomicSimpleCache`). Raises
+        ``UnavailableError`` naming the extra to install when the scheme's backend is missing."""
         fs, root = self.base_fs_root
         if self.cache:
-            fs = fsspec.filesystem("simplecache", fs=fs, cache_storage=str(self.cache), same_names=False)
+            from .cache import AtomicSimpleCache
+
+            fs = AtomicSimpleCache(fs=fs, cache_storage=str(self.cache), same_names=False)
         return fs, root
 
     @cached_property
