@@ -45,27 +45,48 @@ def _dense(codes: SparseCodes, d_sae: int) -> torch.Tensor:
 
 
 # -- BatchTopK ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("guess", [None, "low", "high", "exact"])
 @pytest.mark.parametrize("skew", [False, True])
-def test_batchtopk_selection_equals_the_flat_top_B_times_k(skew: bool) -> None:
+def test_batchtopk_selection_equals_the_flat_top_B_times_k(skew: bool, guess: str | None) -> None:
     g = torch.Generator().manual_seed(1)
     B, F, k = 96, 200, 5
     pre = torch.randn(B, F, generator=g)
-    if skew:  # a few tokens hold far more than 2k of the batch's top entries: forces the retry path
+    if skew:  # a few tokens hold far more than 2k of the batch's top entries
         pre[:3] += 4.0
-    idx, keep, tau = batch_topk_select(pre, k)
     # reference (Bussmann et al. 2024): keep the B·k largest entries of ReLU(pre) over the whole batch
     acts = pre.relu().flatten()
     top = acts.topk(B * k).indices
     ref = torch.zeros_like(acts, dtype=torch.bool)
     ref[top] = True
     ref = ref.view(B, F) & (pre > 0)
-    got = torch.zeros(B, F, dtype=torch.bool).scatter(1, idx, keep)
+    tau_ref = float(acts[top].min())
+    # the guess only sets the cost: too low (many candidates), too high (falls back), exact
+    lo = {None: None, "low": 0.1 * tau_ref, "high": 3 * tau_ref, "exact": tau_ref}[guess]
+    rows, lat, tau = batch_topk_select(pre, k, lo)
+    got = torch.zeros(B, F, dtype=torch.bool)
+    got[rows, lat] = True
     assert torch.equal(got, ref)
-    assert int(keep.sum()) == B * k and float(tau) == pytest.approx(float(acts[top].min()))
-    assert idx.shape[1] == int(ref.sum(1).max())  # padded only to the largest per-token count
+    assert rows.numel() == B * k and float(tau) == tau_ref
+    assert torch.equal(rows * F + lat, (rows * F + lat).sort().values)  # (token, latent) order: ragged form
+    codes = SparseCodes.ragged(rows, lat, pre[rows, lat], B)
+    assert codes.idx.shape[1] == int(ref.sum(1).max())  # its padded form: to the largest per-token count
+    assert torch.equal(codes.to_dense(F) > 0, ref) and torch.equal(_dense(codes, F) > 0, ref)
     counts = ref.sum(1)
     if skew:
         assert int(counts.max()) > 2 * k and int(counts.min()) < k  # per-token L0 varies
+
+
+def test_batchtopk_keeps_every_positive_entry_when_fewer_than_B_times_k_are_positive() -> None:
+    pre = -torch.rand(8, 50)
+    pre[0, :3] = torch.tensor([0.5, 0.2, 0.1])
+    pre[5, 7] = 0.3
+    rows, lat, tau = batch_topk_select(pre, 4)
+    assert rows.tolist() == [0, 0, 0, 5] and lat.tolist() == [0, 1, 2, 7] and float(tau) == 0.0
+    pre[1, 1] = pre[1, 2] = 0.3
+    pre[2, :3] = pre[3, 4] = 0.2  # positives 0.5, 0.3 ×3, 0.2 ×5, 0.1: the 8th largest is tied with two more
+    for guess in (None, 0.25, 0.01):
+        rows, lat, tau = batch_topk_select(pre, 1, guess)
+        assert float(tau) == pytest.approx(0.2) and rows.numel() == 9  # ties at τ are all kept
 
 
 def test_batchtopk_threshold_is_a_running_estimate_of_the_smallest_kept_activation() -> None:
@@ -199,19 +220,23 @@ def test_matryoshka_loss_sums_every_prefix_reconstruction() -> None:
     enc = arch.encode(sae, x - sae.b_dec, 0, 10, torch.zeros(F, dtype=torch.bool))
     loss, x_hat, logs = arch.reconstruction(sae, x, enc.codes, total_var)
     loss.backward()
-    W_dec = sae.W_dec.detach().clone().requires_grad_()
-    f = _dense(enc.codes, F).detach()
+    # dense reference in float64: the same selected entries (a fixed mask), every gradient
+    W_enc, b_enc, W_dec, b_dec = (p.detach().double().clone().requires_grad_()
+                                  for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec))
+    mask = (_dense(enc.codes, F) > 0).detach()
+    f = ((x.double() - b_dec) @ W_enc + b_enc).relu() * mask
     ref, per = 0.0, []
     for m in (6, 12, 24, 48):  # Bussmann et al. 2025: Σ_m ‖x − f_{:m} W_dec[:m] − b_dec‖²
-        fvu = (x - (f[:, :m] @ W_dec[:m] + sae.b_dec.detach())).pow(2).sum() / total_var
+        fvu = (x.double() - (f[:, :m] @ W_dec[:m] + b_dec)).pow(2).sum() / total_var.double()
         per.append(float(fvu.detach()))
         ref = ref + fvu
     ref.backward()
     assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-5)
     assert [logs[f"fvu_prefix_{m}"] for m in (6, 12, 24, 48)] == pytest.approx(per, rel=1e-5)
     assert logs["fvu"] == pytest.approx(per[-1], rel=1e-5)
-    assert torch.allclose(sae.W_dec.grad, W_dec.grad, atol=1e-6)
-    assert torch.allclose(x_hat, f @ sae.W_dec.detach() + sae.b_dec.detach(), atol=1e-5)
+    for got, want in ((sae.W_dec, W_dec), (sae.b_dec, b_dec), (sae.W_enc, W_enc), (sae.b_enc, b_enc)):
+        assert torch.allclose(got.grad.double(), want.grad, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(x_hat.double(), f.detach() @ W_dec.detach() + b_dec.detach(), atol=1e-5)
 
 
 @pytest.mark.parametrize("groups,err", [("32,8", "strictly increasing"), ("0.5,2.5", "fractions"),
@@ -346,9 +371,9 @@ def test_cofiring_sets_of_heavy_tailed_variable_count_codes_are_exact() -> None:
     B, F = 200, 600
     pre = torch.randn(B, F, generator=g)
     pre[:2] += 3.0  # two heavy tokens
-    idx, keep, _ = batch_topk_select(pre, 4)
-    vals = pre.gather(1, idx).relu() * keep
-    codes = SparseCodes(vals, idx, live=keep)
+    rows, lat, _ = batch_topk_select(pre, 4)
+    codes = SparseCodes.ragged(rows, lat, pre[rows, lat].relu(), B)
+    keep, idx = codes.live, codes.idx
     assert _row_buckets(keep) is not None and idx.shape[1] > 100
     f = _dense(codes, F)
     on = (f > 0).double()

@@ -10,14 +10,13 @@ This class is the *inference* SAE: the three saved forms (SAELens ``architecture
 the business of ``train/archs``; BatchTopK and Matryoshka SAEs are saved as JumpReLU, as SAELens
 and dictionary_learning do.
 
-Sparse codes are carried as ``(vals, idx)`` pairs ``[batch, K]``: the decoder then costs
-``batch·K·d_in`` instead of ``batch·d_sae·d_in`` (``embedding_bag``).
+Sparse codes (:class:`~sae.train.codes.SparseCodes`: padded ``[batch, K]`` or ragged entries)
+make the decoder cost ``n_entries·d_in`` instead of ``batch·d_sae·d_in`` (``embedding_bag``).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,32 +26,12 @@ from torch import nn
 
 from ..errors import SAELoadError
 from ..interop.canonical import Canonical
+from .codes import SparseCodes
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 ACTIVATIONS = ("topk", "relu", "jumprelu")
 SAVED_ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
-
-
-@dataclass
-class SparseCodes:
-    """Sparse latent codes: ``vals [batch, K]`` (0 = inactive slot), ``idx [batch, K]`` (long).
-
-    A variable number of active latents per token is carried as padding slots of value 0 (``K`` =
-    the largest count in the batch). ``live`` ``[batch, K]`` bool (optional) marks the slots that
-    carry a value or need a gradient (active ones, and JumpReLU's kernel band); the decoder then
-    skips the others, so a few tokens with hundreds of active latents do not make every token pay
-    for ``K`` slots.
-    """
-
-    vals: torch.Tensor
-    idx: torch.Tensor
-    live: torch.Tensor | None = None
-
-    def to_dense(self, d_sae: int) -> torch.Tensor:
-        """``[batch, d_sae]`` dense codes."""
-        out = self.vals.new_zeros(self.vals.shape[0], d_sae)
-        return out.scatter_add(1, self.idx, self.vals)
 
 
 class SAE(nn.Module):
@@ -142,14 +121,13 @@ class SAE(nn.Module):
         return self.encode_sparse(x).to_dense(self.d_sae)
 
     def decode_sparse(self, codes: SparseCodes, bias: bool = True) -> torch.Tensor:
-        """``x̂ = Σ_j vals_j W_dec[idx_j] (+ b_dec)`` → ``[batch, d_in]``. With ``codes.live``, only
-        the live slots are decoded (one ragged ``embedding_bag``; same result and gradients)."""
-        if codes.live is not None:
-            live = codes.live
-            counts = live.sum(1)
-            offsets = counts.cumsum(0) - counts
-            out = F.embedding_bag(codes.idx[live], self.W_dec, offsets, per_sample_weights=codes.vals[live],
-                                  mode="sum")
+        """``x̂ = Σ_j vals_j W_dec[idx_j] (+ b_dec)`` → ``[batch, d_in]``. Variable-count codes
+        (ragged, or padded with ``live``) are decoded from their flat entries: one ragged
+        ``embedding_bag``, same result and gradients, cost ``n_entries·d_in``."""
+        if codes.variable:
+            rows, lat, v = codes.entries()
+            counts = torch.bincount(rows, minlength=codes.batch)
+            out = F.embedding_bag(lat, self.W_dec, counts.cumsum(0) - counts, per_sample_weights=v, mode="sum")
             return out + self.b_dec if bias else out
         out = F.embedding_bag(codes.idx, self.W_dec, per_sample_weights=codes.vals, mode="sum")
         return out + self.b_dec if bias else out

@@ -122,7 +122,7 @@ class Trainer(nn.Module):
         loss = loss + pen
         logs.update({f"penalty/{k}": v for k, v in pen_logs.items()})
         logs["loss"] = loss.detach()
-        logs["l0"] = (codes.vals > 0).sum(-1).float().mean()
+        logs["l0"] = codes.n_active().float() / codes.batch
         logs["dead_fraction"] = n_dead / sae.d_sae
         return loss, logs, codes
 
@@ -168,8 +168,8 @@ class Trainer(nn.Module):
         self.sae.normalize_decoder_()
         self.arch.after_step(self.sae)
         with torch.no_grad():  # a latent fired if any token gave it a value > 0 (scatter: no sync)
-            hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(
-                0, codes.idx.reshape(-1), (codes.vals > 0).reshape(-1).to(torch.int64))
+            _rows, lat, v = codes.entries()
+            hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(0, lat, (v.detach() > 0).to(torch.int64))
             self.tokens_since_fired.add_(x.shape[0]).masked_fill_(hits > 0, 0)
         self.step_idx += 1
         logs["lr"] = lr

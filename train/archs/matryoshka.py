@@ -55,6 +55,44 @@ def parse_widths(groups: str, d_sae: int) -> list[int]:
     return widths
 
 
+class PrefixSquaredErrors(torch.autograd.Function):
+    """``E_g = Σ_b ‖y_b − Σ_{h ≤ g} P_bh‖²`` for every g, from the per-group partial decodes
+    ``P [B, G, d]`` and the target ``y = x − b_dec [B, d]``; returns ``(E [G], r_{G−1} [B, d])``
+    (the last residual, no gradient).
+
+    Forward: one residual buffer, ``r_g = r_{g−1} − P_g``. Backward (with upstream ``w_g``):
+    ``∂/∂P_h = −2 Σ_{g ≥ h} w_g r_g`` and ``∂/∂y = 2 Σ_g w_g r_g``, accumulated from the last group
+    down while re-deriving ``r_{g−1} = r_g + P_g``. Same value and gradients as autograd through
+    ``cumsum`` over ``[B, G, d]``, with no ``[B, G, d]`` temporaries besides the gradient itself
+    (at B 4096, d_in 640, 5 groups on 2 CPU cores: the step went from 1.86× to 1.28× TopK's).
+    """
+
+    @staticmethod
+    def forward(ctx, parts, y):  # type: ignore[override]
+        r = y.clone()
+        out = parts.new_empty(parts.shape[1])
+        for g in range(parts.shape[1]):
+            r.sub_(parts[:, g])
+            flat = r.reshape(-1)
+            out[g] = torch.dot(flat, flat)
+        ctx.save_for_backward(parts, r)
+        ctx.mark_non_differentiable(r)
+        return out, r
+
+    @staticmethod
+    def backward(ctx, w, _g_r):  # type: ignore[override]
+        parts, r = ctx.saved_tensors
+        grad = torch.empty_like(parts)
+        acc = torch.zeros_like(r)
+        cur = r.clone()
+        for g in reversed(range(parts.shape[1])):
+            acc.addcmul_(cur, w[g])
+            grad[:, g].copy_(acc).mul_(-2)
+            if g:
+                cur.add_(parts[:, g])
+        return grad, acc.mul_(2)
+
+
 @register
 class Matryoshka(BatchTopK):
     name = "matryoshka"
@@ -80,26 +118,24 @@ class Matryoshka(BatchTopK):
 
     def reconstruction(self, sae: SAE, x: torch.Tensor, codes: SparseCodes,
                        total_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        """Σ_g FVU of prefix g. One ``embedding_bag`` over the slots sorted by group (bag = one
-        token's slots in one group) gives every group's partial decode ``[B, G, d_in]``; their
-        cumulative sum is every prefix's reconstruction (the decoder cost of one full decode)."""
-        B, K = codes.idx.shape
-        G = len(self.widths)
-        dev = codes.idx.device
-        bounds = torch.tensor(self.widths, device=dev)
-        live = codes.live if codes.live is not None else torch.ones_like(codes.idx, dtype=torch.bool)
-        rows = torch.arange(B, device=dev)[:, None].expand(B, K)[live]
-        group = torch.bucketize(codes.idx[live], bounds, right=True)  # slot's group: i < m_0 → 0, ...
-        bag = rows * G + group                                          # one bag per (token, group)
+        """Σ_g FVU of prefix g. One ``embedding_bag`` over the entries sorted by group (bag = one
+        token's entries in one group) gives every group's partial decode ``[B, G, d_in]`` (the
+        decoder cost of one full decode); :class:`PrefixSquaredErrors` sums each prefix's squared
+        error from them. The returned ``x̂`` (the full SAE's) carries no gradient."""
+        B, G = codes.batch, len(self.widths)
+        rows, lat, v = codes.entries()
+        bounds = torch.tensor(self.widths, device=lat.device)
+        group = torch.bucketize(lat, bounds, right=True)  # entry's group: i < m_0 → 0, ...
+        bag = rows * G + group                            # one bag per (token, group)
         order = torch.argsort(bag, stable=True)
         counts = torch.bincount(bag, minlength=B * G)
-        parts = F.embedding_bag(codes.idx[live][order], sae.W_dec, counts.cumsum(0) - counts, mode="sum",
-                                per_sample_weights=codes.vals[live][order]).view(B, G, -1)
-        prefix = parts.cumsum(1) + sae.b_dec                    # [B, G, d_in]: x̂ of each prefix
-        fvu = (x[:, None, :] - prefix).pow(2).sum((0, 2)) / total_var  # [G]
+        parts = F.embedding_bag(lat[order], sae.W_dec, counts.cumsum(0) - counts, mode="sum",
+                                per_sample_weights=v[order]).view(B, G, -1)
+        sq, r_last = PrefixSquaredErrors.apply(parts, x - sae.b_dec)
+        fvu = sq / total_var  # [G]
         logs: dict[str, Any] = {f"fvu_prefix_{m}": v for m, v in zip(self.widths, fvu.detach().unbind(), strict=True)}
         logs["fvu"] = logs[f"fvu_prefix_{self.widths[-1]}"]
-        return fvu.sum(), prefix[:, -1], logs
+        return fvu.sum(), x - r_last, logs
 
     def inference(self) -> Inference:
         out = super().inference()

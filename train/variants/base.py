@@ -46,7 +46,7 @@ class PenaltyContext:
 
     @property
     def n_tokens(self) -> int:
-        return int(self.codes.idx.shape[0])
+        return self.codes.batch
 
     @property
     def d_sae(self) -> int:
