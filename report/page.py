@@ -41,6 +41,7 @@ from .figures import (
     run_colors,
 )
 from .runs import NOT_EVALUATED, RunInfo, load_run, metric_value, resolve_run_dirs, unique_labels
+from .seeds import difference_table_markdown, grouped, seed_table_markdown
 from .tables import (
     all_metrics_section,
     figure_html,
@@ -191,6 +192,12 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
     all_html, flat = all_metrics_section(runs)
     write_csv(out / "metrics.csv", runs, flat)
     (out / "headline.md").write_text(headline_markdown([r.path for r in runs]) if runs else "")
+    paths = [r.path for r in runs]
+    if any(len(g) > 1 for g in grouped(paths).values()):  # seeds of one configuration: mean ± 95 % t
+        (out / "seeds.md").write_text(
+            "Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from topk "
+            "excludes 0.\n\n" + seed_table_markdown(paths) + "\nDifferences from topk (95 % Welch; * = "
+            "excludes 0):\n\n" + difference_table_markdown(paths))
     sections.append(("metrics", "All evaluation metrics",
                      all_html + '<p class="note">Also in <a href="metrics.csv">metrics.csv</a>.</p>'))
 

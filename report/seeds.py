@@ -1,0 +1,142 @@
+"""Seed-aggregated results: runs that differ only in their initialisation seed (``sae sweep --seeds``
+names them ``<config>-init_seed=<n>``) become one row, mean ± the 95 % t-interval over the seeds.
+
+Each configuration is also compared with a baseline configuration (default ``topk``): the 95 %
+Welch interval of the difference of means (Welch–Satterthwaite degrees of freedom). A cell is marked
+``▲``/``▼`` only when that interval excludes 0 — the rule the docs use to call a difference a
+result; every unmarked difference is a hint at most. The seeds share the data order and the
+held-out set, so these intervals measure initialisation noise only; the core result files also
+carry a document-bootstrap interval for the held-out sample (shown separately).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from scipy import stats
+
+from .runs import RunInfo, absorption_value, load_run, metric_value, resolve_run_dirs
+
+SEED_RE = re.compile(r"(^|-)init_seed=(\d+)")
+
+METRICS: tuple[tuple[str, str, str | None, str], ...] = (
+    # (column, eval, category, metric); "absorption" is resolved by absorption_value
+    ("L0", "core", None, "l0"),
+    ("expl. var.", "core", None, "explained_variance"),
+    ("CE score", "core", None, "ce_loss_score"),
+    ("KL score", "core", None, "kl_div_score"),
+    ("mean max cos", "geometry", "decoder", "mean_max_cos"),
+    ("median κ (k-means)", "geometry", "groups", "median_kappa"),
+    ("probe top-1", "sparse_probing", None, "sae_top_1_test_accuracy"),
+    ("absorption", "absorption", None, "absorption"),
+    ("SCR (thr 20)", "scr", None, "scr_metric_threshold_20"),
+    ("TPP (thr 20)", "tpp", None, "tpp_threshold_20_total_metric"),
+)
+
+
+def config_of(run_dir: Path) -> tuple[str, int | None]:
+    """``(configuration label, seed)`` from a run directory's name (seed None when it has none)."""
+    m = SEED_RE.search(run_dir.name)
+    if not m:
+        return run_dir.name, None
+    label = (run_dir.name[:m.start()] + run_dir.name[m.end():]).strip("-")
+    return label or run_dir.name, int(m.group(2))
+
+
+def t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """``(mean, half-width)`` of the 95 % Student-t interval; half-width NaN for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """``(mean(a) − mean(b), half-width)`` of the 95 % Welch interval (NaN with < 2 values per side;
+    0 when both sides have no spread)."""
+    na, nb = len(a), len(b)
+    if na < 2 or nb < 2:
+        return sum(a) / na - sum(b) / nb, math.nan
+    ma, mb = sum(a) / na, sum(b) / nb
+    va = sum((v - ma) ** 2 for v in a) / (na - 1) / na
+    vb = sum((v - mb) ** 2 for v in b) / (nb - 1) / nb
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return ma - mb, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    return ma - mb, float(stats.t.ppf(0.975, df)) * se
+
+
+def _value(run: RunInfo, eval_id: str, category: str | None, name: str) -> float | None:
+    v = absorption_value(run)[1] if name == "absorption" else metric_value(run, eval_id, category, name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def grouped(run_dirs: Sequence[str | Path]) -> dict[str, list[RunInfo]]:
+    """Runs grouped by configuration (name without its seed), in first-seen order."""
+    out: dict[str, list[RunInfo]] = {}
+    for d in resolve_run_dirs(run_dirs):
+        out.setdefault(config_of(d)[0], []).append(load_run(d))
+    return out
+
+
+def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", digits: int = 4) -> str:
+    """A markdown table: one row per configuration, ``mean ± half-width`` (95 % t over seeds) per
+    metric, ``▲``/``▼`` where the Welch interval of the difference from ``baseline`` excludes 0.
+    Metrics no run of the table has are left out."""
+    groups = grouped(run_dirs)
+    cols = [(title, e, c, n) for title, e, c, n in METRICS
+            if any(_value(r, e, c, n) is not None for runs in groups.values() for r in runs)]
+    base = groups.get(baseline)
+    header = ["configuration", "seeds", *[c[0] for c in cols]]
+    lines = ["| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * len(cols)]
+    for label, runs in groups.items():
+        cells = [label, str(len(runs))]
+        for _title, e, c, n in cols:
+            vals = [v for v in (_value(r, e, c, n) for r in runs) if v is not None]
+            if not vals:
+                cells.append("–")
+                continue
+            mean, half = t_interval(vals)
+            cell = f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+            if base is not None and label != baseline:
+                bvals = [v for v in (_value(r, e, c, n) for r in base) if v is not None]
+                if bvals:
+                    d, h = welch_interval(vals, bvals)
+                    if not math.isnan(h) and abs(d) > h:
+                        cell += " ▲" if d > 0 else " ▼"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def difference_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", digits: int = 4) -> str:
+    """Each configuration's difference from ``baseline``: ``Δ ± half-width`` (95 % Welch), per metric."""
+    groups = grouped(run_dirs)
+    base = groups.get(baseline)
+    if base is None:
+        return ""
+    cols = [(title, e, c, n) for title, e, c, n in METRICS
+            if any(_value(r, e, c, n) is not None for r in base)]
+    lines = ["| configuration | " + " | ".join(f"Δ {c[0]}" for c in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
+    for label, runs in groups.items():
+        if label == baseline:
+            continue
+        cells = [label]
+        for _title, e, c, n in cols:
+            vals = [v for v in (_value(r, e, c, n) for r in runs) if v is not None]
+            bvals = [v for v in (_value(r, e, c, n) for r in base) if v is not None]
+            if not vals or not bvals:
+                cells.append("–")
+                continue
+            d, h = welch_interval(vals, bvals)
+            cells.append(f"{d:+.{digits}f}" + ("" if math.isnan(h) else f" ± {h:.{digits}f}")
+                         + (" *" if not math.isnan(h) and abs(d) > h else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,59 @@
+"""Seed-aggregated tables: t-intervals over seeds, Welch intervals of differences, markers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sae.evaluate.results import write_result
+from sae.report.seeds import config_of, difference_table_markdown, seed_table_markdown, t_interval, welch_interval
+
+
+def test_t_interval_matches_the_textbook_formula() -> None:
+    vals = [0.80, 0.83, 0.86]
+    mean, half = t_interval(vals)
+    # mean ± t_{0.975, n−1} · s / √n with t_{0.975, 2} = 4.302652729911275 (tables)
+    s = math.sqrt(((0.80 - 0.83) ** 2 + 0 + (0.86 - 0.83) ** 2) / 2)
+    assert mean == pytest.approx(0.83) and half == pytest.approx(4.302652729911275 * s / math.sqrt(3))
+    assert math.isnan(t_interval([0.5])[1])
+
+
+def test_welch_interval_matches_scipy_welch_test() -> None:
+    a, b = [0.86, 0.865, 0.861, 0.870], [0.880, 0.879, 0.885]
+    d, half = welch_interval(a, b)
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert d == pytest.approx(np.mean(a) - np.mean(b))
+    assert d - half == pytest.approx(ci.low) and d + half == pytest.approx(ci.high)
+
+
+def _run(root, name, ev, l0=32.0):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "cfg.json").write_text(json.dumps({"variant": name.split("-")[0], "architecture": "topk"}))
+    write_result(d, "core", {}, {"reconstruction_quality": {"explained_variance": ev},
+                                 "sparsity": {"l0": l0}})
+
+
+def test_seed_table_groups_seeds_and_marks_only_separated_differences(tmp_path) -> None:
+    assert config_of(tmp_path / "ortsae-init_seed=2") == ("ortsae", 2)
+    assert config_of(tmp_path / "topk-arch=batchtopk-init_seed=0") == ("topk-arch=batchtopk", 0)
+    for s, ev in enumerate([0.880, 0.881, 0.879]):
+        _run(tmp_path, f"topk-init_seed={s}", ev)
+    for s, ev in enumerate([0.864, 0.865, 0.866]):   # clearly lower
+        _run(tmp_path, f"ortsae-init_seed={s}", ev)
+    for s, ev in enumerate([0.870, 0.890, 0.880]):   # same mean, wide: not separated
+        _run(tmp_path, f"temporal-init_seed={s}", ev)
+    table = seed_table_markdown([tmp_path])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert set(rows) == {"topk", "ortsae", "temporal"}
+    assert "| 3 |" in rows["ortsae"] and "0.8650 ± 0.0025 ▼" in rows["ortsae"]
+    assert "▲" not in rows["temporal"] and "▼" not in rows["temporal"]
+    assert "32.0000 ± 0.0000" in rows["topk"]  # L0 identical across seeds
+    diff = difference_table_markdown([tmp_path])
+    drows = {line.split(" | ")[0].strip("| "): line for line in diff.splitlines()[2:]}
+    assert "-0.0150 ± " in drows["ortsae"] and drows["ortsae"].count(" *") == 1  # EV only (L0 Δ = 0 ± 0)
+    assert " *" not in drows["temporal"] and "topk" not in drows
