@@ -41,7 +41,7 @@ from .figures import (
     run_colors,
 )
 from .runs import NOT_EVALUATED, RunInfo, load_run, metric_value, resolve_run_dirs, unique_labels
-from .seeds import difference_table_markdown, grouped, seed_table_markdown
+from .seeds import difference_table_markdown, grouped, plot_seed_means, seed_table_markdown
 from .tables import (
     all_metrics_section,
     figure_html,
@@ -198,6 +198,10 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
             "Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from topk "
             "excludes 0.\n\n" + seed_table_markdown(paths) + "\nDifferences from topk (95 % Welch; * = "
             "excludes 0):\n\n" + difference_table_markdown(paths))
+        for x, y, name in (("mean max cos", "expl. var.", "seeds_maxcos_ev.png"),
+                           ("expl. var.", "absorption", "seeds_ev_absorption.png"),
+                           ("mean max cos", "CE score", "seeds_maxcos_ce.png")):
+            plot_seed_means(paths, out, x, y, name)
     sections.append(("metrics", "All evaluation metrics",
                      all_html + '<p class="note">Also in <a href="metrics.csv">metrics.csv</a>.</p>'))
 

@@ -140,3 +140,37 @@ def difference_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "t
                          + (" *" if not math.isnan(h) and abs(d) > h else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_seed_means(run_dirs: Sequence[str | Path], out: Path, x: str, y: str, name: str) -> str | None:
+    """Scatter of configuration means with 95 % t error bars on both axes (columns ``x``, ``y`` of
+    :data:`METRICS`), saved as ``out/name``; None when fewer than two configurations have both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spec = {title: (e, c, n) for title, e, c, n in METRICS}
+    pts = []
+    for label, runs in grouped(run_dirs).items():
+        xs = [v for v in (_value(r, *spec[x]) for r in runs) if v is not None]
+        ys = [v for v in (_value(r, *spec[y]) for r in runs) if v is not None]
+        if xs and ys:
+            pts.append((label, len(runs), *t_interval(xs), *t_interval(ys)))
+    if len(pts) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, n, mx, hx, my, hy in pts:
+        ax.errorbar([mx], [my], xerr=None if math.isnan(hx) else [hx], yerr=None if math.isnan(hy) else [hy],
+                    fmt="o", capsize=3, label=f"{label} ({n} seeds)")
+        ax.annotate(label, (mx, my), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(f"{y} vs {x}: mean ± 95 % t-interval over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=120)
+    plt.close(fig)
+    return name

@@ -10,7 +10,14 @@ import pytest
 from scipy import stats
 
 from sae.evaluate.results import write_result
-from sae.report.seeds import config_of, difference_table_markdown, seed_table_markdown, t_interval, welch_interval
+from sae.report.seeds import (
+    config_of,
+    difference_table_markdown,
+    plot_seed_means,
+    seed_table_markdown,
+    t_interval,
+    welch_interval,
+)
 
 
 def test_t_interval_matches_the_textbook_formula() -> None:
@@ -57,3 +64,5 @@ def test_seed_table_groups_seeds_and_marks_only_separated_differences(tmp_path) 
     drows = {line.split(" | ")[0].strip("| "): line for line in diff.splitlines()[2:]}
     assert "-0.0150 ± " in drows["ortsae"] and drows["ortsae"].count(" *") == 1  # EV only (L0 Δ = 0 ± 0)
     assert " *" not in drows["temporal"] and "topk" not in drows
+    assert plot_seed_means([tmp_path], tmp_path / "fig", "L0", "expl. var.", "f.png") == "f.png"
+    assert (tmp_path / "fig" / "f.png").stat().st_size > 1000
