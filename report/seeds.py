@@ -104,6 +104,8 @@ def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", 
                 continue
             mean, half = t_interval(vals)
             cell = f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+            if len(vals) < len(runs):
+                cell += f" (n={len(vals)})"
             if base is not None and label != baseline:
                 bvals = [v for v in (_value(r, e, c, n) for r in base) if v is not None]
                 if bvals:
@@ -123,6 +125,8 @@ def difference_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "t
         return ""
     cols = [(title, e, c, n) for title, e, c, n in METRICS
             if any(_value(r, e, c, n) is not None for r in base)]
+    if not cols:
+        return ""
     lines = ["| configuration | " + " | ".join(f"Δ {c[0]}" for c in cols) + " |",
              "| --- |" + " ---: |" * len(cols)]
     for label, runs in groups.items():
