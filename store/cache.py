@@ -30,7 +30,7 @@ def _fill(cache: SimpleCacheFileSystem, path: str) -> str:
     try:
         cache.fs.get_file(path, part)
         os.replace(part, fn)
-    finally:
+    finally:  # only our own uniquely named temporary, left when the download or rename failed
         if os.path.exists(part):
             os.remove(part)
     return fn

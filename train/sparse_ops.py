@@ -88,21 +88,10 @@ class GatherPreActs(torch.autograd.Function):
 
 
 def gather_pre_acts(x_c: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, idx: torch.Tensor,
-                    pre: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+                    pre: torch.Tensor) -> torch.Tensor:
     """Differentiable ``pre.gather(1, idx)`` with a sparse backward (see :class:`GatherPreActs`).
-
-    ``live`` ``[batch, K]`` bool: only these slots carry values and gradients (the others return 0);
-    the backward then costs ``O(n_live·d_in)`` however wide the padding (variable-count codes)."""
-    if live is None:
-        return GatherPreActs.apply(x_c, W_enc, b_enc, idx, pre)
-    return GatherLive.apply(x_c, W_enc, b_enc, idx, live, pre)
-
-
-def live_entries(idx: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rows, cols)`` ``[n_live]`` of the live slots of ``idx [batch, K]``, in row-major slot order
-    (the order of ``tensor[live]``)."""
-    rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)[live]
-    return rows, idx[live]
+    Variable-count (ragged) codes use :class:`GatherFlat` on their flat entries instead."""
+    return GatherPreActs.apply(x_c, W_enc, b_enc, idx, pre)
 
 
 def _entry_grads(ctx, x_c: torch.Tensor, W_enc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -128,25 +117,9 @@ def _entry_grads(ctx, x_c: torch.Tensor, W_enc: torch.Tensor, rows: torch.Tensor
     return grad_x, grad_W, grad_b
 
 
-class GatherLive(torch.autograd.Function):
-    """``out = pre.gather(1, idx) · live`` ``[batch, K]`` with the sparse backward built from the
-    live slots only (variable counts per row)."""
-
-    @staticmethod
-    def forward(ctx, x_c, W_enc, b_enc, idx, live, pre):  # type: ignore[override]
-        ctx.save_for_backward(x_c, W_enc, idx, live)
-        return pre.gather(1, idx) * live
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        x_c, W_enc, idx, live = ctx.saved_tensors
-        rows, cols = live_entries(idx, live)
-        return (*_entry_grads(ctx, x_c, W_enc, rows, cols, g[live]), None, None, None)
-
-
 class GatherFlat(torch.autograd.Function):
-    """``out = pre[rows, cols]`` ``[n]`` (1-D entries, e.g. :func:`live_entries`), same backward as
-    :class:`GatherLive`: elementwise work downstream then runs on ``n`` values, not ``[batch, K]``."""
+    """``out = pre[rows, cols]`` ``[n]`` (1-D entries, e.g. ragged codes' ``entries()``) with the
+    sparse backward of :func:`_entry_grads`: cost ``O(n·d_in)``, never ``[batch, K_max]``."""
 
     @staticmethod
     def forward(ctx, x_c, W_enc, b_enc, rows, cols, pre):  # type: ignore[override]
