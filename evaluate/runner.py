@@ -222,7 +222,10 @@ def eval_settings(name: str, params: dict[str, str]) -> object:
                                   "command line")
         except ValueError:
             raise ConfigError(f"-p {name}.{key}={raw!r}: expected {type(cur).__name__}") from None
-    return dataclasses.replace(base, **typed)
+    try:
+        return dataclasses.replace(base, **typed)
+    except ValueError as e:  # a Config's own check of its values (__post_init__)
+        raise ConfigError(f"-p {name}: {e}") from None
 
 
 def _label(result: dict, i: int) -> str:

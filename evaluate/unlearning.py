@@ -15,14 +15,29 @@ Data.
   sequences of ``corpus_context_size`` (SAEBench: 1024 × 1024 tokens of the WMDP bio forget corpus and
   WikiText).
 
-MCQ scoring (SAEBench ``calculate_MCQ_metrics`` / ``get_output_probs_abcd``): the prompt of
-:func:`sae.evaluate.datasets.mcq.format_prompt` ("The following are multiple choice questions (with answers)
-about {subject}. … A. … D. …\\nAnswer:", BOS first; no chat template — SAEBench wraps it in Gemma's
-instruct format for an instruction-tuned model); the predicted answer is the argmax over A–D of the
-next-token logit, each letter's logit being the max over its single-token spellings " A" and "A"
-(SAEBench takes the max probability over both for Gemma). Only questions the
-clean model answers correctly count (SAEBench ``target_metric="correct"``; SAEBench additionally
-requires all 24 orderings of the choices to be correct — we score the given order only).
+MCQ scoring, ``scoring`` (``Config.scoring``; ``-p unlearning.scoring=letter`` for SAEBench's):
+
+* ``"cloze"`` (default, ours) — each choice is scored by the log-likelihood the model gives the
+  completed text: a question with a blank is completed in place (prefix = the text before the
+  blank, continuation = choice + the rest), any other question uses lm-eval-harness' cloze prompt
+  ``"Question: {q}\nAnswer:"`` + ``" {choice}"``; the prediction is the choice with the largest
+  ``Σ log p(continuation tokens | prefix)`` (:func:`mcq_scores`). This is the "cloze formulation"
+  (CF) that OLMES (Gu et al. 2024) recommends for small base models, which cannot yet use the
+  lettered format. It does not depend on the order of the choices, so SAEBench's requirement that
+  a question be answered correctly in all 24 orderings holds by construction.
+* ``"letter"`` (SAEBench ``calculate_MCQ_metrics`` / ``get_output_probs_abcd``) — the prompt of
+  :func:`sae.evaluate.datasets.mcq.format_prompt` ("The following are multiple choice questions
+  (with answers) about {subject}. … A. … D. …\nAnswer:", BOS first; no chat template — SAEBench
+  wraps it in Gemma's instruct format for an instruction-tuned model); the predicted answer is the
+  argmax over A–D of the next-token logit, each letter's logit being the max over its single-token
+  spellings " A" and "A" (SAEBench takes the max probability over both for Gemma). SAEBench
+  additionally requires all 24 orderings of the choices to be correct — we score the given order.
+
+Measured on Gemma 3 270M (embedded), offline sets, 100 questions each, clean model: ``letter``
+26/100 (python) and 26/100 (shakespeare), with 95–96 % of its answers "D", and 3- or 5-shot lettered
+prompts no better (17–27/100) — at chance, so not measurable; ``cloze`` 85/100 (python; 42/52
+keyword items, 43/48 documentation-word items) and 79/100 (shakespeare), binomial p < 1e-28 against
+chance. Only questions the clean model answers correctly count (SAEBench ``target_metric="correct"``).
 
 Algorithm (per SAE):
 
@@ -57,11 +72,12 @@ model knew. **Measurability:** the score is ``null`` (and ``measurable = 0``, wi
 measurable on this model") unless the clean model is clearly above chance on *both* sets: a one-sided
 binomial test of its correct count against chance 1/4 must give ``p < measurable_p`` (0.01). Below
 that, the "known" questions are mostly lucky guesses and no score is reported. Gemma 3 270M on the
-offline sets is near chance (a review counted 9 and 13 of 50 correct: not measurable).
+offline sets is at chance with ``letter`` scoring (not measurable) and well above it with ``cloze``.
 
 Cost: the clean passes (MCQs with their activations, the corpora) do not depend on the SAE and are
 cached in ``ctx.cache``; per SAE, each distinct (latents, m) re-runs the model only on the
-clean-correct questions on which a selected latent fires.
+clean-correct questions on which a selected latent fires (cloze: their 4 sequences; only the
+continuation positions go through the LM head).
 """
 
 from __future__ import annotations
@@ -78,11 +94,12 @@ from ..harvest.tokens import pack_sequences
 from ..model import LoadedModel, capture_resid_post, splice
 from ..train.sae import SAE
 from .common import non_special_mask
-from .datasets.mcq import LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
+from .datasets.mcq import BLANK, LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
 from .intervals import wilson
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "unlearning"
+SCORINGS = ("cloze", "letter")
 
 
 @dataclass
@@ -96,6 +113,9 @@ class Config:
     retain_subject: str = "Shakespeare's plays"
     n_questions: int = 50
     mcq_seed: int = 0
+    scoring: str = "cloze"
+    """``cloze`` (ours: the log-likelihood of each completed choice) or ``letter`` (SAEBench: the logit
+    of " A".." D" after a lettered prompt); see the module doc."""
     forget_corpus: tuple[str, ...] = ("embedded:prose", "embedded:code")
     retain_corpus: tuple[str, ...] = ("embedded:shakespeare",)
     corpus_split: str = "train"
@@ -110,8 +130,14 @@ class Config:
     """The score is reported only if the clean model beats chance (1/4) on both sets at this p (binomial)."""
     llm_batch_size: int = 16
 
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"unknown MCQ scoring {self.scoring!r}: choose {' or '.join(SCORINGS)}")
+
 
 # -- MCQ scoring ----------------------------------------------------------------------------------
+
+
 def answer_token_ids(tokenizer: object) -> list[list[int]]:
     """Per letter A–D, the ids of its single-token spellings among " A" and "A".
 
@@ -139,38 +165,108 @@ def tokenize_prompts(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]
     return [[lm.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts]  # type: ignore[operator]
 
 
+def cloze_texts(mcq: MCQ) -> tuple[str, list[str]]:
+    """The cloze formulation of ``mcq`` → ``(prefix, [continuation per choice])``.
+
+    A question with a blank (``_____``, the offline sets) is completed in place: prefix = the text
+    before the blank (trailing spaces moved into the continuation, so the choice is tokenised as in
+    running text), continuation = choice + the rest of the text. Any other question (WMDP/MMLU rows)
+    uses lm-eval-harness' cloze prompt: prefix ``"Question: {question}\nAnswer:"``, continuation
+    ``" {choice}"``.
+    """
+    if BLANK in mcq.question:
+        before, after = mcq.question.split(BLANK, 1)
+        stripped = before.rstrip(" ")
+        space = before[len(stripped):]
+        return stripped, [space + c + after for c in mcq.choices]
+    return f"Question: {mcq.question}\nAnswer:", [" " + c for c in mcq.choices]
+
+
+@dataclass
+class MCQPrompts:
+    """The token sequences that score ``n`` questions.
+
+    ``seqs``: flat list of ``[BOS] + tokens``; per sequence, ``question`` (its question's index),
+    ``choice`` (the choice it completes, −1 for a letter prompt) and ``start`` (index of its first
+    scored token: the continuation for cloze; unused for letter prompts).
+    """
+
+    seqs: list[list[int]]
+    question: list[int]
+    choice: list[int]
+    start: list[int]
+    n: int
+    scoring: str
+
+
+def build_prompts(lm: LoadedModel, mcqs: Sequence[MCQ], subject: str, scoring: str = "cloze") -> MCQPrompts:
+    """Tokenise ``mcqs`` for ``scoring`` (``"cloze"``: 4 sequences per question, ``"letter"``: one
+    :func:`~sae.evaluate.datasets.mcq.format_prompt` prompt). Raises ``ValueError`` for another scoring."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown MCQ scoring {scoring!r}: choose {' or '.join(SCORINGS)}")
+    tok = lm.tokenizer
+
+    def enc(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+    seqs, question, choice, start = [], [], [], []
+    for qi, q in enumerate(mcqs):
+        if scoring == "letter":
+            ids = [lm.bos_token_id, *enc(format_prompt(q, subject))]
+            seqs.append(ids), question.append(qi), choice.append(-1), start.append(len(ids))
+            continue
+        prefix, conts = cloze_texts(q)
+        head = [lm.bos_token_id, *enc(prefix)]
+        for ci, cont in enumerate(conts):
+            tail = enc(cont)
+            if not tail:
+                raise ValueError(f"MCQ {qi}: choice {ci} tokenises to nothing")
+            seqs.append(head + tail), question.append(qi), choice.append(ci), start.append(len(head))
+    return MCQPrompts(seqs, question, choice, start, len(mcqs), scoring)
+
+
 PatchFactory = Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 """Given ``keep [B, T]`` (real, non-special positions of the batch) → a ``resid_post`` patch ``[B, T, d] → same``."""
 
 
 @torch.no_grad()
-def mcq_logits(lm: LoadedModel, layer: int, prompt_ids: Sequence[Sequence[int]], answer_ids: Sequence[Sequence[int]],
+def mcq_scores(lm: LoadedModel, layer: int, prompts: MCQPrompts, questions: Sequence[int] | None = None,
                batch_size: int = 16, patch: PatchFactory | None = None, capture: bool = False
                ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Answer logits ``[n, 4]`` (per letter: max over its spellings) at the last prompt token.
+    """Choice scores ``[len(questions), 4]`` (all questions when ``questions`` is None); the predicted
+    answer is their argmax.
 
-    Prompts are sorted by length and right-padded per batch (causal attention: real positions never
-    see the padding). ``patch`` (see :data:`PatchFactory`) replaces ``resid_post`` of ``layer``;
-    ``capture`` also returns each prompt's clean ``resid_post`` ``[T_i, d]`` (float32, CPU; the value
-    before any patch). Only the logits of the needed positions are computed (``logits_to_keep``).
+    * ``"letter"`` (SAEBench ``get_output_probs_abcd``): the next-token logit of each letter at the
+      last prompt token, max over its spellings " A" / "A".
+    * ``"cloze"``: the log-likelihood (nats) of each choice's continuation given the prefix,
+      ``Σ_t log p(token_t | tokens_<t)`` over the continuation's tokens (the prefix is the same for all
+      four, so this ranks the completed texts by their probability under the model).
+
+    Sequences are sorted by length and right-padded per batch (causal attention: real positions
+    never see the padding). ``patch`` (see :data:`PatchFactory`) replaces ``resid_post`` of ``layer``;
+    ``capture`` also returns each *sequence's* clean ``resid_post`` ``[T_s, d]`` (float32, CPU; the
+    value before any patch; ``None`` for sequences not run).
     """
-    n = len(prompt_ids)
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
+    qs = list(range(prompts.n)) if questions is None else list(questions)
+    pos = {q: i for i, q in enumerate(qs)}
+    sel = [s for s in range(len(prompts.seqs)) if prompts.question[s] in pos]
+    order = sorted(sel, key=lambda s: len(prompts.seqs[s]))
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0  # type: ignore[attr-defined]
     special = lm.special_token_ids
-    out = torch.zeros(n, 4)
-    acts: list[torch.Tensor | None] = [None] * n
-    for s in range(0, n, batch_size):
-        rows = order[s:s + batch_size]
-        T = max(len(prompt_ids[i]) for i in rows)
+    answer_ids = answer_token_ids(lm.tokenizer) if prompts.scoring == "letter" else None
+    out = torch.full((len(qs), 4), math.nan, dtype=torch.float64)
+    acts: list[torch.Tensor | None] = [None] * len(prompts.seqs)
+    for b in range(0, len(order), batch_size):
+        rows = order[b:b + batch_size]
+        lens = [len(prompts.seqs[s]) for s in rows]
+        T = max(lens)
         ids = torch.full((len(rows), T), pad, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, i in enumerate(rows):
-            ids[j, :len(prompt_ids[i])] = torch.as_tensor(list(prompt_ids[i]))
-            mask[j, :len(prompt_ids[i])] = 1
+        for j, s in enumerate(rows):
+            ids[j, :lens[j]] = torch.as_tensor(prompts.seqs[s])
+            mask[j, :lens[j]] = 1
         keep = (mask.bool() & non_special_mask(ids, special)).to(lm.device)
         ids, mask = ids.to(lm.device), mask.to(lm.device)
-        last = mask.sum(1) - 1
         seen: list[torch.Tensor] = []
         fn = patch(keep) if patch is not None else None
 
@@ -180,11 +276,20 @@ def mcq_logits(lm: LoadedModel, layer: int, prompt_ids: Sequence[Sequence[int]],
             return fn(h) if fn is not None else h
 
         with splice(lm.model, layer, hook):
-            lg = _last_logits(lm, ids, mask, last)
-        out[rows] = torch.stack([lg[:, v].max(dim=-1).values for v in answer_ids], dim=1).cpu()
+            if answer_ids is not None:
+                lg = _last_logits(lm, ids, mask, mask.sum(1) - 1)
+                for j, s in enumerate(rows):
+                    out[pos[prompts.question[s]]] = torch.stack([lg[j, v].max() for v in answer_ids]).double().cpu()
+            else:
+                r = torch.cat([torch.full((lens[j] - prompts.start[s],), j) for j, s in enumerate(rows)])
+                t = torch.cat([torch.arange(prompts.start[s], lens[j]) for j, s in enumerate(rows)])
+                lp = token_logprobs(lm, ids, mask, r.to(lm.device), t.to(lm.device)).double().cpu()
+                sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, r, lp)
+                for j, s in enumerate(rows):
+                    out[pos[prompts.question[s]], prompts.choice[s]] = sums[j]
         if capture:
-            for j, i in enumerate(rows):
-                acts[i] = seen[0][j, :len(prompt_ids[i])].cpu()
+            for j, s in enumerate(rows):
+                acts[s] = seen[0][j, :lens[j]].cpu()
     return out, (acts if capture else None)  # type: ignore[return-value]
 
 
@@ -198,6 +303,36 @@ def _last_logits(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, last: t
         lg = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         col = last
     return lg[torch.arange(len(last), device=lg.device), col].float()
+
+
+def token_logprobs(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                   targets: torch.Tensor) -> torch.Tensor:
+    """``log p(ids[r, t] | ids[r, :t])`` for each pair ``(rows[i], targets[i])`` (``t ≥ 1``) → ``[N]`` float32.
+
+    Only the needed positions go through the LM head: the final hidden state is taken from the
+    model's final norm (``model.model.norm``) and projected with ``lm_head`` (and Gemma's
+    ``final_logit_softcapping`` when set), so a 262k vocabulary costs ``N`` rows, not ``B·T``.
+    Models without that structure fall back to the full logits (same numbers; tested).
+    """
+    inner = getattr(lm.model, "model", None)
+    norm = getattr(inner, "norm", None)
+    head = getattr(lm.model, "lm_head", None)
+    prev = targets - 1
+    if not isinstance(norm, torch.nn.Module) or not isinstance(head, torch.nn.Module):
+        lg = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        sel = lg[rows, prev].float()
+    else:
+        got: list[torch.Tensor] = []
+        handle = norm.register_forward_hook(lambda _m, _i, o: got.append(o[0] if isinstance(o, tuple) else o))
+        try:
+            lm.model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+        finally:
+            handle.remove()
+        sel = head(got[-1][rows, prev]).float()
+        cap = getattr(lm.model.config, "final_logit_softcapping", None)
+        if cap:
+            sel = torch.tanh(sel / cap) * cap
+    return sel.log_softmax(-1).gather(1, ids[rows, targets][:, None]).squeeze(1)
 
 
 # -- latent selection and the intervention --------------------------------------------------------
@@ -298,13 +433,13 @@ def corpus_activations(lm: LoadedModel, layer: int, specs: Sequence[str], split:
 
 @dataclass
 class MCQBaseline:
-    """Clean pass over one MCQ set: ``prompt_ids``, ``answers [n]``, ``logits [n, 4]``,
-    ``correct [n]`` bool, ``acts`` (per prompt ``[T_i, d]`` clean ``resid_post``) and ``keep`` (per prompt
-    ``[T_i]`` non-special positions)."""
+    """Clean pass over one MCQ set: ``prompts`` (:class:`MCQPrompts`), ``answers [n]``, ``scores [n, 4]``,
+    ``correct [n]`` bool, ``acts`` (per *sequence* ``[T_s, d]`` clean ``resid_post``) and ``keep`` (per
+    sequence ``[T_s]`` non-special positions)."""
 
-    prompt_ids: list[list[int]]
+    prompts: MCQPrompts
     answers: torch.Tensor
-    logits: torch.Tensor
+    scores: torch.Tensor
     correct: torch.Tensor
     acts: list[torch.Tensor]
     keep: list[torch.Tensor]
@@ -316,13 +451,13 @@ class MCQBaseline:
 
 
 def mcq_baseline(lm: LoadedModel, layer: int, mcqs: Sequence[MCQ], subject: str, batch_size: int = 16,
-                 source: str = "") -> MCQBaseline:
+                 source: str = "", scoring: str = "cloze") -> MCQBaseline:
     """Score ``mcqs`` with the clean model and keep the activations needed to skip unaffected prompts."""
-    prompt_ids = tokenize_prompts(lm, [format_prompt(q, subject) for q in mcqs])
-    logits, acts = mcq_logits(lm, layer, prompt_ids, answer_token_ids(lm.tokenizer), batch_size, capture=True)
+    prompts = build_prompts(lm, mcqs, subject, scoring)
+    scores, acts = mcq_scores(lm, layer, prompts, batch_size=batch_size, capture=True)
     answers = torch.tensor([q.answer for q in mcqs], dtype=torch.long)
-    keep = [non_special_mask(torch.tensor(p), lm.special_token_ids) for p in prompt_ids]
-    return MCQBaseline(prompt_ids, answers, logits, logits.argmax(1) == answers, acts or [], keep, source)
+    keep = [non_special_mask(torch.tensor(p), lm.special_token_ids) for p in prompts.seqs]
+    return MCQBaseline(prompts, answers, scores, scores.argmax(1) == answers, acts or [], keep, source)
 
 
 def load_mcqs(path: str | None, builtin: str, cfg: Config) -> tuple[list[MCQ], str]:
@@ -334,19 +469,20 @@ def load_mcqs(path: str | None, builtin: str, cfg: Config) -> tuple[list[MCQ], s
 
 @torch.no_grad()
 def firing_latents(sae: SAE, base: MCQBaseline) -> torch.Tensor:
-    """``[n_prompts, d_sae]`` bool: latent fires at some non-special position of the prompt."""
+    """``[n_questions, d_sae]`` bool: the latent fires at some non-special position of one of the
+    question's sequences."""
     dev = sae.W_dec.device
-    rows = []
-    for a, k in zip(base.acts, base.keep, strict=True):
-        f = sae.encode(a[k].to(dev, sae.W_dec.dtype))
-        rows.append((f > 0).any(0).cpu() if len(f) else torch.zeros(sae.d_sae, dtype=torch.bool))
-    return torch.stack(rows) if rows else torch.zeros(0, sae.d_sae, dtype=torch.bool)
+    out = torch.zeros(base.prompts.n, sae.d_sae, dtype=torch.bool)
+    for s, (a, k) in enumerate(zip(base.acts, base.keep, strict=True)):
+        if int(k.sum()):
+            out[base.prompts.question[s]] |= (sae.encode(a[k].to(dev, sae.W_dec.dtype)) > 0).any(0).cpu()
+    return out
 
 
 def setting_accuracy(lm: LoadedModel, layer: int, sae: SAE, base: MCQBaseline, fires: torch.Tensor,
                      latents: Sequence[int], multiplier: float, batch_size: int = 16) -> tuple[float, int]:
     """Accuracy on the clean-correct questions of ``base`` with the clamp of ``latents`` at ``multiplier``,
-    re-running only prompts where a selected latent fires (``fires [n, d_sae]``). → (accuracy, #re-run)."""
+    re-running only questions where a selected latent fires (``fires [n, d_sae]``). → (accuracy, #re-run)."""
     known = torch.nonzero(base.correct).flatten()
     if len(known) == 0:
         return math.nan, 0
@@ -356,26 +492,27 @@ def setting_accuracy(lm: LoadedModel, layer: int, sae: SAE, base: MCQBaseline, f
     rerun = known[hit].tolist()
     still = int((~hit).sum())
     if rerun:
-        answer_ids = answer_token_ids(lm.tokenizer)
-        lg, _ = mcq_logits(lm, layer, [base.prompt_ids[i] for i in rerun], answer_ids, batch_size,
+        sc, _ = mcq_scores(lm, layer, base.prompts, rerun, batch_size,
                            patch=lambda keep: clamp_patch(sae, latents, multiplier, keep))
-        still += int((lg.argmax(1) == base.answers[rerun]).sum())
+        still += int((sc.argmax(1) == base.answers[rerun]).sum())
     return still / len(known), len(rerun)
 
 
 # -- the evaluation -------------------------------------------------------------------------------
 def available(ctx: EvalContext) -> str | None:
-    """None when the default MCQ files (if any) exist and the tokenizer has single-token answer letters."""
+    """None when the default MCQ files (if any) exist and, for ``letter`` scoring, the tokenizer has
+    single-token answer letters."""
     cfg = Config()
     from pathlib import Path
 
     for p in (cfg.forget_mcq_path, cfg.retain_mcq_path):
         if p and not Path(p).is_file():
             return f"MCQ file {p} does not exist"
-    try:
-        answer_token_ids(ctx.lm.tokenizer)
-    except ValueError as e:
-        return str(e)
+    if cfg.scoring == "letter":
+        try:
+            answer_token_ids(ctx.lm.tokenizer)
+        except ValueError as e:
+            return str(e)
     return None
 
 
@@ -392,12 +529,14 @@ def _sets(ctx: EvalContext, cfg: Config) -> _Sets:
 
     def baseline(path: str | None, builtin: str, subject: str) -> MCQBaseline:
         mcqs, src = load_mcqs(path, builtin, cfg)
-        return mcq_baseline(lm, layer, mcqs, subject, bs, src)
+        return mcq_baseline(lm, layer, mcqs, subject, bs, src, cfg.scoring)
 
     f = ctx.cached(("unlearning", "mcq", cfg.forget_mcq_path, "python", cfg.n_questions, cfg.mcq_seed,
-                    cfg.forget_subject), lambda: baseline(cfg.forget_mcq_path, "python", cfg.forget_subject))
+                    cfg.forget_subject, cfg.scoring),
+                   lambda: baseline(cfg.forget_mcq_path, "python", cfg.forget_subject))
     r = ctx.cached(("unlearning", "mcq", cfg.retain_mcq_path, "shakespeare", cfg.n_questions, cfg.mcq_seed,
-                    cfg.retain_subject), lambda: baseline(cfg.retain_mcq_path, "shakespeare", cfg.retain_subject))
+                    cfg.retain_subject, cfg.scoring),
+                   lambda: baseline(cfg.retain_mcq_path, "shakespeare", cfg.retain_subject))
 
     def corpus(specs: tuple[str, ...]) -> torch.Tensor:
         return ctx.cached(("unlearning", "corpus", tuple(specs), cfg.corpus_split, cfg.n_corpus_tokens,

@@ -22,14 +22,16 @@ from sae.evaluate.datasets.mcq import (
     save_mcq_jsonl,
 )
 from sae.evaluate.unlearning import (
-    answer_token_ids,
     binomial_p_above_chance,
+    build_prompts,
     clamp_patch,
+    cloze_texts,
     feature_frequencies,
     firing_latents,
     mcq_baseline,
-    mcq_logits,
+    mcq_scores,
     select_latents,
+    token_logprobs,
     unlearning_score,
 )
 from sae.train.sae import SAE
@@ -148,36 +150,102 @@ def test_clamp_patch_formula():
                           * sae.W_dec[i], atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def mcq_case(tiny_lm):
+@pytest.fixture(scope="module", params=["cloze", "letter"])
+def mcq_case(tiny_lm, request):
     qs = build_mcq_set("python", 12, seed=0) + build_mcq_set("shakespeare", 12, seed=0)
-    base = mcq_baseline(tiny_lm, 1, qs, "mixed topics", batch_size=8)
+    base = mcq_baseline(tiny_lm, 1, qs, "mixed topics", batch_size=8, scoring=request.param)
     return qs, base
 
 
-def test_clamping_changes_logits_only_where_latents_fire(tiny_lm, mcq_case):
+def test_clamping_changes_scores_only_where_latents_fire(tiny_lm, mcq_case):
     _, base = mcq_case
     sae = random_sae()
-    answer_ids = answer_token_ids(tiny_lm.tokenizer)
-    clean, _ = mcq_logits(tiny_lm, 1, base.prompt_ids, answer_ids, batch_size=8)
-    assert torch.equal(clean, base.logits)
-    fires = firing_latents(sae, base)                                 # [n_prompts, d_sae]
+    clean, _ = mcq_scores(tiny_lm, 1, base.prompts, batch_size=8)
+    assert torch.equal(clean, base.scores)
+    fires = firing_latents(sae, base)                                 # [n_questions, d_sae]
+    assert fires.shape == (24, 128)
     counts = fires.sum(0)
     partial = torch.nonzero((counts > 0) & (counts < fires.shape[0])).flatten()
-    assert len(partial), "no latent fires on only some prompts"
+    assert len(partial), "no latent fires on only some questions"
     latent = int(partial[counts[partial].argmin()])
     hit = fires[:, latent]
 
     def run(latents, m):
-        return mcq_logits(tiny_lm, 1, base.prompt_ids, answer_ids, batch_size=8,
+        return mcq_scores(tiny_lm, 1, base.prompts, batch_size=8,
                           patch=lambda keep: clamp_patch(sae, latents, m, keep))[0]
 
     assert torch.equal(run([], 200.0), clean)                          # no selected latents: unchanged
     clamped = run([latent], 200.0)
-    assert torch.equal(clamped[~hit], clean[~hit])                     # prompts where it never fires: unchanged
+    assert torch.equal(clamped[~hit], clean[~hit])                     # questions where it never fires: unchanged
     assert not torch.allclose(clamped[hit], clean[hit])                # where it fires: changed
     ablated = run([latent], 0.0)                                       # m = 0 only zero-ablates it
     assert torch.equal(ablated[~hit], clean[~hit])
+    some = torch.nonzero(hit).flatten()[:3].tolist()                   # a subset is scored in the given order
+    assert torch.allclose(mcq_scores(tiny_lm, 1, base.prompts, some, batch_size=8,
+                                     patch=lambda keep: clamp_patch(sae, [latent], 200.0, keep))[0],
+                          clamped[some], atol=1e-4)
+
+
+# -- cloze scoring --------------------------------------------------------------------------------
+def test_cloze_texts():
+    q = MCQ('Which word fills the blank?\n"The cat sat on the _____ today."', ("mat", "dog", "sky", "tree"), 0)
+    prefix, conts = cloze_texts(q)
+    assert prefix == 'Which word fills the blank?\n"The cat sat on the'
+    assert conts[0] == ' mat today."' and conts[3] == ' tree today."'
+    assert all(prefix + c == q.question.replace(BLANK, ch) for c, ch in zip(conts, q.choices, strict=True))
+    code = MCQ("Which keyword fills the blank in this line?\n_____ x in range(3):", ("for", "if", "def", "as"), 0)
+    prefix, conts = cloze_texts(code)
+    assert prefix == "Which keyword fills the blank in this line?\n" and conts[1] == "if x in range(3):"
+    wmdp = MCQ("Which organism?", ("a cat", "b", "c", "d"), 2)
+    assert cloze_texts(wmdp) == ("Question: Which organism?\nAnswer:", [" a cat", " b", " c", " d"])
+
+
+def _reference_logprob(lm, prefix: str, cont: str) -> float:
+    """Σ log p(continuation | prefix) from one unpadded full forward (float64 log-softmax)."""
+    tok = lm.tokenizer
+    head = [lm.bos_token_id, *tok(prefix, add_special_tokens=False)["input_ids"]]
+    ids = head + tok(cont, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        lp = lm.model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return float(sum(lp[t - 1, ids[t]] for t in range(len(head), len(ids))))
+
+
+def test_cloze_scores_match_a_full_forward_reference(tiny_lm):
+    qs = build_mcq_set("python", 6, seed=1) + build_mcq_set("shakespeare", 4, seed=1)
+    qs.append(MCQ("Which organism?", ("a cat", "bee", "cow", "dog"), 2))
+    prompts = build_prompts(tiny_lm, qs, "x", "cloze")
+    assert len(prompts.seqs) == 4 * len(qs)
+    scores, _ = mcq_scores(tiny_lm, 1, prompts, batch_size=5)
+    for i, q in enumerate(qs):
+        prefix, conts = cloze_texts(q)
+        for c, cont in enumerate(conts):
+            assert scores[i, c].item() == pytest.approx(_reference_logprob(tiny_lm, prefix, cont), abs=2e-3)
+    swapped = MCQ(qs[0].question, tuple(reversed(qs[0].choices)), 3 - qs[0].answer)  # order-invariant scoring
+    again, _ = mcq_scores(tiny_lm, 1, build_prompts(tiny_lm, [swapped], "x", "cloze"))
+    assert torch.allclose(again[0], scores[0].flip(0), atol=1e-4)
+
+
+def test_token_logprobs_equal_the_full_logits(tiny_lm):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 200, (3, 9), generator=g)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    tgt = torch.tensor([1, 8, 5, 2, 3, 8])
+    got = token_logprobs(tiny_lm, ids, mask, rows, tgt)
+    with torch.no_grad():
+        full = tiny_lm.model(input_ids=ids, attention_mask=mask).logits.double().log_softmax(-1)
+    want = full[rows, tgt - 1].gather(1, ids[rows, tgt][:, None]).squeeze(1)
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def test_unknown_scoring_is_a_config_error():
+    from sae.errors import ConfigError
+    from sae.evaluate.runner import eval_settings
+
+    assert eval_settings("unlearning", {"scoring": "letter"}).scoring == "letter"
+    with pytest.raises(ConfigError, match="unknown MCQ scoring 'logit'"):
+        eval_settings("unlearning", {"scoring": "logit"})
 
 
 def test_clamp_is_in_unit_decoder_units_and_invariant_to_decoder_scale():
@@ -257,4 +325,5 @@ def test_evaluate_runs_absorption_and_unlearning(tmp_path, tiny_model_dir):
     assert (ci["forget_accuracy_clean_ci_low"], ci["forget_accuracy_clean_ci_high"]) == pytest.approx(
         wilson(un["n_forget_correct"], 50))
     assert un["n_settings"] == len(unlearning["eval_result_details"]) == 16
+    assert unlearning["eval_config"]["scoring"] == "cloze"
     assert unlearning["eval_config"]["multipliers"] == [25.0, 50.0, 100.0, 200.0]
