@@ -15,12 +15,14 @@ README's deviations).
 
 How it is computed: the candidates are the ``cap`` stalest latents (largest ``tokens_since_fired``;
 every dead latent whenever ``n_dead ≤ cap``). Their ``[batch, cap]`` columns of the no-grad ``pre``
-are ranked, picks that are not dead are zeroed, and everything after is dense over those columns:
-``ê = f_cap W_dec[cand]`` and the encoder backward ``∂W_enc[:, cand] = x_cᵀ g`` are GEMMs of
-``batch × cap × d_in`` (4 of them, forward + backward) instead of a top-k and scatter over all
-``[batch, d_sae]``. The selection equals the dense definition whenever ``n_dead ≤ cap`` (tested
-against a float64 dense reference); ``cap`` is sized on the host at log steps (:func:`capacity`),
-and when more latents die before the next one the stalest ``cap`` are used (``overflow`` is logged).
+are ranked, picks that are not dead (or not positive: the ReLU) are masked out, and everything after
+is dense over those columns in one autograd function with a written-out backward
+(:class:`_AuxKColumns`): ``ê = f_cap W_dec[cand]`` and the three backward products are GEMMs of
+``batch × cap × d_in`` instead of a top-k and scatter over all ``[batch, d_sae]``, and no graph of
+elementwise ``[batch, cap]`` steps is recorded. The selection equals the dense definition whenever
+``n_dead ≤ cap`` (tested against a float64 dense reference); ``cap`` is sized on the host at log
+steps (:func:`capacity`), and when more latents die before the next one the stalest ``cap`` are used
+(``overflow`` is logged).
 """
 
 from __future__ import annotations
@@ -40,29 +42,50 @@ def capacity(n_dead: int, aux_k: int, d_sae: int) -> int:
     return min(d_sae, n_dead + max(64, n_dead // 4))
 
 
-class _ColumnPreActs(torch.autograd.Function):
-    """``pre[:, cand]`` (precomputed, no grad) with the gradients of ``pre = (x − b_dec) W_enc + b_enc``
-    restricted to columns ``cand`` (distinct): ``∂W_enc[:, cand] = x_cᵀ g``, ``∂b_enc[cand] = Σ_b g``,
-    ``∂b_dec = −W_enc[:, cand] Σ_b g`` (no ``[batch, d_in]`` input gradient: x is data)."""
+class _AuxKColumns(torch.autograd.Function):
+    """The whole AuxK term over the candidate columns, forward and backward written out (one
+    function, so no autograd graph of ``[batch, cap]`` elementwise steps).
+
+    Forward: ``f = cols ⊙ m`` (``m`` = selected, dead and positive: the ReLU and the top-k_aux mask in
+    one), ``r = f W_c − e`` with ``W_c = W_dec[cand]``, ``loss = c · Σ r²`` (``c`` = the constant
+    ``min(1, n_dead/aux_k) / Σ‖x − x̄‖²``). Backward, with ``G = 2c · r · ḡ``::
+
+        ∂W_dec[cand] = fᵀ G                 ∂f = (G W_cᵀ) ⊙ m     (= ∂pre[:, cand])
+        ∂W_enc[:, cand] = x_cᵀ ∂f           ∂b_enc[cand] = Σ_b ∂f      ∂b_dec = −W_enc[:, cand] Σ_b ∂f
+
+    (``pre = (x − b_dec) W_enc + b_enc``; no input gradient: x is data, e is detached.) Checked
+    against autograd through the dense definition in float64 (``tests/test_scale.py``).
+    """
 
     @staticmethod
     def forward(ctx: Any, x_c: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
-                cand: torch.Tensor, pre_cols: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_c, W_enc, cand)
-        return pre_cols
+                W_dec: torch.Tensor, cand: torch.Tensor, cols: torch.Tensor, m: torch.Tensor, e: torch.Tensor,
+                c: torch.Tensor) -> torch.Tensor:
+        f = cols * m
+        W_c = W_dec.index_select(0, cand)
+        r = torch.addmm(e, f, W_c, alpha=1.0, beta=-1.0)                          # f W_c − e
+        ctx.save_for_backward(x_c, W_enc, cand, f, m, W_c, r, c)
+        ctx.shapes = (W_dec.shape, b_enc.shape)
+        return r.pow(2).sum() * c
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_c, W_enc, cand = ctx.saved_tensors
-        g_sum = g.sum(0)
-        grad_W = grad_b = grad_bdec = None
+        x_c, W_enc, cand, f, m, W_c, r, c = ctx.saved_tensors
+        dec_shape, benc_shape = ctx.shapes
+        G = r * (2.0 * c * g)                                                     # [B, d_in]
+        df = (G @ W_c.t()).mul_(m)                                               # [B, cap]
+        grad_bdec = grad_W = grad_b = grad_dec = None
+        if ctx.needs_input_grad[4]:
+            grad_dec = torch.zeros(dec_shape, dtype=G.dtype, device=G.device).index_copy_(0, cand, f.t() @ G)
         if ctx.needs_input_grad[2]:
-            grad_W = torch.zeros_like(W_enc).index_copy_(1, cand, x_c.t() @ g)
-        if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(W_enc.shape[1], dtype=g.dtype, device=g.device).index_copy_(0, cand, g_sum)
-        if ctx.needs_input_grad[1]:
-            grad_bdec = -(W_enc.index_select(1, cand) @ g_sum)
-        return None, grad_bdec, grad_W, grad_b, None, None
+            grad_W = torch.zeros_like(W_enc).index_copy_(1, cand, x_c.t() @ df)
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
+            grad_b = torch.zeros(benc_shape, dtype=df.dtype, device=df.device).index_copy_(0, cand, df.sum(0))
+            if ctx.needs_input_grad[1]:
+                grad_bdec = -(W_enc @ grad_b)                  # a mat-vec over all columns: no strided gather
+            if not ctx.needs_input_grad[3]:
+                grad_b = None
+        return None, grad_bdec, grad_W, grad_b, grad_dec, None, None, None, None, None
 
 
 def auxk_loss(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
@@ -78,7 +101,6 @@ def auxk_loss(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: 
     Returns ``(aux, overflow)``: the unweighted loss (0-d, differentiable in the SAE parameters) and a
     0-d bool, true when more latents are dead than ``cap`` holds.
     """
-    B = x.shape[0]
     kk = min(aux_k, cap)
     n_dead = dead.sum()
     with torch.no_grad():
@@ -86,14 +108,15 @@ def auxk_loss(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: 
         cand = tokens_since_fired.topk(cap, sorted=False).indices                # [cap] stalest first
         cand_dead = dead.gather(0, cand)
         cols = pre.index_select(1, cand)                                         # [B, cap]
+        ok = cand_dead & (cols > 0)                                              # dead, and the ReLU
         if kk < cap:
-            local = cols.masked_fill(~cand_dead, -math.inf).topk(kk, dim=-1, sorted=False).indices
-            keep = torch.zeros(B, cap, dtype=torch.bool, device=x.device).scatter_(1, local, True) & cand_dead
+            # the k_aux-th largest dead value per row; keeping every dead value ≥ it is the top-k_aux
+            # (a tie at the threshold, measure-zero for continuous pre-activations, keeps both)
+            kth = cols.masked_fill(~cand_dead, -math.inf).topk(kk, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+            m = ((cols >= kth) & ok).to(cols.dtype)
         else:
-            keep = cand_dead.expand(B, cap)
-    p = _ColumnPreActs.apply(x_c, b_dec, W_enc, b_enc, cand, cols)
-    f = torch.relu(p) * keep                                                     # [B, cap], dense
-    e_hat = f @ W_dec.index_select(0, cand)
-    scale = (n_dead.to(e_hat.dtype) / aux_k).clamp(max=1.0)
-    aux = (e_hat - e.detach()).pow(2).sum() / total_var * scale
+            m = ok.to(cols.dtype)
+        scale = (n_dead.to(cols.dtype) / aux_k).clamp(max=1.0)
+        c = scale / total_var.detach().to(cols.dtype)
+    aux = _AuxKColumns.apply(x_c, b_dec, W_enc, b_enc, W_dec, cand, cols, m, e.detach(), c)
     return aux, n_dead > cap
