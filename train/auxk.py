@@ -61,24 +61,31 @@ class _AuxKColumns(torch.autograd.Function):
     def forward(ctx: Any, x_c: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
                 W_dec: torch.Tensor, cand: torch.Tensor, cols: torch.Tensor, m: torch.Tensor, e: torch.Tensor,
                 c: torch.Tensor) -> torch.Tensor:
-        f = cols * m
-        W_c = W_dec.index_select(0, cand)
-        r = torch.addmm(e, f, W_c, alpha=1.0, beta=-1.0)                          # f W_c − e
+        dev = cols.device.type
+        # Under ``torch.autocast`` (``--autocast bf16``) the four GEMMs run in the autocast dtype, as
+        # they did through autograd; everything else (and every result) stays in the parameters' dtype.
+        ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cols.dtype
+        with torch.autocast(dev, enabled=False):
+            f = cols * m
+            W_c = W_dec.index_select(0, cand)
+            r = _mm(f, W_c, ctx.mm_dtype).sub_(e)                                  # f W_c − e
+            loss = r.pow(2).sum() * c
         ctx.save_for_backward(x_c, W_enc, cand, f, m, W_c, r, c)
         ctx.shapes = (W_dec.shape, b_enc.shape)
-        return r.pow(2).sum() * c
+        return loss
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_c, W_enc, cand, f, m, W_c, r, c = ctx.saved_tensors
         dec_shape, benc_shape = ctx.shapes
+        dt = ctx.mm_dtype
         G = r * (2.0 * c * g)                                                     # [B, d_in]
-        df = (G @ W_c.t()).mul_(m)                                               # [B, cap]
+        df = _mm(G, W_c.t(), dt).mul_(m)                                          # [B, cap]
         grad_bdec = grad_W = grad_b = grad_dec = None
         if ctx.needs_input_grad[4]:
-            grad_dec = torch.zeros(dec_shape, dtype=G.dtype, device=G.device).index_copy_(0, cand, f.t() @ G)
+            grad_dec = torch.zeros(dec_shape, dtype=G.dtype, device=G.device).index_copy_(0, cand, _mm(f.t(), G, dt))
         if ctx.needs_input_grad[2]:
-            grad_W = torch.zeros_like(W_enc).index_copy_(1, cand, x_c.t() @ df)
+            grad_W = torch.zeros_like(W_enc).index_copy_(1, cand, _mm(x_c.t(), df, dt))
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[1]:
             grad_b = torch.zeros(benc_shape, dtype=df.dtype, device=df.device).index_copy_(0, cand, df.sum(0))
             if ctx.needs_input_grad[1]:
@@ -86,6 +93,13 @@ class _AuxKColumns(torch.autograd.Function):
             if not ctx.needs_input_grad[3]:
                 grad_b = None
         return None, grad_bdec, grad_W, grad_b, grad_dec, None, None, None, None, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` computed in ``dtype``, returned in ``a``'s dtype."""
+    if dtype == a.dtype and dtype == b.dtype:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).to(a.dtype)
 
 
 def auxk_loss(x: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
