@@ -34,6 +34,7 @@ METRICS: tuple[tuple[str, str, str | None, str], ...] = (
     ("absorption", "absorption", None, "absorption"),
     ("SCR (thr 20)", "scr", None, "scr_metric_threshold_20"),
     ("TPP (thr 20)", "tpp", None, "tpp_threshold_20_total_metric"),
+    ("unlearning", "unlearning", "unlearning", "unlearning_score"),
 )
 
 
