@@ -131,13 +131,16 @@ class Config:
     llm_batch_size: int = 16
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"unknown MCQ scoring {self.scoring!r}: choose {' or '.join(SCORINGS)}")
+        check_scoring(self.scoring)
+
+
+def check_scoring(scoring: str) -> None:
+    """Raise ``ValueError`` unless ``scoring`` is one of :data:`SCORINGS`."""
+    if scoring not in SCORINGS:
+        raise ValueError(f"unknown MCQ scoring {scoring!r}: choose {' or '.join(SCORINGS)}")
 
 
 # -- MCQ scoring ----------------------------------------------------------------------------------
-
-
 def answer_token_ids(tokenizer: object) -> list[list[int]]:
     """Per letter A–D, the ids of its single-token spellings among " A" and "A".
 
@@ -157,12 +160,6 @@ def answer_token_ids(tokenizer: object) -> list[list[int]]:
     if len(set(flat)) != len(flat):
         raise ValueError("answer letters A-D share token ids in this tokenizer")
     return out
-
-
-def tokenize_prompts(lm: LoadedModel, prompts: Sequence[str]) -> list[list[int]]:
-    """``[BOS] + tokens`` of each prompt (no other special tokens)."""
-    tok = lm.tokenizer
-    return [[lm.bos_token_id, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts]  # type: ignore[operator]
 
 
 def cloze_texts(mcq: MCQ) -> tuple[str, list[str]]:
@@ -202,8 +199,7 @@ class MCQPrompts:
 def build_prompts(lm: LoadedModel, mcqs: Sequence[MCQ], subject: str, scoring: str = "cloze") -> MCQPrompts:
     """Tokenise ``mcqs`` for ``scoring`` (``"cloze"``: 4 sequences per question, ``"letter"``: one
     :func:`~sae.evaluate.datasets.mcq.format_prompt` prompt). Raises ``ValueError`` for another scoring."""
-    if scoring not in SCORINGS:
-        raise ValueError(f"unknown MCQ scoring {scoring!r}: choose {' or '.join(SCORINGS)}")
+    check_scoring(scoring)
     tok = lm.tokenizer
 
     def enc(text: str) -> list[int]:
