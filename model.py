@@ -275,6 +275,51 @@ def capture_resid_post(model: nn.Module, input_ids: torch.Tensor, layers: Sequen
     return out
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """Name of the forward's KV-cache argument (``cache`` from transformers 5.24, ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def capture_resid_post_shared_prefix(model: nn.Module, prefix_ids: Sequence[int], suffix_ids: torch.Tensor,
+                                     layer: int) -> torch.Tensor:
+    """``resid_post`` of block ``layer`` at the suffix positions of the sequences ``prefix + suffix_j``.
+
+    ``prefix_ids``: ``P`` token ids shared by every sequence; ``suffix_ids``: ``[n, S]`` (no padding).
+    Returns ``[n, S, d_model]`` in the model's dtype, equal (up to float rounding) to
+    ``capture_resid_post(model, cat(prefix, suffix_j))[layer][:, P:]``: the prefix runs once, its
+    key/value cache (layers ``0..layer`` only; the forward stops at ``layer``) is repeated ``n``
+    times, and the suffixes attend to it at positions ``P..P+S-1``.
+    """
+    from transformers import DynamicCache
+
+    blocks = decoder_layers(model)
+    check_layers([layer], len(blocks))
+    n, s_len = suffix_ids.shape
+    dev = suffix_ids.device
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(_module: nn.Module, _inp: object, output: object) -> None:
+        out["h"] = _hidden(output).detach()
+        raise _StopForward
+
+    kw = _cache_kwarg(model)
+    cache = DynamicCache(config=model.config)
+    handle = blocks[layer].register_forward_hook(hook)
+    try:
+        with contextlib.suppress(_StopForward):
+            model(input_ids=torch.tensor([list(prefix_ids)], device=dev), use_cache=True, **{kw: cache})
+        cache.batch_repeat_interleave(n)
+        mask = torch.ones(n, len(prefix_ids) + s_len, dtype=torch.long, device=dev)
+        with contextlib.suppress(_StopForward):
+            model(input_ids=suffix_ids, attention_mask=mask, use_cache=True, **{kw: cache})
+    finally:
+        handle.remove()
+    return out["h"]
+
+
 @contextlib.contextmanager
 def splice(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Within the context, replace ``resid_post`` of block ``layer`` by ``fn(resid_post)``.

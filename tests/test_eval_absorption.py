@@ -229,3 +229,61 @@ def test_evaluate_takes_eval_settings_from_the_command_line_and_validates_them(t
     assert r.exit_code == 2 and "not one of the evaluations run here" in r.output
     r = CliRunner().invoke(app, ["evaluate", str(tmp_path), "--eval", "absorption", "-p", "ranking"])
     assert r.exit_code == 2 and "EVAL.SETTING=VALUE" in r.output
+
+
+def test_icl_groups_partition_each_split_and_draw_examples_from_it() -> None:
+    import random
+
+    from sae.evaluate.absorption import icl_groups
+
+    words = [(100 + i, f"w{i}") for i in range(50)]
+    is_train = [i % 5 != 0 for i in range(50)]                       # 40 train, 10 held-out
+    groups = icl_groups(words, is_train, 4, 16, random.Random(0))
+    members = [i for m, _ in groups for i in m]
+    assert sorted(members) == list(range(50))                          # a partition of the words
+    assert [len(m) for m, _ in groups] == [16, 16, 8, 6, 4]  # train first; held-out groups ≤ 10 − 4 words
+    for m, examples in groups:
+        split = {is_train[i] for i in m}
+        assert len(split) == 1                                         # one split per group
+        assert len(examples) == 4 and len(set(examples)) == 4
+        assert all(is_train[e[0] - 100] == is_train[m[0]] for e in examples)  # examples from the same split
+        assert not {e[0] for e in examples} & {words[i][0] for i in m}        # never a word of the group
+    assert groups == icl_groups(words, is_train, 4, 16, random.Random(0))   # seeded
+    assert groups != icl_groups(words, is_train, 4, 16, random.Random(1))
+
+
+def test_shared_prefix_word_activations_equal_each_words_full_prompt(tiny_lm) -> None:
+    """The grouped path (one KV-cached prefix per group) against a plain forward of each word's whole
+    prompt, rebuilt from the same seeded groups."""
+    import random
+
+    from sae.evaluate.absorption import icl_groups, word_activations
+    from sae.model import capture_resid_post
+
+    cfg = Config(max_words=130, max_icl_examples=3, words_per_prefix=8, llm_batch_size=5)
+    wa = word_activations(tiny_lm, 1, cfg)
+    words, is_train = sample_words(alphabetic_words(tiny_lm.tokenizer, cfg.min_word_len), cfg.max_words,
+                                   cfg.train_fraction, cfg.seed)
+    assert wa.words == [w for _, w in words]
+    groups = icl_groups(words, is_train, cfg.max_icl_examples, cfg.words_per_prefix, random.Random(cfg.seed + 1))
+    checked = 0
+    for members, examples in groups[::3]:
+        for i in members:
+            ids, _ = build_prompt(tiny_lm.tokenizer, tiny_lm.bos_token_id, words[i], examples, cfg)
+            want = capture_resid_post(tiny_lm.model, torch.tensor([ids]), [1])[1][0, -1]
+            torch.testing.assert_close(wa.acts[i], want.float(), atol=1e-5, rtol=1e-4)
+            checked += 1
+    assert checked >= 20
+    assert wa.example_prompts[0].count("has the first letter:") == cfg.max_icl_examples + 1
+
+
+def test_sparse_codes_and_config_checks() -> None:
+    from sae.evaluate.absorption import sparse_codes
+
+    f = torch.relu(torch.randn(30, 12)) * (torch.rand(30, 12) < 0.3)
+    csr = sparse_codes(f)
+    assert csr.nnz == int((f != 0).sum())
+    assert torch.equal(torch.from_numpy(csr.toarray()), f.double())
+    for bad in ({"ranking": "l2"}, {"words_per_prefix": 0}, {"max_icl_examples": -1}, {"train_fraction": 1.0}):
+        with pytest.raises(ValueError):
+            Config(**bad)

@@ -10,7 +10,7 @@ from sae.harvest import harvest as harvest_mod
 from sae.harvest.corpus import iter_documents
 from sae.harvest.harvest import HarvestConfig, harvest
 from sae.harvest.tokens import pack_sequences
-from sae.model import capture_resid_post, splice
+from sae.model import capture_resid_post, capture_resid_post_shared_prefix, splice
 from sae.store import ActivationStore, StoreError
 
 
@@ -63,6 +63,20 @@ def test_capture_equals_hidden_states_and_stops_early(tiny_lm) -> None:
         torch.testing.assert_close(tiny_lm.model(ids).logits, clean)
     with splice(tiny_lm.model, 1, torch.zeros_like):
         assert not torch.allclose(tiny_lm.model(ids).logits, clean)
+
+
+@pytest.mark.parametrize("prefix_len", [1, 12, 45])  # 45 > the tiny model's sliding window (32)
+def test_shared_prefix_capture_equals_the_full_forward_of_each_sequence(tiny_lm, prefix_len) -> None:
+    g = torch.Generator().manual_seed(prefix_len)
+    prefix = [tiny_lm.bos_token_id] + torch.randint(4, 400, (prefix_len - 1,), generator=g).tolist()
+    suffix = torch.randint(4, 400, (5, 2), generator=g)
+    got = capture_resid_post_shared_prefix(tiny_lm.model, prefix, suffix, 2)
+    assert got.shape == (5, 2, tiny_lm.d_model)
+    full = torch.cat([torch.tensor([prefix]).expand(5, -1), suffix], dim=1)
+    want = tiny_lm.model(full, output_hidden_states=True).hidden_states[3][:, prefix_len:]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="layer 9 does not exist"):
+        capture_resid_post_shared_prefix(tiny_lm.model, prefix, suffix, 9)
 
 
 def test_harvested_rows_match_a_direct_forward(tiny_lm, tiny_store) -> None:
