@@ -32,6 +32,8 @@ METRICS: tuple[tuple[str, str, str | None, str], ...] = (
     ("median κ (k-means)", "geometry", "groups", "median_kappa"),
     ("probe top-1", "sparse_probing", None, "sae_top_1_test_accuracy"),
     ("absorption", "absorption", None, "absorption"),
+    ("full absorption", "absorption", "mean", "mean_full_absorption_score"),
+    ("split features", "absorption", "mean", "mean_num_split_features"),
     ("SCR (thr 20)", "scr", None, "scr_metric_threshold_20"),
     ("TPP (thr 20)", "tpp", None, "tpp_threshold_20_total_metric"),
     ("unlearning", "unlearning", "unlearning", "unlearning_score"),
