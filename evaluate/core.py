@@ -75,7 +75,7 @@ EVAL_TYPE_ID = "core"
 DEFAULT_CONTEXT_SIZE = 128
 
 __all__ = ["EVAL_TYPE_ID", "CoreConfig", "CoreReference", "check_compatible", "compute_reference",
-           "metric_categories", "resolve_config", "run_core"]
+           "metric_categories", "resolve_config", "run_core", "run_core_many"]
 
 
 @dataclass
@@ -319,143 +319,199 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
         IncompatibleSAEError: the SAE does not fit ``lm`` (:func:`check_compatible`).
         ValueError: a ``reference`` computed for another model/hook/config.
     """
-    cfg = resolve_config(cfg or CoreConfig(), sae.cfg)
-    check_compatible(sae.cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
-                     against="model", run_dir=run_dir)
-    hook = str(sae.cfg["hook_name"])
-    layer = layer_of_hook(hook)
-    if reference is None:
-        reference = compute_reference(lm, hook, cfg, quiet=quiet)
-    elif reference.key != reference_key(lm, hook, cfg):
-        raise ValueError(f"the core reference was computed for {reference.key}, not "
-                         f"{reference_key(lm, hook, cfg)}: "
-                         "compute one per (model, hook, dataset, context size, token count)")
-    sae = sae.to(lm.device)
-    dev, d_sae = lm.device, sae.d_sae
-    sums = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1", "ev_legacy")
-    acc = dict.fromkeys(sums, 0.0)
-    fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
-    seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
-    ce_sae, kl_sae = [], []
-    per_seq = _PerSeq(reference.n_sequences, sae.d_in)
-    with progress_bar(quiet, unit="seq") as bar:
-        task = bar.add_task(f"core {run_dir or hook}", total=reference.n_sequences)
-        for rb in reference.batches:
-            b, T, d = rb.acts.shape
-            x = rb.acts.to(dev)
-            m = rb.recon_mask.to(dev)
-            codes = sae.encode_sparse(x.reshape(-1, d))
-            x_hat = sae.decode_sparse(codes).reshape(b, T, d)
-            xs, xh = x[m].double(), x_hat[m].double()
-            n_in, n_out = xs.norm(dim=-1), xh.norm(dim=-1)
-            acc["sq_err"] += float(((xs - xh) ** 2).sum())
-            acc["cos"] += float(F.cosine_similarity(xs, xh, dim=-1, eps=1e-12).sum())
-            acc["ratio"] += float((n_out / n_in.clamp_min(1e-12)).sum())
-            acc["norm_in"] += float(n_in.sum())
-            acc["norm_out"] += float(n_out.sum())
-            acc["xhat_sq"] += float((n_out ** 2).sum())
-            acc["x_dot_xhat"] += float((xs * xh).sum())
-            # SAEBench core / SAELens explained_variance_legacy: per token, against this batch's mean
-            err = ((xs - xh) ** 2).sum(-1)
-            ev_tok = 1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)
-            acc["ev_legacy"] += float(ev_tok.sum())
-            seq_of_tok = (torch.arange(b, device=dev)[:, None].expand(b, T)[m] + rb.seq0).cpu()
-            per_seq.add_tokens(seq_of_tok, xs.cpu(), err.cpu(), ev_tok.cpu())
-            mf = m.reshape(-1)
-            vals, idx = codes.vals[mf], codes.idx[mf]
-            active = vals > 0
-            acc["l0"] += float(active.sum())
-            per_seq.add("l0", seq_of_tok, active.sum(-1).double().cpu())
-            acc["l1"] += float(vals.abs().sum())
-            fire += torch.bincount(idx[active], minlength=d_sae).double()
-            seq_of = torch.arange(b, device=dev).repeat_interleave(T)[mf][:, None].expand_as(idx)
-            pairs = torch.unique(seq_of[active] * d_sae + idx[active])
-            seq_fire += torch.bincount(pairs % d_sae, minlength=d_sae).double()
+    return run_core_many([sae], lm, cfg, reference=reference, quiet=quiet, run_dirs=[run_dir])[0]
 
-            ids = rb.tokens.to(dev)
-            with splice(lm.model, layer, _masked_patch(m, x_hat)):
-                lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
+
+@torch.no_grad()
+def run_core_many(saes: list[SAE], lm: LoadedModel, cfg: CoreConfig | None = None,
+                  reference: CoreReference | None = None, quiet: bool = True,
+                  run_dirs: list[str | None] | None = None) -> list[dict]:
+    """:func:`run_core` for several SAEs on one hook in one pass over the held-out batches.
+
+    Batch by batch, the clean log-probabilities are computed once (or read from ``reference``'s
+    cache) and every SAE is spliced in turn, so over the memory budget each SAE costs one forward
+    per batch instead of two; each result is identical to its own :func:`run_core` call.
+
+    Raises:
+        IncompatibleSAEError: an SAE does not fit ``lm``.
+        ValueError: no SAEs; SAEs on different hooks or whose configs resolve to different
+            evaluation settings; a ``reference`` computed for another model/hook/config.
+    """
+    if not saes:
+        raise ValueError("run_core_many needs at least one SAE")
+    run_dirs = list(run_dirs) if run_dirs is not None else [None] * len(saes)
+    if len(run_dirs) != len(saes):
+        raise ValueError(f"{len(saes)} SAEs but {len(run_dirs)} run directories")
+    cfgs = [resolve_config(cfg or CoreConfig(), s.cfg) for s in saes]
+    hooks = {str(s.cfg["hook_name"]) for s in saes}
+    if len(hooks) > 1 or any(c != cfgs[0] for c in cfgs):
+        raise ValueError("run_core_many evaluates SAEs of one hook and one resolved CoreConfig together: "
+                         f"got hooks {sorted(hooks)}; call it once per hook and dataset")
+    runs = [_CoreRun(s, lm, cfgs[0], rd) for s, rd in zip(saes, run_dirs, strict=True)]
+    hook = runs[0].hook
+    if reference is None:
+        reference = compute_reference(lm, hook, cfgs[0], quiet=quiet)
+    elif reference.key != reference_key(lm, hook, cfgs[0]):
+        raise ValueError(f"the core reference was computed for {reference.key}, not "
+                         f"{reference_key(lm, hook, cfgs[0])}: "
+                         "compute one per (model, hook, dataset, context size, token count)")
+    for r in runs:
+        r.start(reference)
+    label = run_dirs[0] if len(runs) == 1 else f"{len(runs)} SAEs"
+    with progress_bar(quiet, unit="seq") as bar:
+        task = bar.add_task(f"core {label or hook}", total=reference.n_sequences * len(runs))
+        for rb in reference.batches:
             ref_lp = rb.clean_logprobs
             if ref_lp is None:
-                ref_lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
-            ce_sae.append(_ce(lp[rb.ce_rows.to(lp.device)], rb.targets).cpu())
-            kl_sae.append(_kl(ref_lp, lp).cpu())
-            lp_seq = rb.lp_seq + rb.seq0
-            per_seq.add_scores(lp_seq, rb.ce_rows, rb.ce_clean, ce_sae[-1], rb.ce_zero, rb.kl_zero, kl_sae[-1])
-            del lp, ref_lp
-            bar.update(task, advance=b)
+                ref_lp = _scored_logprobs(logits(lm.model, rb.tokens.to(lm.device)), rb.lp_mask)
+            for r in runs:
+                r.add(rb, ref_lp)
+                bar.update(task, advance=len(rb.tokens))
+            del ref_lp
+    return [r.result(reference) for r in runs]
 
-    N = reference.n_tokens_scored
-    d_in = sae.d_in
-    density = (fire / N).cpu()
-    ev_ratio = 1.0 - _ratio(acc["sq_err"], reference.total_sq_dev)
-    saebench = cfg.compat == "saebench"
-    metrics: dict[str, float] = {
-        "mse": acc["sq_err"] / N if saebench else acc["sq_err"] / (N * d_in),
-        "explained_variance": acc["ev_legacy"] / N if saebench else ev_ratio,
-        "explained_variance_ratio": ev_ratio,
-        "explained_variance_legacy": acc["ev_legacy"] / N,
-        "cossim": acc["cos"] / N,
-        "l2_norm_in": acc["norm_in"] / N,
-        "l2_norm_out": acc["norm_out"] / N,
-        "l2_ratio": acc["ratio"] / N,
-        "relative_reconstruction_bias": _ratio(acc["xhat_sq"], acc["x_dot_xhat"]),
-        "l0": acc["l0"] / N,
-        "l1": acc["l1"] / N,
-        **_density_metrics(density, cfg.dense_threshold),
-    }
-    ce_with_sae = _mean(torch.cat(ce_sae).double())
-    kl_with_sae = _mean(torch.cat(kl_sae).double())
-    metrics.update({
-        "ce_loss_clean": reference.ce_clean,
-        "ce_loss_with_sae": ce_with_sae,
-        "ce_loss_zero_abl": reference.ce_zero,
-        "ce_loss_score": _ratio(reference.ce_zero - ce_with_sae, reference.ce_zero - reference.ce_clean),
-        "kl_div_with_sae": kl_with_sae,
-        "kl_div_with_ablation": reference.kl_zero,
-        "kl_div_score": _ratio(reference.kl_zero - kl_with_sae, reference.kl_zero),
-        "n_tokens_total": float(reference.n_tokens_total),
-        "n_tokens_scored": float(N),
-        "n_positions_ce": float(reference.n_positions_ce),
-        "n_positions_kl": float(reference.n_positions_kl),
-    })
-    es = reference.eval_set
-    stats = per_seq.finish()
-    per_source = {}
-    for src in sorted(set(es.doc_sources[i] for i in es.doc_of_seq)):
-        w = np.asarray([es.doc_sources[i] == src for i in es.doc_of_seq], dtype=np.float64)[None]
-        per_source[src] = {k: float(v[0]) for k, v in _aggregate(stats, w, saebench).items()}
-        per_source[src].update(n_documents=len({int(i) for i in es.doc_of_seq if es.doc_sources[i] == src}),
-                               n_sequences=int(w.sum()), n_tokens_scored=int((w @ stats["n"])[0]))
-    ci = _bootstrap_ci(stats, es.doc_of_seq, cfg.n_bootstrap, cfg.seed, saebench)
-    metrics.update({f"{k}_ci_{side}": v[j] for k, v in ci.items() for j, side in enumerate(("low", "high"))})
-    metrics["n_documents"] = float(es.n_documents)
-    metrics["frac_dead_eval"] = metrics["frac_dead"]
-    trained_dead = None if saebench else _training_dead_fraction(run_dir)
-    if trained_dead is not None:  # the run's own counter (never fired in its last dead_tokens tokens)
-        metrics["frac_dead"] = trained_dead
-    eval_config = {**asdict(cfg), "model_name": lm.model_id, "hook_name": hook,
-                   "llm_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
-                   "n_sequences": reference.n_sequences}
-    return {
-        "eval_type_id": EVAL_TYPE_ID,
-        "eval_config": eval_config,
-        "metrics": metrics,
-        "metric_categories": metric_categories(metrics),
-        "details": latent_details(sae, density, (fire / seq_fire).cpu()),
-        "unstructured": {
-            "run_dir": run_dir, "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
-            "hook_name": hook,
-            "dataset": cfg.dataset, "split": cfg.split, "exclude_special": cfg.exclude_special,
-            "compat": cfg.compat, "per_source": per_source,
-            "frac_dead_source": "training run (metrics.jsonl dead_fraction)" if trained_dead is not None
-            else "eval tokens (latents that never fired on them)",
-            "confidence_intervals": {"level": 0.95, "method": "percentile bootstrap over documents",
-                                     "n_bootstrap": cfg.n_bootstrap, "n_documents": es.n_documents},
-            "special_token_ids": lm.special_token_ids if cfg.exclude_special else [],
-            "clean_logprobs_cached": reference.extra.get("clean_logprobs_cached"),
-        },
-    }
+
+class _CoreRun:
+    """One SAE's running sums over the reference batches (:func:`run_core_many`)."""
+
+    SUMS = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1", "ev_legacy")
+
+    def __init__(self, sae: SAE, lm: LoadedModel, cfg: CoreConfig, run_dir: str | None) -> None:
+        check_compatible(sae.cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
+                         against="model", run_dir=run_dir)
+        self.hook = str(sae.cfg["hook_name"])
+        self.layer = layer_of_hook(self.hook)
+        self.sae, self.lm, self.cfg, self.run_dir = sae.to(lm.device), lm, cfg, run_dir
+
+    def start(self, reference: CoreReference) -> None:
+        dev, d_sae = self.lm.device, self.sae.d_sae
+        self.acc = dict.fromkeys(self.SUMS, 0.0)
+        self.fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+        self.seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
+        self.ce_sae: list[torch.Tensor] = []
+        self.kl_sae: list[torch.Tensor] = []
+        self.per_seq = _PerSeq(reference.n_sequences, self.sae.d_in)
+
+    def add(self, rb: _RefBatch, ref_lp: torch.Tensor) -> None:
+        """Add one batch; ``ref_lp`` are its clean log-probs at the scored positions ``[n_lp, vocab]``."""
+        sae, lm, acc, per_seq = self.sae, self.lm, self.acc, self.per_seq
+        dev, d_sae = lm.device, sae.d_sae
+        b, T, d = rb.acts.shape
+        x = rb.acts.to(dev)
+        m = rb.recon_mask.to(dev)
+        codes = sae.encode_sparse(x.reshape(-1, d))
+        x_hat = sae.decode_sparse(codes).reshape(b, T, d)
+        xs, xh = x[m].double(), x_hat[m].double()
+        n_in, n_out = xs.norm(dim=-1), xh.norm(dim=-1)
+        acc["sq_err"] += float(((xs - xh) ** 2).sum())
+        acc["cos"] += float(F.cosine_similarity(xs, xh, dim=-1, eps=1e-12).sum())
+        acc["ratio"] += float((n_out / n_in.clamp_min(1e-12)).sum())
+        acc["norm_in"] += float(n_in.sum())
+        acc["norm_out"] += float(n_out.sum())
+        acc["xhat_sq"] += float((n_out ** 2).sum())
+        acc["x_dot_xhat"] += float((xs * xh).sum())
+        # SAEBench core / SAELens explained_variance_legacy: per token, against this batch's mean
+        err = ((xs - xh) ** 2).sum(-1)
+        ev_tok = 1 - err / ((xs - xs.mean(0)) ** 2).sum(-1)
+        acc["ev_legacy"] += float(ev_tok.sum())
+        seq_of_tok = (torch.arange(b, device=dev)[:, None].expand(b, T)[m] + rb.seq0).cpu()
+        per_seq.add_tokens(seq_of_tok, xs.cpu(), err.cpu(), ev_tok.cpu())
+        mf = m.reshape(-1)
+        vals, idx = codes.vals[mf], codes.idx[mf]
+        active = vals > 0
+        acc["l0"] += float(active.sum())
+        per_seq.add("l0", seq_of_tok, active.sum(-1).double().cpu())
+        acc["l1"] += float(vals.abs().sum())
+        self.fire += torch.bincount(idx[active], minlength=d_sae).double()
+        seq_of = torch.arange(b, device=dev).repeat_interleave(T)[mf][:, None].expand_as(idx)
+        pairs = torch.unique(seq_of[active] * d_sae + idx[active])
+        self.seq_fire += torch.bincount(pairs % d_sae, minlength=d_sae).double()
+
+        ids = rb.tokens.to(dev)
+        with splice(lm.model, self.layer, _masked_patch(m, x_hat)):
+            lp = _scored_logprobs(logits(lm.model, ids), rb.lp_mask)
+        self.ce_sae.append(_ce(lp[rb.ce_rows.to(lp.device)], rb.targets).cpu())
+        self.kl_sae.append(_kl(ref_lp, lp).cpu())
+        lp_seq = rb.lp_seq + rb.seq0
+        per_seq.add_scores(lp_seq, rb.ce_rows, rb.ce_clean, self.ce_sae[-1], rb.ce_zero, rb.kl_zero, self.kl_sae[-1])
+        del lp
+
+    def result(self, reference: CoreReference) -> dict:
+        """The result dict of :func:`run_core` once every batch was added."""
+        sae, lm, cfg, run_dir, hook = self.sae, self.lm, self.cfg, self.run_dir, self.hook
+        acc, fire, seq_fire, ce_sae, kl_sae, per_seq = (self.acc, self.fire, self.seq_fire, self.ce_sae,
+                                                        self.kl_sae, self.per_seq)
+        N = reference.n_tokens_scored
+        d_in = sae.d_in
+        density = (fire / N).cpu()
+        ev_ratio = 1.0 - _ratio(acc["sq_err"], reference.total_sq_dev)
+        saebench = cfg.compat == "saebench"
+        metrics: dict[str, float] = {
+            "mse": acc["sq_err"] / N if saebench else acc["sq_err"] / (N * d_in),
+            "explained_variance": acc["ev_legacy"] / N if saebench else ev_ratio,
+            "explained_variance_ratio": ev_ratio,
+            "explained_variance_legacy": acc["ev_legacy"] / N,
+            "cossim": acc["cos"] / N,
+            "l2_norm_in": acc["norm_in"] / N,
+            "l2_norm_out": acc["norm_out"] / N,
+            "l2_ratio": acc["ratio"] / N,
+            "relative_reconstruction_bias": _ratio(acc["xhat_sq"], acc["x_dot_xhat"]),
+            "l0": acc["l0"] / N,
+            "l1": acc["l1"] / N,
+            **_density_metrics(density, cfg.dense_threshold),
+        }
+        ce_with_sae = _mean(torch.cat(ce_sae).double())
+        kl_with_sae = _mean(torch.cat(kl_sae).double())
+        metrics.update({
+            "ce_loss_clean": reference.ce_clean,
+            "ce_loss_with_sae": ce_with_sae,
+            "ce_loss_zero_abl": reference.ce_zero,
+            "ce_loss_score": _ratio(reference.ce_zero - ce_with_sae, reference.ce_zero - reference.ce_clean),
+            "kl_div_with_sae": kl_with_sae,
+            "kl_div_with_ablation": reference.kl_zero,
+            "kl_div_score": _ratio(reference.kl_zero - kl_with_sae, reference.kl_zero),
+            "n_tokens_total": float(reference.n_tokens_total),
+            "n_tokens_scored": float(N),
+            "n_positions_ce": float(reference.n_positions_ce),
+            "n_positions_kl": float(reference.n_positions_kl),
+        })
+        es = reference.eval_set
+        stats = per_seq.finish()
+        per_source = {}
+        for src in sorted(set(es.doc_sources[i] for i in es.doc_of_seq)):
+            w = np.asarray([es.doc_sources[i] == src for i in es.doc_of_seq], dtype=np.float64)[None]
+            per_source[src] = {k: float(v[0]) for k, v in _aggregate(stats, w, saebench).items()}
+            per_source[src].update(n_documents=len({int(i) for i in es.doc_of_seq if es.doc_sources[i] == src}),
+                                   n_sequences=int(w.sum()), n_tokens_scored=int((w @ stats["n"])[0]))
+        ci = _bootstrap_ci(stats, es.doc_of_seq, cfg.n_bootstrap, cfg.seed, saebench)
+        metrics.update({f"{k}_ci_{side}": v[j] for k, v in ci.items() for j, side in enumerate(("low", "high"))})
+        metrics["n_documents"] = float(es.n_documents)
+        metrics["frac_dead_eval"] = metrics["frac_dead"]
+        trained_dead = None if saebench else _training_dead_fraction(run_dir)
+        if trained_dead is not None:  # the run's own counter (never fired in its last dead_tokens tokens)
+            metrics["frac_dead"] = trained_dead
+        eval_config = {**asdict(cfg), "model_name": lm.model_id, "hook_name": hook,
+                       "llm_dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                       "n_sequences": reference.n_sequences}
+        return {
+            "eval_type_id": EVAL_TYPE_ID,
+            "eval_config": eval_config,
+            "metrics": metrics,
+            "metric_categories": metric_categories(metrics),
+            "details": latent_details(sae, density, (fire / seq_fire).cpu()),
+            "unstructured": {
+                "run_dir": run_dir, "model_id": lm.model_id, "model_fingerprint": lm.fingerprint,
+                "hook_name": hook,
+                "dataset": cfg.dataset, "split": cfg.split, "exclude_special": cfg.exclude_special,
+                "compat": cfg.compat, "per_source": per_source,
+                "frac_dead_source": "training run (metrics.jsonl dead_fraction)" if trained_dead is not None
+                else "eval tokens (latents that never fired on them)",
+                "confidence_intervals": {"level": 0.95, "method": "percentile bootstrap over documents",
+                                         "n_bootstrap": cfg.n_bootstrap, "n_documents": es.n_documents},
+                "special_token_ids": lm.special_token_ids if cfg.exclude_special else [],
+                "clean_logprobs_cached": reference.extra.get("clean_logprobs_cached"),
+            },
+        }
 
 
 class _PerSeq:

@@ -20,11 +20,10 @@ from .common import (
 from .core import (
     EVAL_TYPE_ID,
     CoreConfig,
-    CoreReference,
     compute_reference,
     reference_key,
     resolve_config,
-    run_core,
+    run_core_many,
 )
 from .registry import EvalContext, available_evals, eval_module
 from .results import get_metric, read_result, write_result
@@ -147,25 +146,31 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                                         dataset=attrs.get("dataset") if attrs else None,
                                         context_size=int(attrs["context_size"]) if attrs else None), sae_cfg)
         plan.append((run_dir, lm, cfg, str(sae_cfg["hook_name"])))
-    # pass 2: one shared clean/ablated reference per (model, hook, data), dropped after its last run
+    # pass 2: core for all runs of one (model, hook, data) together — one shared clean/ablated
+    # reference and one clean forward per batch for all of them (run_core_many), dropped when done
     keys = [reference_key(lm, hook, cfg) if lm is not None else (str(run_dir),) for run_dir, lm, cfg, hook in plan]
-    last_use = {k: i for i, k in enumerate(keys)}
-    references: dict[tuple, CoreReference] = {}
+    core_files: dict[int, tuple[Path, str]] = {}
+    if EVAL_TYPE_ID in evals:
+        stem = EVAL_TYPE_ID if compat == "ours" else f"{EVAL_TYPE_ID}_{compat}"
+        for rkey in dict.fromkeys(keys):
+            group = [i for i, k in enumerate(keys) if k == rkey]
+            _, lm, cfg, hook = plan[group[0]]
+            reference = compute_reference(lm, hook, cfg, quiet=quiet)
+            outs = run_core_many([saes[str(plan[i][0])] for i in group], lm, cfg, reference=reference,
+                                 quiet=quiet, run_dirs=[str(plan[i][0]) for i in group])
+            del reference
+            for i, out in zip(group, outs, strict=True):
+                res_dir = out_dirs[str(plan[i][0])]
+                write_result(res_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
+                             saes[str(plan[i][0])].cfg, out["unstructured"], file_stem=stem)
+                core_files[i] = (res_dir, stem)
     shared_cache: dict[tuple, object] = {}
     results: list[dict] = []
-    for i, ((run_dir, lm, cfg, hook), rkey) in enumerate(zip(plan, keys, strict=True)):
-        if EVAL_TYPE_ID in evals and rkey not in references:
-            references[rkey] = compute_reference(lm, hook, cfg, quiet=quiet)
+    for i, (run_dir, lm, cfg, hook) in enumerate(plan):
         sae = saes[str(run_dir)]
         res_dir = out_dirs[str(run_dir)]
-        if EVAL_TYPE_ID in evals:
-            out = run_core(sae, lm, cfg, reference=references[rkey], quiet=quiet, run_dir=str(run_dir))
-            stem = EVAL_TYPE_ID if compat == "ours" else f"{EVAL_TYPE_ID}_{compat}"
-            write_result(res_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
-                         sae.cfg, out["unstructured"], file_stem=stem)
-            results.append(read_result(res_dir, stem))
-        if last_use[rkey] == i:
-            references.pop(rkey, None)
+        if i in core_files:
+            results.append(read_result(*core_files[i]))
         ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),
                           context_size=int(cfg.context_size), run_dir=run_dir,
                           store_path=str(store) if store is not None else None, device=device, quiet=quiet,

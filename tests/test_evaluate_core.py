@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from sae.evaluate import evaluate_runs, print_comparison
 from sae.evaluate.common import IncompatibleSAEError, check_compatible
-from sae.evaluate.core import CoreConfig, compute_reference, resolve_config, run_core
+from sae.evaluate.core import CoreConfig, compute_reference, resolve_config, run_core, run_core_many
 from sae.evaluate.results import (
     REQUIRED_KEYS,
     ResultSchemaError,
@@ -232,6 +232,28 @@ def test_reference_is_checked_against_config(tiny_model_dir, tiny_lm):
     assert uncached["metrics"] == pytest.approx(a, rel=1e-6, abs=1e-9)
     with pytest.raises(ValueError, match="reference was computed for"):
         run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=2 * N_TOKENS), reference=ref)
+
+
+
+def test_many_saes_in_one_pass_equal_their_own_runs(tiny_model_dir, tiny_lm):
+    """run_core_many shares each batch's clean log-probs across SAEs; every result must be the one
+    its own run_core gives (over the cache budget, where the sharing matters, and under it)."""
+    saes = [topk_sae(tiny_model_dir, seed=s) for s in (0, 5)] + [identity_sae(tiny_model_dir)]
+    for gib in (0.0, 2.0):
+        cfg = resolve_config(CoreConfig(n_eval_tokens=N_TOKENS, max_cached_logprob_gib=gib), saes[0].cfg)
+        ref = compute_reference(tiny_lm, HOOK, cfg)
+        many = run_core_many(saes, tiny_lm, cfg, reference=ref)
+        for sae, got in zip(saes, many, strict=True):
+            want = run_core(sae, tiny_lm, cfg, reference=ref)
+            assert got["metrics"] == want["metrics"]
+            assert got["details"] == want["details"]
+        assert many[0]["metrics"]["explained_variance"] != many[1]["metrics"]["explained_variance"]
+        assert many[2]["metrics"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    other = topk_sae(tiny_model_dir, hook_name="blocks.0.hook_resid_post", hook_layer=0)
+    with pytest.raises(ValueError, match="one hook"):
+        run_core_many([saes[0], other], tiny_lm, cfg)
+    with pytest.raises(ValueError, match="at least one"):
+        run_core_many([], tiny_lm, cfg)
 
 
 # -- compatibility -----------------------------------------------------------------------------------
