@@ -542,3 +542,16 @@ def test_core_reports_document_bootstrap_cis_per_source_metrics_and_the_training
     # without a training log (an imported SAE), frac_dead is the eval's own
     m2 = run_core(sae, tiny_lm, CoreConfig(n_eval_tokens=n, n_bootstrap=0))["metrics"]
     assert m2["frac_dead"] == m2["frac_dead_eval"] and "explained_variance_ci_low" not in m2
+
+
+def test_kl_by_row_chunks_is_the_definition() -> None:
+    """_kl works ``rows`` rows at a time; it must equal Σ_v p (log p − log q) computed densely in float64."""
+    from sae.evaluate.core import _kl
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(131, 50, generator=g), -1)
+    q = torch.log_softmax(torch.randn(131, 50, generator=g), -1)
+    want = (p.double().exp() * (p.double() - q.double())).sum(-1)
+    for rows in (1, 7, 64, 500):
+        assert torch.allclose(_kl(p, q, rows=rows).double(), want, atol=1e-6)
+    assert _kl(p[:0], q[:0]).shape == (0,)
