@@ -30,7 +30,9 @@ class _Rate(TextColumn):
         from rich.text import Text
 
         speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} {self.unit}/s" if speed else f"? {self.unit}/s", style="cyan")
+        if not speed:
+            return Text(f"? {self.unit}/s", style="cyan")
+        return Text((f"{speed:,.0f}" if speed >= 10 else f"{speed:.2g}") + f" {self.unit}/s", style="cyan")
 
 
 class _Progress(Progress):
@@ -74,7 +76,8 @@ class _Progress(Progress):
         eta = (total - task.completed) / rate if rate > 0 and total else None
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
         desc = task.description.split(" EV ")[0]
-        print(f"{desc}: {task.completed:,.0f}/{total:,.0f} {self.unit} ({100 * frac:.1f} %), {rate:,.0f} "
+        rate_s = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # slow loops: "0.19 seq/s", not "0"
+        print(f"{desc}: {task.completed:,.0f}/{total:,.0f} {self.unit} ({100 * frac:.1f} %), {rate_s} "
               f"{self.unit}/s since this loop started, ETA {eta_s}", file=sys.stdout, flush=True)
 
 
