@@ -21,6 +21,11 @@ PLAIN_INTERVAL_S = 30.0
 PLAIN_STEP = 0.05
 
 
+def rate_text(rate: float) -> str:
+    """A rate for display: whole numbers from 10/s up, two significant digits below ("0.19", not "0")."""
+    return f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+
+
 class _Rate(TextColumn):
     def __init__(self, unit: str) -> None:
         super().__init__("")
@@ -32,7 +37,7 @@ class _Rate(TextColumn):
         speed = task.finished_speed or task.speed
         if not speed:
             return Text(f"? {self.unit}/s", style="cyan")
-        return Text((f"{speed:,.0f}" if speed >= 10 else f"{speed:.2g}") + f" {self.unit}/s", style="cyan")
+        return Text(f"{rate_text(speed)} {self.unit}/s", style="cyan")
 
 
 class _Progress(Progress):
@@ -76,8 +81,7 @@ class _Progress(Progress):
         eta = (total - task.completed) / rate if rate > 0 and total else None
         eta_s = f"{int(eta // 60)}m{int(eta % 60):02d}s" if eta is not None else "?"
         desc = task.description.split(" EV ")[0]
-        rate_s = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"  # slow loops: "0.19 seq/s", not "0"
-        print(f"{desc}: {task.completed:,.0f}/{total:,.0f} {self.unit} ({100 * frac:.1f} %), {rate_s} "
+        print(f"{desc}: {task.completed:,.0f}/{total:,.0f} {self.unit} ({100 * frac:.1f} %), {rate_text(rate)} "
               f"{self.unit}/s since this loop started, ETA {eta_s}", file=sys.stdout, flush=True)
 
 

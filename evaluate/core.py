@@ -351,16 +351,17 @@ def run_core_many(saes: list[SAE], lm: LoadedModel, cfg: CoreConfig | None = Non
     if len(hooks) > 1 or any(c != cfgs[0] for c in cfgs):
         raise ValueError("run_core_many evaluates SAEs of one hook and one resolved CoreConfig together: "
                          f"got hooks {sorted(hooks)}; call it once per hook and dataset")
-    runs = [_CoreRun(s, lm, cfgs[0], rd) for s, rd in zip(saes, run_dirs, strict=True)]
-    hook = runs[0].hook
+    for s, rd in zip(saes, run_dirs, strict=True):  # before any forward pass
+        check_compatible(s.cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
+                         against="model", run_dir=rd)
+    hook = hooks.pop()
     if reference is None:
         reference = compute_reference(lm, hook, cfgs[0], quiet=quiet)
     elif reference.key != reference_key(lm, hook, cfgs[0]):
         raise ValueError(f"the core reference was computed for {reference.key}, not "
                          f"{reference_key(lm, hook, cfgs[0])}: "
                          "compute one per (model, hook, dataset, context size, token count)")
-    for r in runs:
-        r.start(reference)
+    runs = [_CoreRun(s, lm, cfgs[0], rd, reference) for s, rd in zip(saes, run_dirs, strict=True)]
     label = run_dirs[0] if len(runs) == 1 else f"{len(runs)} SAEs"
     with progress_bar(quiet, unit="seq") as bar:
         task = bar.add_task(f"core {label or hook}", total=reference.n_sequences * len(runs))
@@ -380,15 +381,12 @@ class _CoreRun:
 
     SUMS = ("sq_err", "cos", "ratio", "norm_in", "norm_out", "xhat_sq", "x_dot_xhat", "l0", "l1", "ev_legacy")
 
-    def __init__(self, sae: SAE, lm: LoadedModel, cfg: CoreConfig, run_dir: str | None) -> None:
-        check_compatible(sae.cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
-                         against="model", run_dir=run_dir)
+    def __init__(self, sae: SAE, lm: LoadedModel, cfg: CoreConfig, run_dir: str | None,
+                 reference: CoreReference) -> None:
         self.hook = str(sae.cfg["hook_name"])
         self.layer = layer_of_hook(self.hook)
         self.sae, self.lm, self.cfg, self.run_dir = sae.to(lm.device), lm, cfg, run_dir
-
-    def start(self, reference: CoreReference) -> None:
-        dev, d_sae = self.lm.device, self.sae.d_sae
+        dev, d_sae = lm.device, sae.d_sae
         self.acc = dict.fromkeys(self.SUMS, 0.0)
         self.fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
         self.seq_fire = torch.zeros(d_sae, dtype=torch.float64, device=dev)
