@@ -11,16 +11,19 @@ The batch stream is a pure function of ``(store, hook, seed, mix_chunks)``:
 So the only resume state is ``rows_consumed`` — the store cursor saved in checkpoints, and neither
 the number of decode threads nor the device changes a single value.
 
-Pipeline: a pool of ``read_workers`` threads (default ``os.cpu_count()``; Blosc and the crc32c
-check release the GIL) fetches and decompresses the chunks of the next ``prefetch`` windows at once
-(remote stores are never read one round-trip at a time). A producer thread assembles each window in
-order and shuffles its rows *in their stored form* (int8/fp8 codes + row scales, bf16/fp16 bits). On
-the CPU the window is then dequantised there. On CUDA it is staged in pinned memory, copied
-with ``non_blocking=True`` on a side stream (1–2 bytes per value instead of 4: 2–4× less PCIe
-traffic for bf16/int8/fp8 stores), dequantised and scaled on the GPU on that stream, and handed to
-the training stream through a CUDA event, with ``prefetch`` windows in flight: transfer overlaps
-compute, and the host never waits. Dequantisation is elementwise, so CPU and GPU streams hold the
-same values.
+Pipeline: a pool of ``read_workers`` threads (default ``os.cpu_count()``) fetches and decompresses
+the chunks of the next windows at once (remote stores are never read one round-trip at a time),
+each straight from the chunk objects into its own reused buffers (:mod:`.chunk_decode`: no Zarr
+event loop and no fresh allocation per chunk; Blosc releases the GIL), and copies the chunk's rows
+*in their stored form* (int8/fp8 codes + row scales, bf16/fp16 bits: 1–2 bytes per value) to their
+shuffled positions in the window. A producer thread finishes the windows in order. On the CPU it
+dequantises and scales each window there (one elementwise pass over the stored form: less memory
+traffic than dequantising chunk by chunk before the shuffle). On CUDA the window is already in
+pinned memory; it is copied with ``non_blocking=True`` on a side stream (2–4× less PCIe traffic
+than float32 for bf16/int8/fp8 stores), dequantised and scaled on the GPU on that stream, and
+handed to the training stream through a CUDA event, with ``prefetch`` windows in flight: transfer
+overlaps compute, and the host never waits. Dequantisation is elementwise, so CPU and GPU streams
+hold the same values.
 
 Before and after reading a window the store's identity is checked, so a store replaced underneath
 (a teammate's ``--overwrite``) stops training with one line instead of mixing two stores' data.
@@ -38,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .chunk_decode import ChunkScratch
 from .reader import ActivationStore
 
 
@@ -84,9 +88,7 @@ class ShuffledBatches:
         if self.rows_per_epoch == 0:
             raise ValueError(f"{store.path} has no non-special rows to train on")
         self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
-        self.dequantize_late = self.device.type == "cuda"
-        """Shuffle the stored form and dequantise after (on the device): True on CUDA. On the CPU
-        chunks are dequantised in the decode threads; both give the same values."""
+        self._tls = threading.local()  # per decode thread: reused chunk buffers (ChunkScratch)
 
     def _windows(self, epoch: int) -> list[np.ndarray]:
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
@@ -121,46 +123,49 @@ class ShuffledBatches:
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(n)
         codec = self.store.codec
-        late = self.dequantize_late
         raw_dtype = {"int8": torch.int8, "fp8": torch.uint8}.get(codec.name) or (
             {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(codec.dtype, torch.float32))
         pin = self.device.type == "cuda"  # staged in pinned memory: the H2D copy can be asynchronous
-        out = torch.empty(n, self.store.d_model, dtype=raw_dtype if late else torch.float32, pin_memory=pin)
-        sc_out = torch.empty(n, dtype=torch.float32, pin_memory=pin) if late and codec.has_scale else None
+        # one spare row at the end: every chunk row is copied, special rows all onto row n (dropped)
+        out = torch.empty(n + 1, self.store.d_model, dtype=raw_dtype, pin_memory=pin)
+        sc_out = torch.empty(n + 1, dtype=torch.float32, pin_memory=pin) if codec.has_scale else None
         item = torch.empty((), dtype=raw_dtype).element_size()
         self.bytes_read += n * self.store.d_model * item + (4 * n if codec.has_scale else 0)
-        self.bytes_staged += out.numel() * out.element_size() + (4 * n if sc_out is not None else 0)
+        self.bytes_staged += n * self.store.d_model * out.element_size() + (4 * n if sc_out is not None else 0)
         self.store.check_unchanged()  # before reading: the store we opened
         futs, off = [], 0
         for c, m in zip(chunks, sizes, strict=True):
-            futs.append(pool.submit(self._read_into, c, inv[off:off + m], out, sc_out))
+            valid = self._valid_t[c]
+            dest = torch.full((len(valid),), n, dtype=torch.int64)  # window row of each chunk row
+            dest[valid] = inv[off:off + m]
+            futs.append(pool.submit(self._read_into, c, dest, out, sc_out))
             off += m
         return out, sc_out, futs
 
     def _read_into(self, c: int, dest: torch.Tensor, out: torch.Tensor, sc_out: torch.Tensor | None) -> None:
-        """Decode chunk ``c``'s valid rows into ``out[dest]`` (disjoint rows per chunk: thread-safe)."""
-        raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(c))
-        keep = self._valid_t[c]
-        raw, sc = raw[keep], (sc[keep] if sc is not None else None)  # copies: ours to modify
-        if self.dequantize_late:
-            out.index_copy_(0, dest, raw)
-            if sc_out is not None:
-                sc_out.index_copy_(0, dest, sc)
-            return
-        x = self.store.codec.dequantize(raw, sc)
-        out.index_copy_(0, dest, x.mul_(self.scale) if self.scale != 1.0 else x)
+        """Decode chunk ``c`` into ``out[dest]`` (``dest``: a window row per chunk row, the spare last
+        row for special rows; other chunks' rows are disjoint: thread-safe). The chunk is decoded
+        into this thread's reused buffers (no fresh allocation per chunk)."""
+        raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(c), scratch=self._scratch())
+        out.index_copy_(0, dest, raw)
+        if sc_out is not None:
+            sc_out.index_copy_(0, dest, sc)
+
+    def _scratch(self) -> ChunkScratch:
+        tls = self._tls
+        if not hasattr(tls, "scratch"):
+            tls.scratch = ChunkScratch()
+        return tls.scratch
 
     def _finish_window(self, out: torch.Tensor, sc_out: torch.Tensor | None, futs: list[Future]
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         for f in futs:
             f.result()  # raises a chunk's error (e.g. corruption) here
         self.store.check_unchanged()  # unchanged after: every chunk came from the store we opened
-        return out, sc_out
+        return out[:-1], (sc_out[:-1] if sc_out is not None else None)  # without the spare row
 
     def _finish(self, raw: torch.Tensor, sc: torch.Tensor | None) -> torch.Tensor:
-        """Dequantise and scale a window still in stored form (the late path); else it is final."""
-        if not self.dequantize_late:
-            return raw
+        """Dequantise and scale a window (stored form → float32, on the device it is on)."""
         x = self.store.codec.dequantize(raw, sc)  # ``raw`` is the window's own buffer: in place is safe
         return x.mul_(self.scale) if self.scale != 1.0 else x
 

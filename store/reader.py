@@ -11,6 +11,7 @@ import torch
 import zarr
 
 from ..errors import SaeError
+from .chunk_decode import ChunkScratch, DirectChunks
 from .codecs import CodecSpec
 from .format import (
     READABLE_VERSIONS,
@@ -227,21 +228,53 @@ class ActivationStore:
         """Decode rows ``[start, stop)`` → float32 ``[stop - start, d_model]`` (raw units)."""
         return self.codec.dequantize(*self.read_rows_stored(hook_name, start, stop))
 
-    def read_rows_stored(self, hook_name: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def read_rows_stored(self, hook_name: str, start: int, stop: int, scratch: ChunkScratch | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows ``[start, stop)`` decompressed but not converted: ``(raw, scale)`` of
-        :meth:`CodecSpec.as_tensors` (finish with ``self.codec.dequantize``, on any device)."""
+        :meth:`CodecSpec.as_tensors` (finish with ``self.codec.dequantize``, on any device).
+
+        Whole chunks (the loader's reads) are decoded directly (:mod:`.chunk_decode`: no Zarr event
+        loop, the same bytes); with ``scratch`` into its reused buffers, so the result is then only
+        valid until the next read with that scratch. Anything else goes through Zarr.
+
+        Raises:
+            StoreError: a corrupt chunk (checksum, compression or size), naming ``sae store verify``.
+        """
         try:
-            stored = np.asarray(self.array(hook_name)[start:stop])
-            scale = (np.asarray(self.array(scale_array_name(hook_name))[start:stop])
-                     if self.codec.has_scale else None)
+            stored = self._read_direct(hook_name, start, stop, scratch)
+            if stored is None:
+                stored = np.asarray(self.array(hook_name)[start:stop])
+            scale = None
+            if self.codec.has_scale:
+                name = scale_array_name(hook_name)
+                scale = self._read_direct(name, start, stop, scratch)
+                if scale is None:
+                    scale = np.asarray(self.array(name)[start:stop])
         except KeyError:
             raise
-        except Exception as e:
+        except Exception as e:  # FileNotFoundError included: every chunk of ours is stored
             chunk = start // self.chunk_tokens
             raise StoreError(f"corrupt chunk {chunk} of {self.path}/{hook_name} (rows {start}:{stop}; "
                              f"{e.__class__.__name__}): run `sae store verify {self.path}`, then restore or "
                              "re-harvest the store") from None
         return self.codec.as_tensors(stored, scale)
+
+    def _direct(self, name: str) -> DirectChunks | None:
+        cache = self.__dict__.setdefault("_direct_chunks", {})
+        if name not in cache:
+            cache[name] = DirectChunks.for_array(name, self.array(name))
+        return cache[name]
+
+    def _read_direct(self, name: str, start: int, stop: int, scratch: ChunkScratch | None) -> np.ndarray | None:
+        """Rows ``[start, stop)`` of array ``name`` when they are exactly one chunk of an array
+        :class:`DirectChunks` decodes; else None (read through Zarr). A missing chunk object raises."""
+        direct = self._direct(name)
+        if direct is None or direct.chunk_rows != self.chunk_tokens:
+            return None
+        i, rem = divmod(start, direct.chunk_rows)
+        if rem or stop != min(start + direct.chunk_rows, direct.shape[0]):
+            return None
+        return direct.read(self.loc, i, scratch)
 
     def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
         """Decoded chunk ``i`` → float32 ``[rows, d_model]``."""
