@@ -3,7 +3,8 @@
 #   1. the CUDA tests (`pytest -m cuda`): pinned/non-blocking loader with on-GPU dequantisation,
 #      sync-free TopK step (torch.cuda.set_sync_debug_mode("error")), bf16 autocast;
 #   2. benchmarks/scale.py at full size (gemma-2-2b shapes, random weights) →
-#      benchmarks/results/<date>-<gpu>.json (and a copy in $OUT when set, as the device tool returns it).
+#      benchmarks/results/<date>-<gpu>.json (and a copy in $OUT when set, as the device tool returns it);
+#   3. torch.compile of the step at d_sae 16 384 (fp32), interleaved with eager → <date>-<gpu>-compile.json.
 # Run from anywhere:  bash benchmarks/device.sh
 # Packages the GPU image lacks (zarr, numcodecs, donfig, google-crc32c) travel as wheels in .whl/
 # (make them here with `bash benchmarks/device_wheels.sh`).
@@ -25,6 +26,9 @@ mkdir -p benchmarks/results
 status=0
 timeout 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_scale.py 2>&1 | tee /tmp/cuda-tests.log || status=1
 timeout 330 "$PY" benchmarks/scale.py --json "$out" 2>&1 | tee /tmp/scale.log || status=1
-if [ -n "${OUT:-}" ]; then cp -f "$out" /tmp/cuda-tests.log /tmp/scale.log "$OUT"/ 2>/dev/null || true; fi
+comp="${out%.json}-compile.json"  # optional: a failure here does not fail the script
+timeout 120 "$PY" benchmarks/scale.py --skip harvest,read,sweep --compile --step-shape 2304,16384,64,4096 \
+  --json "$comp" 2>&1 | tee /tmp/compile.log || true
+if [ -n "${OUT:-}" ]; then cp -f "$out" "$comp" /tmp/cuda-tests.log /tmp/scale.log /tmp/compile.log "$OUT"/ 2>/dev/null || true; fi
 echo "results: $out"
 exit $status

@@ -217,10 +217,40 @@ def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
                          "tokens_per_s": B / t, "flops_per_s": step_flops(B, D, F, k) / t, "gemm_flops_per_s": rate,
                          "executed_flop_ratio": step_flops(B, D, F, k) / t / rate,
                          "step_s_10pct_dead": t_dead, "auxk_cost_ratio": t_dead / t})
+            if s.get("compile") and mode == "none":
+                rows[-1].update(compiled_step(tr, xs, s["step_repeats"], dev))
             del tr
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def compiled_step(tr: Trainer, xs: list[torch.Tensor], repeats: int, dev: torch.device) -> dict[str, Any]:
+    """``torch.compile`` of the step's forward and loss (``Trainer.losses``) against the same trainer
+    eager, interleaved step by step (after the compile): ``{"compiled_step_s", "eager_step_s",
+    "compile_speedup"}`` (eager ÷ compiled, > 1 = compile helps) and the compile time."""
+    tr.tokens_since_fired.zero_()
+    tr.refresh_aux_capacity()  # dead-free, as the main measurement
+    eager = tr.losses
+    compiled = torch.compile(eager)
+    t0 = time.perf_counter()
+    tr.losses = compiled
+    for i in range(2):
+        tr.step(xs[i % 2], sync=False)
+    sync(dev)
+    compile_s = time.perf_counter() - t0
+    te, tc = [], []
+    for i in range(repeats):
+        for fn, acc in ((eager, te), (compiled, tc)):
+            tr.losses = fn
+            sync(dev)
+            t1 = time.perf_counter()
+            tr.step(xs[i % 2], sync=False)
+            sync(dev)
+            acc.append(time.perf_counter() - t1)
+    tr.losses = eager
+    e, c = statistics.median(te), statistics.median(tc)
+    return {"compiled_step_s": c, "eager_step_s": e, "compile_speedup": e / c, "compile_s": compile_s}
 
 
 def bench_sweep(store_path: str, s: dict[str, Any], dev: torch.device, out: Path) -> dict[str, Any]:
@@ -244,6 +274,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="interleaved (bare, harvest) pairs")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: harvest,read,step,sweep")
     ap.add_argument("--json", default=None, help="also write the results as JSON here")
+    ap.add_argument("--compile", action="store_true", help="also time the fp32 step with torch.compile(Trainer.losses)")
     ap.add_argument("--step-shape", default=None, help="D_IN,D_SAE,K,BATCH: time the step at this one shape "
                                                          "(e.g. 640,5120,32,4096; the other parts still run)")
     a = ap.parse_args()
@@ -251,6 +282,7 @@ def main() -> None:
     if a.step_shape:
         d_in, d_sae, k, b = (int(v) for v in a.step_shape.split(","))
         s.update(step_d_in=d_in, d_sae=[d_sae], k=k, batch=b)
+    s["compile"] = a.compile
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
     skip = {p.strip() for p in a.skip.split(",") if p.strip()}
@@ -297,6 +329,10 @@ def main() -> None:
                       f"= {row['executed_flop_ratio']:.2f} of the measured GEMM rate "
                       f"({row['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s); with 10 % dead latents (AuxK) "
                       f"{row['auxk_cost_ratio']:.2f}x the step")
+                if "compile_speedup" in row:
+                    print(f"  torch.compile(Trainer.losses): {row['compiled_step_s'] * 1e3:.1f} ms vs eager "
+                          f"{row['eager_step_s'] * 1e3:.1f} ms per step (interleaved): {row['compile_speedup']:.2f}x "
+                          f"(compile {row['compile_s']:.0f} s)")
         if "read" in res and "step" in res:
             best = max(res["read"]["tokens_per_s"].values())
             res["read_over_demand"] = {f"{r['d_sae']}/{r['autocast']}": best / r["tokens_per_s"] for r in res["step"]}
