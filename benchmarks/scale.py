@@ -13,13 +13,15 @@ Parts (every number measured in this one run, side by side):
    library's own source (present on every machine) with a byte-level BPE tokenizer trained on it
    in a few seconds; token ids only index the embedding, so the FLOPs are those of gemma-2-2b.
 2. **read**: the shuffled loader over the harvested store (bf16, Blosc-zstd) with 1, 2, 4 … N decode
-   threads, tokens/s.
+   threads, tokens/s: the median of 3 interleaved rounds, and the N-vs-1 speedup paired by round.
 3. **step**: one TopK training step (no dead latents, then 10 % dead so AuxK runs) at ``d_in``,
    ``d_sae`` ∈ {16 384, 65 536}, ``k`` 64, ``B`` 4096, in tokens/s; its counted FLOPs
    (``2·B·d_in·d_sae`` for the encoder GEMM plus ``10·B·k·d_in`` for the sparse encoder backward
    and the decoder forward/backward) per second, as a fraction of the measured dense GEMM rate of
    the same ``[B, d_in] × [d_in, d_sae]`` product ("executed-FLOP ratio"); the AuxK cost as the
    step time with 10 % dead latents ÷ without; fp32, and on CUDA also ``--autocast bf16`` against the bf16 GEMM rate.
+   Both ratios are paired within each of 3 rounds (step, GEMM, dead step) and printed as the median
+   with every round's value: on a shared 2-core machine one round alone can be off by 20 %.
 4. **sweep**: 8 TopK SAEs trained from one stream (``train_many``) vs the same 8 trained one after
    another: wall time, store bytes decoded, and the per-SAE throughput ratio.
 5. **read ÷ demand**: read rate at N threads ÷ the single-SAE training rate of part 3.
@@ -59,10 +61,12 @@ from sae.train.trainer import Trainer
 
 FULL = dict(d_model=2304, layers=13, layer=12, heads=8, kv_heads=4, head_dim=256, mlp=9216, vocab=256_000,
             harvest_tokens=262_144, context=1024, harvest_batch=16, d_sae=[16_384, 65_536], k=64, batch=4096,
-            step_repeats=20, read_batches=128, sweep_d_sae=16_384, sweep_steps=24, chunk_tokens=16_384)
+            step_repeats=10, step_rounds=3, read_batches=128, read_warmup=8, read_rounds=3,
+            sweep_d_sae=16_384, sweep_steps=24, chunk_tokens=16_384)
 SMALL = dict(d_model=2304, layers=1, layer=0, heads=8, kv_heads=4, head_dim=256, mlp=2304, vocab=4096,
              harvest_tokens=8192, context=128, harvest_batch=16, d_sae=[4096, 8192], k=32, batch=2048,
-             step_repeats=5, read_batches=32, sweep_d_sae=1024, sweep_steps=4, chunk_tokens=1024)
+             step_repeats=3, step_rounds=3, read_batches=48, read_warmup=8, read_rounds=3,
+             sweep_d_sae=1024, sweep_steps=4, chunk_tokens=1024)
 """``--small``: gemma-2-2b's width (so the store read is at d_model 2304) but one layer with a
 2304-wide MLP, and small SAEs: under a minute on 2 CPU cores."""
 
@@ -158,24 +162,35 @@ def bench_harvest(s: dict[str, Any], lm: LoadedModel, corpus: Path, out: Path, r
 
 
 def bench_read(store_path: str, s: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """Shuffled-read tokens/s with 1, 2, 4 … N decode threads, in ``read_rounds`` interleaved rounds
+    (1, 2, …, N, 1, 2, …): a slow phase of the machine then hits every thread count, and the N-vs-1
+    ratio is paired within a round. Each measurement first drains the loader's read-ahead
+    (``read_warmup`` batches), so it times decoding, not the queue filled before the clock started."""
     store = ActivationStore(store_path)
     hook = hook_name_for(s["layer"])
     n = os.cpu_count() or 1
     counts = sorted({1, *[2 ** i for i in range(1, 8) if 2 ** i < n], n})
-    out: dict[str, Any] = {"d_model": store.d_model, "codec": f"{store.attrs['codec']} {store.attrs['dtype']}",
-                           "batch": s["batch"], "tokens_per_s": {}}
-    for w in counts:
-        loader = ShuffledBatches(store, hook, s["batch"], seed=1, device=dev, read_workers=w)
-        it = iter(loader)
-        next(it)  # pipeline started
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(s["read_batches"]):
-            next(it)
-        sync(dev)
-        out["tokens_per_s"][w] = s["read_batches"] * s["batch"] / (time.perf_counter() - t0)
-        it.close()
-    return out
+    per: dict[int, list[float]] = {w: [] for w in counts}
+    for _ in range(s["read_rounds"]):
+        for w in counts:
+            loader = ShuffledBatches(store, hook, s["batch"], seed=1, device=dev, read_workers=w)
+            it = iter(loader)
+            for _ in range(s["read_warmup"]):
+                next(it)
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(s["read_batches"]):
+                next(it)
+            sync(dev)
+            per[w].append(s["read_batches"] * s["batch"] / (time.perf_counter() - t0))
+            it.close()
+    top = counts[-1]
+    paired = [a / b for a, b in zip(per[top], per[1], strict=True)]
+    return {"d_model": store.d_model, "codec": f"{store.attrs['codec']} {store.attrs['dtype']}",
+            "batch": s["batch"], "rounds": s["read_rounds"],
+            "tokens_per_s": {w: statistics.median(v) for w, v in per.items()},
+            "tokens_per_s_rounds": per, "max_threads": top,
+            "speedup_max_vs_1": statistics.median(paired), "speedup_max_vs_1_rounds": paired}
 
 
 def step_flops(B: int, d_in: int, d_sae: int, k: int) -> float:
@@ -192,31 +207,48 @@ def gemm_rate(B: int, d_in: int, d_sae: int, dtype: torch.dtype, dev: torch.devi
 
 
 def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
+    """The TopK step at each shape, in ``step_rounds`` rounds of (dead-free step, dense GEMM rate,
+    step with 10 % dead latents), each a median over ``step_repeats`` calls. The executed-FLOP ratio
+    and the AuxK cost are paired within a round (a slow phase of the machine hits both sides) and
+    reported as the median over rounds, with every round's value beside it."""
     D, B, k = s.get("step_d_in", s["d_model"]), s["batch"], s["k"]
     rows = []
     modes = ["none", "bf16"] if dev.type == "cuda" else ["none"]
     for F in s["d_sae"]:
         for mode in modes:
             tr = Trainer(TrainConfig(d_sae=F, k=k, batch_size=B, autocast=mode), d_in=D, total_steps=10**6, device=dev)
+            tr.cfg.dead_tokens = 10**12
             xs = [torch.randn(B, D, device=dev) for _ in range(2)]
             i = itertools.count()
-            t = timed(lambda tr=tr, xs=xs, i=i: tr.step(xs[next(i) % 2], sync=False), s["step_repeats"], dev, warmup=2)
-            rate = gemm_rate(B, D, F, torch.bfloat16 if mode == "bf16" else torch.float32, dev)
             n_dead = F // 10
-            tr.cfg.dead_tokens = 10**12
+            flops = step_flops(B, D, F, k)
+
+            def clean_step(tr=tr, xs=xs, i=i) -> None:
+                tr.step(xs[next(i) % 2], sync=False)
 
             def dead_step(tr=tr, xs=xs, i=i, n_dead=n_dead) -> None:  # 10 % of the latents dead: AuxK on
                 tr.tokens_since_fired.zero_()
                 tr.tokens_since_fired[:n_dead] = 2 * 10**12
                 tr.step(xs[next(i) % 2], sync=False)
 
-            tr.tokens_since_fired[:n_dead] = 2 * 10**12
-            tr.refresh_aux_capacity()
-            t_dead = timed(dead_step, s["step_repeats"], dev, warmup=1)
-            rows.append({"d_in": D, "d_sae": F, "k": k, "batch": B, "autocast": mode, "step_s": t,
-                         "tokens_per_s": B / t, "flops_per_s": step_flops(B, D, F, k) / t, "gemm_flops_per_s": rate,
-                         "executed_flop_ratio": step_flops(B, D, F, k) / t / rate,
-                         "step_s_10pct_dead": t_dead, "auxk_cost_ratio": t_dead / t})
+            t_clean, rates, t_dead = [], [], []
+            for _ in range(s["step_rounds"]):
+                tr.tokens_since_fired.zero_()
+                tr.refresh_aux_capacity()  # no dead latent: AuxK off
+                t_clean.append(timed(clean_step, s["step_repeats"], dev, warmup=2))
+                rates.append(gemm_rate(B, D, F, torch.bfloat16 if mode == "bf16" else torch.float32, dev))
+                tr.tokens_since_fired[:n_dead] = 2 * 10**12
+                tr.refresh_aux_capacity()
+                t_dead.append(timed(dead_step, s["step_repeats"], dev, warmup=1))
+            ratios = [flops / t / r for t, r in zip(t_clean, rates, strict=True)]
+            aux = [d / t for d, t in zip(t_dead, t_clean, strict=True)]
+            t = statistics.median(t_clean)
+            rows.append({"d_in": D, "d_sae": F, "k": k, "batch": B, "autocast": mode, "rounds": s["step_rounds"],
+                         "step_s": t, "tokens_per_s": B / t, "flops_per_s": flops / t,
+                         "gemm_flops_per_s": statistics.median(rates),
+                         "executed_flop_ratio": statistics.median(ratios), "executed_flop_ratio_rounds": ratios,
+                         "step_s_10pct_dead": statistics.median(t_dead),
+                         "auxk_cost_ratio": statistics.median(aux), "auxk_cost_ratio_rounds": aux})
             if s.get("compile") and mode == "none":
                 rows[-1].update(compiled_step(tr, xs, s["step_repeats"], dev))
             del tr
@@ -265,6 +297,10 @@ def bench_sweep(store_path: str, s: dict[str, Any], dev: torch.device, out: Path
             "separate_bytes_read": alone_bytes,
             # per-SAE throughput of the sweep ÷ that of one run = (8 runs' time) ÷ (sweep time)
             "per_sae_throughput_ratio": alone_s / sweep_s}
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 def main() -> None:
@@ -317,9 +353,10 @@ def main() -> None:
             r = bench_read(store, s, dev)
             res["read"] = r
             rates = r["tokens_per_s"]
-            print(f"store read ({r['codec']}, d_model {r['d_model']}): " +
+            print(f"store read ({r['codec']}, d_model {r['d_model']}, median of {r['rounds']} interleaved rounds): " +
                   ", ".join(f"{w} thread(s) {v:,.0f} tokens/s" for w, v in rates.items()) +
-                  f"; {max(rates)} vs 1 thread: {rates[max(rates)] / rates[1]:.2f}x")
+                  f"; {r['max_threads']} vs 1 thread, paired by round: {r['speedup_max_vs_1']:.2f}x "
+                  f"(rounds: {_fmt(r['speedup_max_vs_1_rounds'])})")
         if "step" not in skip:
             res["step"] = bench_step(s, dev)
             for row in res["step"]:
@@ -327,8 +364,10 @@ def main() -> None:
                       f"{row['autocast']}: {row['tokens_per_s']:,.0f} tokens/s, "
                       f"{row['flops_per_s'] / 1e9:,.1f} GFLOP/s "
                       f"= {row['executed_flop_ratio']:.2f} of the measured GEMM rate "
-                      f"({row['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s); with 10 % dead latents (AuxK) "
-                      f"{row['auxk_cost_ratio']:.2f}x the step")
+                      f"({row['gemm_flops_per_s'] / 1e9:,.1f} GFLOP/s; "
+                      f"rounds: {_fmt(row['executed_flop_ratio_rounds'])}); "
+                      f"with 10 % dead latents (AuxK) {row['auxk_cost_ratio']:.2f}x the step "
+                      f"(rounds: {_fmt(row['auxk_cost_ratio_rounds'])})")
                 if "compile_speedup" in row:
                     print(f"  torch.compile(Trainer.losses): {row['compiled_step_s'] * 1e3:.1f} ms vs eager "
                           f"{row['eager_step_s'] * 1e3:.1f} ms per step (interleaved): {row['compile_speedup']:.2f}x "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -24,11 +25,22 @@ def test_scale_benchmark_small_runs_end_to_end(tmp_path: Path) -> None:
     assert res["mode"] == "small" and res["device"] in ("cpu", "cuda")
     h = res["harvest"]
     assert h["harvest_tokens_per_s"] > 0 and 0 < h["ratio_to_bare"] < 2
-    rates = res["read"]["tokens_per_s"]
-    assert res["read"]["d_model"] == 2304 and "1" in rates and all(v > 0 for v in rates.values())
+    r = res["read"]
+    rates = r["tokens_per_s"]
+    assert r["d_model"] == 2304 and "1" in rates and all(v > 0 for v in rates.values())
+    for w, v in rates.items():  # the reported rate is the median of the interleaved rounds
+        assert len(r["tokens_per_s_rounds"][w]) == r["rounds"] >= 3
+        assert v == statistics.median(r["tokens_per_s_rounds"][w])
+    top = r["tokens_per_s_rounds"][str(r["max_threads"])]
+    paired = [a / b for a, b in zip(top, r["tokens_per_s_rounds"]["1"], strict=True)]
+    assert r["speedup_max_vs_1_rounds"] == paired and r["speedup_max_vs_1"] == statistics.median(paired)
     for row in res["step"]:
         assert row["tokens_per_s"] > 0 and 0 < row["executed_flop_ratio"] < 1.5
-        assert math.isclose(row["flops_per_s"], row["executed_flop_ratio"] * row["gemm_flops_per_s"], rel_tol=1e-9)
+        assert math.isclose(row["flops_per_s"], row["tokens_per_s"] / row["batch"] * (
+            2 * row["batch"] * row["d_in"] * row["d_sae"] + 10 * row["batch"] * row["k"] * row["d_in"]), rel_tol=1e-9)
+        for key in ("executed_flop_ratio", "auxk_cost_ratio"):  # a median of paired per-round values
+            assert len(row[f"{key}_rounds"]) == row["rounds"] >= 3
+            assert row[key] == statistics.median(row[f"{key}_rounds"])
     sw = res["sweep"]
     assert sw["n_saes"] == 8
     # one stream decodes the store once for all 8 SAEs (up to read-ahead), 8 runs decode it 8 times
