@@ -147,9 +147,14 @@ class ShuffledBatches:
         row for special rows; other chunks' rows are disjoint: thread-safe). The chunk is decoded
         into this thread's reused buffers (no fresh allocation per chunk)."""
         raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(c), scratch=self._scratch())
-        out.index_copy_(0, dest, raw)
+        # the row scatter through numpy, on the rows' bytes: 3-4x faster than ``Tensor.index_copy_``
+        # here (0.12-0.20 vs 0.42-0.54 ms per 1024 × 2304 bf16 chunk, 1-2 threads; it releases the GIL)
+        if raw.dtype != out.dtype or raw.shape[1:] != out.shape[1:]:
+            raise AssertionError(f"chunk {c}: stored form {raw.dtype} {tuple(raw.shape)} vs window {out.dtype}")
+        rows = dest.numpy()
+        out.view(torch.uint8).numpy()[rows] = raw.contiguous().view(torch.uint8).numpy()
         if sc_out is not None:
-            sc_out.index_copy_(0, dest, sc)
+            sc_out.numpy()[rows] = sc.numpy()
 
     def _scratch(self) -> ChunkScratch:
         tls = self._tls

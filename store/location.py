@@ -157,6 +157,20 @@ class StoreLocation:
         except (OSError, ValueError):
             return False
 
+    def version_tag(self, *parts: str) -> tuple | None:
+        """A cheap token that changes whenever the object at ``parts`` is rewritten, or None when this
+        backend offers none (then the caller must read the object). Local: ``(device, inode, mtime
+        in ns, size)`` from one ``stat`` (our writers replace files by rename, so a rewrite is a new
+        inode). Object stores: the ``ETag`` from one metadata request (S3's is the MD5 of the object
+        for a plain PUT). Raises ``FileNotFoundError``/``OSError`` if the object is gone."""
+        if self.local:
+            st = self.path.joinpath(*parts).stat()
+            return ("stat", st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        fs, root = self.base_fs_root
+        info = fs.info("/".join([root.rstrip("/"), *parts]))
+        etag = info.get("ETag") or info.get("etag")
+        return ("etag", str(etag), info.get("size")) if etag else None
+
     def read_json(self, *parts: str, fresh: bool = False) -> Any:
         """Parsed JSON object at ``parts``; raises ``FileNotFoundError`` if absent. ``fresh``: bypass
         the local cache (for objects that change: ``zarr.json``, the lease)."""

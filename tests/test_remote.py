@@ -186,6 +186,48 @@ def test_overwrite_under_a_reader_stops_it_with_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("where", ["local", "s3", "memory"])
+def test_identity_check_parses_zarr_json_only_when_its_version_tag_changes(where, request, tmp_path, monkeypatch):
+    """The loader checks the store's identity twice per window. With a version tag (a local ``stat``,
+    S3's ETag) an unchanged zarr.json is not re-read; any rewrite is re-read and judged by its
+    store_id; a backend without tags (memory://) reads every time. A replaced store is always caught."""
+    x, _ = planted_features(2048, d_in=8, n_features=16, seed=0)
+    local = write_store(tmp_path / "s.zarr", x, chunk_tokens=1024)
+    url, opts = str(local), {}
+    if where != "local":
+        import fsspec
+
+        opts = request.getfixturevalue("s3") if where == "s3" else {}
+        url = f"s3://team/{tmp_path.name}.zarr" if where == "s3" else f"memory://{tmp_path.name}.zarr"
+        fs, root = fsspec.core.url_to_fs(url, **opts)
+        fs.put(str(local), root, recursive=True)
+    store = ActivationStore(url, storage_options=opts)
+    reads = []
+    real = StoreLocation.read_json
+    monkeypatch.setattr(StoreLocation, "read_json", lambda self, *p, **kw: reads.append(p) or real(self, *p, **kw))
+    for _ in range(5):
+        store.check_unchanged()
+    tagged = where != "memory"
+    assert len(reads) == (1 if tagged else 5)
+
+    meta = real(store.loc, "zarr.json", fresh=True)
+    meta["attributes"]["note"] = "attributes updated, same store"  # e.g. `harvest --into` adding a hook
+    store.loc.write_json(meta, "zarr.json")
+    before = len(reads)
+    store.check_unchanged()
+    store.check_unchanged()
+    assert len(reads) - before == (1 if tagged else 2)  # the rewrite is read once, then trusted again
+
+    old = meta["attributes"]["store_id"]
+    meta["attributes"]["store_id"] = old[::-1] if old[::-1] != old else old + "x"  # same length: same size
+    if where == "local":  # rewritten in place (same inode): the mtime still changes the tag
+        (local / "zarr.json").write_text(json.dumps(meta, sort_keys=True))
+    else:
+        store.loc.write_json(meta, "zarr.json")
+    with pytest.raises(StoreError, match="was replaced or removed while being read"):
+        store.check_unchanged()
+
+
 def test_missing_backend_names_the_extra():
     r = CliRunner().invoke(app, ["store", "info", "gs://bucket/acts.zarr"])
     assert r.exit_code == 2
