@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .chunk_decode import ChunkScratch
-from .reader import ActivationStore
+from .reader import ActivationStore, StoreError
 
 
 def default_read_workers() -> int:
@@ -149,8 +149,10 @@ class ShuffledBatches:
         raw, sc = self.store.read_rows_stored(self.hook_name, *self.store.chunk_bounds(c), scratch=self._scratch())
         # the row scatter through numpy, on the rows' bytes: 3-4x faster than ``Tensor.index_copy_``
         # here (0.12-0.20 vs 0.42-0.54 ms per 1024 × 2304 bf16 chunk, 1-2 threads; it releases the GIL)
-        if raw.dtype != out.dtype or raw.shape[1:] != out.shape[1:]:
-            raise AssertionError(f"chunk {c}: stored form {raw.dtype} {tuple(raw.shape)} vs window {out.dtype}")
+        if raw.dtype != out.dtype or raw.shape[1:] != out.shape[1:]:  # the bytes below would be misread
+            raise StoreError(f"{self.store.path}: chunk {c} of {self.hook_name} decodes to {raw.dtype} "
+                             f"{tuple(raw.shape)}, but the store's codec and d_model say {out.dtype} × "
+                             f"{out.shape[1]}: the store is damaged; check it with `sae store verify`")
         rows = dest.numpy()
         out.view(torch.uint8).numpy()[rows] = raw.contiguous().view(torch.uint8).numpy()
         if sc_out is not None:

@@ -168,3 +168,14 @@ def test_loader_stream_is_its_definition(stores, name: str) -> None:
     want = _reference_stream(stores[name], seed=3, mix=2, scale=0.5, n_rows=batch * n_batches)
     # float32 products of the same operands: equal to float64's value rounded to float32, within 1 ulp
     torch.testing.assert_close(got.double(), want, rtol=2 ** -23, atol=0)
+
+
+def test_loader_refuses_a_chunk_whose_decoded_form_disagrees_with_the_codec(stores) -> None:
+    """The loader copies each chunk's rows as bytes, so a chunk that decodes to another dtype than
+    the store's codec declares (a damaged store) must stop it with one line, not be misread."""
+    s = ActivationStore(stores["zstd-bfloat16"])
+    real = s.read_rows_stored
+    s.read_rows_stored = lambda *a, **kw: (real(*a, **kw)[0].view(torch.float16), None)  # same size, other dtype
+    with pytest.raises(StoreError, match=r"decodes to torch.float16 .* say torch.bfloat16 × 24.*sae store verify") as e:
+        next(iter(ShuffledBatches(s, s.hook_names[0], 64)))
+    assert "\n" not in str(e.value)
