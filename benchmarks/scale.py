@@ -61,11 +61,13 @@ from sae.train.trainer import Trainer
 
 FULL = dict(d_model=2304, layers=13, layer=12, heads=8, kv_heads=4, head_dim=256, mlp=9216, vocab=256_000,
             harvest_tokens=262_144, context=1024, harvest_batch=16, d_sae=[16_384, 65_536], k=64, batch=4096,
-            step_repeats=10, step_rounds=3, step_warmup=10, read_batches=128, read_warmup=8, read_rounds=3,
+            step_repeats=10, step_rounds=3, step_warmup=10, gemm_repeats=5,
+            read_batches=128, read_warmup=8, read_rounds=3,
             sweep_d_sae=16_384, sweep_steps=24, chunk_tokens=16_384)
 SMALL = dict(d_model=2304, layers=1, layer=0, heads=8, kv_heads=4, head_dim=256, mlp=2304, vocab=4096,
              harvest_tokens=8192, context=128, harvest_batch=16, d_sae=[4096, 8192], k=32, batch=2048,
-             step_repeats=3, step_rounds=3, step_warmup=6, read_batches=48, read_warmup=8, read_rounds=3,
+             step_repeats=2, step_rounds=3, step_warmup=5, gemm_repeats=3,
+             read_batches=48, read_warmup=8, read_rounds=3,
              sweep_d_sae=1024, sweep_steps=4, chunk_tokens=1024)
 """``--small``: gemma-2-2b's width (so the store read is at d_model 2304) but one layer with a
 2304-wide MLP, and small SAEs: under a minute on 2 CPU cores."""
@@ -199,10 +201,10 @@ def step_flops(B: int, d_in: int, d_sae: int, k: int) -> float:
     return 2.0 * B * d_in * d_sae + 10.0 * B * k * d_in
 
 
-def gemm_rate(B: int, d_in: int, d_sae: int, dtype: torch.dtype, dev: torch.device) -> float:
+def gemm_rate(B: int, d_in: int, d_sae: int, dtype: torch.dtype, dev: torch.device, repeats: int = 5) -> float:
     a = torch.randn(B, d_in, device=dev, dtype=dtype)
     b = torch.randn(d_in, d_sae, device=dev, dtype=dtype)
-    t = timed(lambda: a @ b, 5, dev)
+    t = timed(lambda: a @ b, repeats, dev)
     return 2.0 * B * d_in * d_sae / t
 
 
@@ -237,8 +239,9 @@ def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
             for _ in range(s["step_rounds"]):
                 tr.tokens_since_fired.zero_()
                 tr.refresh_aux_capacity()  # no dead latent: AuxK off
-                t_clean.append(timed(clean_step, s["step_repeats"], dev, warmup=2 if t_clean else s["step_warmup"]))
-                rates.append(gemm_rate(B, D, F, torch.bfloat16 if mode == "bf16" else torch.float32, dev))
+                t_clean.append(timed(clean_step, s["step_repeats"], dev, warmup=1 if t_clean else s["step_warmup"]))
+                rates.append(gemm_rate(B, D, F, torch.bfloat16 if mode == "bf16" else torch.float32, dev,
+                                       s["gemm_repeats"]))
                 tr.tokens_since_fired[:n_dead] = 2 * 10**12
                 tr.refresh_aux_capacity()
                 t_dead.append(timed(dead_step, s["step_repeats"], dev, warmup=1))
