@@ -33,22 +33,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Only long-standing public API of ``sae`` (both versions must run it), and the timing helper
+# from this checkout's benchmarks/ (it imports nothing from ``sae``).
 CHILD = """
-import sys, time
+import sys
+sys.path.insert(0, sys.argv[5])
+from stream_timing import stream_tokens_per_s
 from sae.train.host_memory import keep_freed_memory
 keep_freed_memory()
 from sae.store import ActivationStore, ShuffledBatches
 path, w, batch, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 st = ActivationStore(path)
 it = iter(ShuffledBatches(st, st.hook_names[0], batch, seed=1, read_workers=w))
-for _ in range(8):
-    next(it)
-rates = []
-for _ in range(3):
-    t0 = time.perf_counter()
-    for _ in range(n):
-        next(it)
-    rates.append(n * batch / (time.perf_counter() - t0))
+rates = [stream_tokens_per_s(it, n, batch, warmup=8 if i == 0 else 0) for i in range(3)]
 print(sorted(rates)[1])
 it.close()
 """
@@ -81,7 +78,8 @@ def package_dir(tmp: Path, name: str, tree: Path) -> Path:
 
 def rate(pkg: Path, store: str, threads: int, batch: int, batches: int) -> float:
     env = {**os.environ, "PYTHONPATH": str(pkg), "HF_HUB_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-c", CHILD, store, str(threads), str(batch), str(batches)],
+    out = subprocess.run([sys.executable, "-c", CHILD, store, str(threads), str(batch), str(batches),
+                          str(Path(__file__).resolve().parent)],
                          capture_output=True, text=True, env=env, timeout=600, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from stream_timing import stream_tokens_per_s  # benchmarks/ (this script's folder is on sys.path)
 
 from sae.store import ActivationStore, CodecSpec, ShuffledBatches, StoreWriter
 from sae.store.chunk_decode import ChunkScratch, DirectChunks
@@ -81,15 +82,11 @@ def stream_rate(store: ActivationStore, hook: str, workers: int, direct: bool, b
         ActivationStore._read_direct = lambda self, *a, **k: None  # type: ignore[method-assign]
     try:
         it = iter(ShuffledBatches(store, hook, batch, seed=1, read_workers=workers))
-        next(it)
-        t0 = time.perf_counter()
-        for _ in range(batches):
-            next(it)
-        dt = time.perf_counter() - t0
+        rate = stream_tokens_per_s(it, batches, batch)
         it.close()
     finally:
         ActivationStore._read_direct = real  # type: ignore[method-assign]
-    return batches * batch / dt
+    return rate
 
 
 def main() -> None:

@@ -48,7 +48,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from sweep import one_pass_vs_separate  # benchmarks/sweep.py (this script's folder is on sys.path)
+from stream_timing import stream_tokens_per_s  # benchmarks/ (this script's folder is on sys.path)
+from sweep import one_pass_vs_separate  # benchmarks/sweep.py
 
 from sae.harvest.corpus import iter_documents
 from sae.harvest.harvest import HarvestConfig, harvest
@@ -175,16 +176,8 @@ def bench_read(store_path: str, s: dict[str, Any], dev: torch.device) -> dict[st
     per: dict[int, list[float]] = {w: [] for w in counts}
     for _ in range(s["read_rounds"]):
         for w in counts:
-            loader = ShuffledBatches(store, hook, s["batch"], seed=1, device=dev, read_workers=w)
-            it = iter(loader)
-            for _ in range(s["read_warmup"]):
-                next(it)
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(s["read_batches"]):
-                next(it)
-            sync(dev)
-            per[w].append(s["read_batches"] * s["batch"] / (time.perf_counter() - t0))
+            it = iter(ShuffledBatches(store, hook, s["batch"], seed=1, device=dev, read_workers=w))
+            per[w].append(stream_tokens_per_s(it, s["read_batches"], s["batch"], s["read_warmup"], lambda: sync(dev)))
             it.close()
     top = counts[-1]
     paired = [a / b for a, b in zip(per[top], per[1], strict=True)]
@@ -210,11 +203,11 @@ def gemm_rate(B: int, d_in: int, d_sae: int, dtype: torch.dtype, dev: torch.devi
 
 def bench_step(s: dict[str, Any], dev: torch.device) -> list[dict[str, Any]]:
     """The TopK step at each shape, in ``step_rounds`` rounds of (dead-free step, dense GEMM rate,
-    step with 10 % dead latents), each a median over ``step_repeats`` calls; the first round first runs
-    ``step_warmup`` untimed steps (a fresh trainer's first steps fault in its buffers: with 2, the
-    first round's executed-FLOP ratio was 0.45–0.54 against 0.60–0.63 for the later ones). The executed-FLOP ratio
-    and the AuxK cost are paired within a round (a slow phase of the machine hits both sides) and
-    reported as the median over rounds, with every round's value beside it."""
+    step with 10 % dead latents), each a median over ``step_repeats`` calls. The first round first
+    runs ``step_warmup`` untimed steps: a fresh trainer's first steps fault in its buffers (with 2,
+    the first round's executed-FLOP ratio was 0.45–0.54 against 0.60–0.63 for the later ones). The
+    executed-FLOP ratio and the AuxK cost are paired within a round (a slow phase of the machine
+    hits both sides) and reported as the median over rounds, with every round's value beside it."""
     D, B, k = s.get("step_d_in", s["d_model"]), s["batch"], s["k"]
     rows = []
     modes = ["none", "bf16"] if dev.type == "cuda" else ["none"]

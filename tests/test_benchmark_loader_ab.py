@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import planted_features, write_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +30,6 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 def test_loader_ab_measures_both_versions_and_removes_its_worktree(tmp_path):
     if not (ROOT / ".git").exists():
-        import pytest
-
         pytest.skip("needs a git checkout")
     x, _ = planted_features(4096, d_in=16, n_features=32, seed=0)
     store = write_store(tmp_path / "tiny.zarr", x, chunk_tokens=1024)
