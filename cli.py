@@ -93,18 +93,24 @@ def harvest(
     layer: Annotated[list[int], typer.Option("--layer", help="Block whose resid_post to store (repeatable).")],
     model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded Gemma 3 270M).")
     ] = None,
-    dataset: Annotated[str, typer.Option(help="embedded[:source] | path to .txt/.jsonl/.parquet | hf:NAME")
-    ] = "embedded",
-    split: Annotated[str, typer.Option(help="Document split: train | test | all.")] = "train",
-    text_column: Annotated[str, typer.Option(help="Text field of jsonl/parquet/HF rows.")] = "text",
-    tokens: Annotated[int, typer.Option(help="Tokens to harvest (rounded up to whole sequences).")] = 500_000,
-    context_size: Annotated[int, typer.Option(help="Tokens per sequence, BOS included.")] = 128,
+    dataset: Annotated[str | None, typer.Option(help="embedded[:source] | path to .txt/.jsonl/.parquet | hf:NAME "
+                                                     "[default: embedded; growing a store: the store's]")] = None,
+    split: Annotated[str | None, typer.Option(help="Document split: train | test | all [default: train].")] = None,
+    text_column: Annotated[str | None, typer.Option(help="Text field of jsonl/parquet/HF rows [default: text].")
+    ] = None,
+    tokens: Annotated[int | None, typer.Option(help="Tokens to harvest, rounded up to whole sequences [default: "
+                                                    "500000]; with --extend the new total.")] = None,
+    context_size: Annotated[int | None, typer.Option(help="Tokens per sequence, BOS included [default: 128].")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
-    dtype: Annotated[str, typer.Option(help="Storage dtype: bfloat16 | float16 | float32.")] = "bfloat16",
-    codec: Annotated[str, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (see README).")] = "zstd",
-    chunk_tokens: Annotated[int, typer.Option(help="Rows per Zarr chunk (multiple of context size).")] = 16_384,
+    dtype: Annotated[str | None, typer.Option(help="Storage dtype: bfloat16 | float16 | float32 [default: bfloat16]."
+                                              )] = None,
+    codec: Annotated[str | None, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (see README) [default: "
+                                                   "zstd].")] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help="Rows per Zarr chunk, a multiple of the context size "
+                                                          "[default: 16384].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int, typer.Option(help="Document order seed.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Document order seed [default: 0].")] = None,
     out: Annotated[str, typer.Option(help="Output store: a path or a URL (s3://, gs://, file://...).")
     ] = "acts.zarr",
     storage_option: StorageOptions = None,
@@ -119,7 +125,11 @@ def harvest(
     scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler (tcp://host:8786) "
                                                        "whose workers compute the chunks.")] = None,
 ) -> None:
-    """Run the model once over a corpus and write resid_post activations to a Zarr store."""
+    """Run the model once over a corpus and write resid_post activations to a Zarr store.
+
+    With --extend, --into or --resume, the options that decide what the rows mean (model, dataset,
+    split, text column, seed, context size, chunk size, dtype, codec) default to the store's; one that
+    is given and differs from the store's is refused in one line, before anything is written."""
     from .harvest.harvest import HarvestConfig
     from .harvest.harvest import harvest as run
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -14,33 +15,55 @@ from ..model import LoadedModel, check_device, check_layers, hook_name_for, load
 from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store, is_store_attrs
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
-from ..store.location import StoreLocation, as_location
+from ..store.lease import Lease, check_not_leased
+from ..store.location import READ_ONLY_SCHEMES, StoreLocation, as_location, scheme_of
 from .corpus import iter_documents
 from .distributed import ChunkJob, dask_client, resolve_workers, run_chunks
 from .forward import forward_chunk
 from .tokens import pack_sequences
 
+# Options that decide what a store's rows mean. ``None`` in a :class:`HarvestConfig` means "not
+# given": a new harvest takes the default below, ``--extend``/``--into``/``--resume`` take the store's
+# value; a value that *is* given must equal the store's (:func:`check_identity`), never silently replaced.
+IDENTITY_DEFAULTS: dict[str, object] = {
+    "dataset": "embedded", "split": "train", "text_column": "text", "seed": 0, "context_size": 128,
+    "chunk_tokens": 16_384, "dtype": "bfloat16", "codec": "zstd",
+}
+
 
 @dataclass
 class HarvestConfig:
-    """Settings of one harvest (saved in the store's attributes)."""
+    """Settings of one harvest (saved in the store's attributes).
+
+    The identity options (:data:`IDENTITY_DEFAULTS` and ``tokens``) default to ``None`` = not given:
+    :meth:`resolved` fills the defaults for a new store; growing or resuming a store fills them from
+    the store, and refuses a given value that differs from the store's.
+    """
 
     layers: list[int] = field(default_factory=lambda: [6])
     model: str | None = None
-    """HF id or local directory; None = the embedded Gemma 3 270M."""
-    dataset: str = "embedded"
-    split: str = "train"
-    text_column: str = "text"
-    tokens: int = 500_000
-    context_size: int = 128
+    """HF id or local directory; None = the embedded Gemma 3 270M (or, growing a store, the store's model)."""
+    dataset: str | None = None
+    """Corpus spec (default ``embedded``)."""
+    split: str | None = None
+    """train | test | all (default train)."""
+    text_column: str | None = None
+    """Text field of jsonl/parquet/HF rows (default ``text``)."""
+    tokens: int | None = None
+    """Tokens to harvest (default 500 000); with ``extend``, the new total (required)."""
+    context_size: int | None = None
+    """Tokens per sequence, BOS included (default 128)."""
     batch_size: int = 32
     """Sequences per forward pass."""
-    dtype: str = "bfloat16"
-    """Storage dtype of the activations."""
-    codec: str = "zstd"
-    chunk_tokens: int = 16_384
+    dtype: str | None = None
+    """Storage dtype of the activations (default bfloat16)."""
+    codec: str | None = None
+    """Compressor/quantiser (default zstd)."""
+    chunk_tokens: int | None = None
+    """Rows per chunk, a multiple of ``context_size`` (default 16 384)."""
     device: str = "auto"
-    seed: int = 0
+    seed: int | None = None
+    """Document-order seed (default 0)."""
     out: str = "acts.zarr"
     resume: bool = False
     overwrite: bool = False
@@ -58,28 +81,42 @@ class HarvestConfig:
     """Write chunk i on a background thread while chunk i+1 runs through the model.
     None = on for accelerators, off on CPU (where it slows the forward; see ``harvest``)."""
 
+    def given(self) -> dict[str, object]:
+        """The identity options that were given (not ``None``)."""
+        return {k: getattr(self, k) for k in IDENTITY_DEFAULTS if getattr(self, k) is not None}
+
+    def resolved(self, defaults: dict[str, object] | None = None) -> HarvestConfig:
+        """A copy with every unset identity option filled from ``defaults`` (a store's values) or
+        :data:`IDENTITY_DEFAULTS`, and ``tokens`` from ``defaults['tokens']`` or 500 000."""
+        fill = {**IDENTITY_DEFAULTS, "tokens": 500_000, **(defaults or {})}
+        return replace(self, **{k: fill[k] for k in (*IDENTITY_DEFAULTS, "tokens") if getattr(self, k) is None})
+
     def validate(self) -> None:
         """Check every option's type and range (no side effects). Raises ``ConfigError`` naming the
-        option and its allowed values."""
-        _positive("--tokens", self.tokens)
+        option and its allowed values. Unset identity options are checked once resolved."""
+        r = self.resolved()
+        _positive("--tokens", r.tokens)
         _positive("--batch-size", self.batch_size)
-        if not isinstance(self.context_size, int) or self.context_size < 2:
-            raise ConfigError(f"--context-size {self.context_size!r} must be an integer >= 2 (BOS + one token)")
-        _positive("--chunk-tokens", self.chunk_tokens)
-        if self.chunk_tokens % self.context_size:
-            fit = max(1, self.chunk_tokens // self.context_size) * self.context_size
-            raise ConfigError(f"--chunk-tokens {self.chunk_tokens} must be a multiple of --context-size "
-                              f"{self.context_size} (e.g. {fit})")
+        if not isinstance(r.context_size, int) or isinstance(r.context_size, bool) or r.context_size < 2:
+            raise ConfigError(f"--context-size {r.context_size!r} must be an integer >= 2 (BOS + one token)")
+        _positive("--chunk-tokens", r.chunk_tokens)
+        if (self.context_size is not None or self.chunk_tokens is not None) and r.chunk_tokens % r.context_size \
+                and not (self.extend or self.into is not None or self.resume):
+            fit = max(1, r.chunk_tokens // r.context_size) * r.context_size
+            raise ConfigError(f"--chunk-tokens {r.chunk_tokens} must be a multiple of --context-size "
+                              f"{r.context_size} (e.g. {fit})")
+        if not isinstance(r.seed, int) or isinstance(r.seed, bool) or r.seed < 0:
+            raise ConfigError(f"--seed {r.seed!r} must be an integer >= 0")
         if not self.layers or any(not isinstance(L, int) or L < 0 for L in self.layers):
             raise ConfigError(f"--layer {self.layers!r}: give one or more layer indices >= 0")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite are exclusive: pick one")
         try:
-            CodecSpec.parse(self.codec, self.dtype)
+            CodecSpec.parse(str(r.codec), str(r.dtype))
         except ValueError as e:
             raise ConfigError(f"--codec/--dtype: {e}") from e
-        if self.split not in ("train", "test", "all"):
-            raise ConfigError(f"--split {self.split!r}: choose train, test or all")
+        if r.split not in ("train", "test", "all"):
+            raise ConfigError(f"--split {r.split!r}: choose train, test or all")
         check_device(self.device)
         if self.into is not None and (self.resume or self.overwrite):
             raise ConfigError("--into adds layers to an existing store: it takes no --resume/--overwrite "
@@ -87,11 +124,46 @@ class HarvestConfig:
         if self.extend and (self.resume or self.overwrite or self.into is not None):
             raise ConfigError("--extend grows the store at --out: it takes no --resume/--overwrite/--into "
                               "(rerun the same --extend to continue an interrupted one)")
+        if self.extend and self.tokens is None:
+            raise ConfigError("--extend needs --tokens: the store's new total number of tokens")
         if self.workers is not None and self.scheduler is not None:
             raise ConfigError("--workers and --scheduler are exclusive: a --scheduler cluster has its own workers")
         resolve_workers(self.workers)
+        target = self.into if self.into is not None else self.out
+        if scheme_of(str(target)) in READ_ONLY_SCHEMES:
+            option = "--into" if self.into is not None else "--out"
+            raise ConfigError(f"{option} {target}: {scheme_of(str(target))}:// stores are read-only; write to a "
+                              "path, s3:// or gs:// (copy the store first to grow it)")
         if self.into is None and not self.extend and ("://" not in str(self.out) or str(self.out).startswith("file://")):
             check_output_location(str(self.out).removeprefix("file://"), "--out")
+
+
+def store_identity(attrs: dict) -> dict[str, object]:
+    """A store's values of the identity options (from its attributes and recorded harvest config)."""
+    rec = attrs.get("harvest_config") or {}
+    out: dict[str, object] = {k: attrs.get(k, rec.get(k)) for k in ("dataset", "split", "seed", "context_size",
+                                                                     "chunk_tokens", "dtype", "codec")}
+    out["text_column"] = attrs.get("text_column") or rec.get("text_column") or "text"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def check_identity(cfg: HarvestConfig, attrs: dict, option: str) -> HarvestConfig:
+    """Compare every identity option ``cfg`` gives with the store's (``attrs``) and return ``cfg``
+    with the unset ones filled from the store. Raises ``ConfigError`` naming the first key that
+    differs, the store's value and the given one. ``codec`` is compared in its canonical spelling."""
+    have = store_identity(attrs)
+    for k, v in cfg.given().items():
+        want = have.get(k)
+        if k == "codec" and want is not None:
+            try:
+                v = str(CodecSpec.parse(str(v), str(cfg.dtype or have.get("dtype"))))
+            except ValueError as e:
+                raise ConfigError(f"--codec/--dtype: {e}") from e
+        if want is not None and v != want:
+            flag = "--" + k.replace("_", "-")
+            raise ConfigError(f"{option} {cfg.into or cfg.out}: {flag} {v!r} differs from the store's {k} {want!r}; "
+                              f"omit {flag} (the store's value is used) or harvest a new store")
+    return replace(cfg, **{k: have[k] for k in have if getattr(cfg, k) is None})
 
 
 def _positive(option: str, value: object) -> None:
@@ -122,8 +194,6 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     if cfg.extend:
         return _harvest_extend(cfg, loaded, quiet)
     loc = as_location(cfg.out, cfg.storage_options)
-    if loc.read_only:
-        raise ConfigError(f"--out {cfg.out}: {loc.scheme}:// is read-only; harvest to a path, s3:// or gs://")
     if loc.local:
         out = loc.path
         exists = out.exists() and not is_empty_dir(out)
@@ -132,6 +202,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         ours = exists = loc.exists("zarr.json")
         if exists and not _remote_is_store(loc):
             ours = False
+    model_weights = None
     if exists:
         if (cfg.resume or cfg.overwrite) and not ours:
             what = "resume" if cfg.resume else "delete"
@@ -141,6 +212,26 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         if cfg.overwrite and not loc.local:
             raise StoreError(f"--overwrite of a remote store is not supported (object stores cannot swap a "
                              f"store atomically): harvest to a new URL, or delete {cfg.out} with your storage tools")
+        check_not_leased(loc, "--overwrite" if cfg.overwrite else "--resume")
+        if cfg.resume:
+            a = _store_attrs(loc)
+            if a.get("pending_hooks"):  # an interrupted --into: --resume finishes it
+                layers = sorted(int(h.split(".")[1]) for h in a["pending_hooks"])
+                return _harvest_into(replace(cfg, resume=False, into=cfg.out, layers=layers), loaded, quiet)
+            if a.get("pending_growth"):  # an interrupted --extend: --resume finishes it
+                target = int(a["n_tokens_target"])
+                if cfg.tokens is not None and -(-cfg.tokens // int(a["context_size"])) * int(a["context_size"]) \
+                        != target:
+                    raise ConfigError(f"--resume {cfg.out}: an interrupted --extend to {target} tokens is pending; "
+                                      f"omit --tokens or pass --tokens {target}")
+                return _harvest_extend(replace(cfg, resume=False, extend=True, tokens=target), loaded, quiet)
+            cfg = check_identity(cfg, a, "--resume")
+            if cfg.tokens is None:
+                cfg = replace(cfg, tokens=int(a.get("n_tokens_target") or 0) or None)
+            if cfg.model is None:
+                cfg, model_weights = replace(cfg, model=a.get("model_id")), a.get("model_weights")
+    cfg = cfg.resolved()
+    cfg.validate()
     docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
     try:
         first_doc = next((d for d in docs_iter if d.text), None)  # empty texts add no tokens
@@ -149,7 +240,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     if first_doc is None:
         raise ConfigError(f"--dataset {cfg.dataset!r} has no documents in split {cfg.split!r}: "
                           "pick another dataset or --split")
-    lm = loaded or load_model(cfg.model, cfg.device)
+    _check_scheduler(cfg)
+    lm = loaded or load_model(cfg.model, cfg.device, model_weights=model_weights)
     try:
         check_layers(cfg.layers, lm.n_layers)
     except ValueError as e:
@@ -185,7 +277,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     if cfg.resume and exists:
         write(loc, "resume")
     elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
-        with build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store",
+        # replacing: hold the old store's lease meanwhile, so no other writer starts on it (or races us)
+        guard = Lease(loc, "overwrite").acquire(takeover_stale=True) if exists else contextlib.nullcontext()
+        with guard, build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store",
                           keep_partial=lambda: bool(writers) and writers[-1].n_written > 0,
                           error=StoreError) as target:
             write(target, "create")
@@ -196,25 +290,57 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     return cfg.out
 
 
+def _store_attrs(loc: StoreLocation) -> dict:
+    """The group attributes of the store at ``loc`` (fresh, not cached)."""
+    try:
+        attrs = loc.read_json("zarr.json", fresh=True).get("attributes")
+    except (OSError, ValueError, AttributeError) as e:
+        raise StoreError(f"{loc}: cannot read its zarr.json ({e.__class__.__name__}: {e})") from None
+    if not is_store_attrs(attrs):
+        raise StoreError(f"{loc} is not an sae store: pass a store written by `sae harvest`")
+    return attrs
+
+
+def _grow_model(cfg: HarvestConfig, a: dict, loaded: LoadedModel | None, option: str, where: str) -> LoadedModel:
+    """The model that grows the store: ``--model`` when given (its weights must be the store's), else
+    the store's own. Raises ``ConfigError`` when the weights' fingerprint differs from the store's."""
+    weights = None if cfg.model is not None else a.get("model_weights")
+    _check_scheduler(cfg)
+    lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=weights)
+    if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
+        given = f"--model {cfg.model}" if cfg.model is not None else f"model {lm.model_id}"
+        raise ConfigError(f"{option} {where}: {given} has weights (fingerprint {lm.fingerprint}) other than the "
+                          f"store's ({a['model_fingerprint']}, model {a.get('model_id')}); omit --model to use the "
+                          "store's model, or harvest a new store")
+    return lm
+
+
 def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -> str:
     """``--into``: add ``cfg.layers`` to a complete store, running the model over the store's own token
-    ids (rows align 1:1 with its hooks). The model defaults to the store's; one whose weights
-    fingerprint differs is refused before anything is written."""
+    ids (rows align 1:1 with its hooks). The model defaults to the store's; a given option that
+    differs from the store's (model weights, dataset, context size, codec...) is refused before
+    anything is written. Rerunning an interrupted ``--into`` (or ``--resume`` on it) finishes it."""
     from ..store import ActivationStore
 
+    loc = as_location(cfg.into, cfg.storage_options)
+    check_not_leased(loc, "--into")
     store = ActivationStore(cfg.into, storage_options=cfg.storage_options)
     a = store.attrs
     if a.get("status") != "complete":
         raise StoreError(f"--into {cfg.into}: the store is not complete; finish it (`sae harvest --resume`) first")
+    cfg = check_identity(cfg, a, "--into")
+    if cfg.tokens is not None and cfg.tokens != store.n_tokens:
+        raise ConfigError(f"--into {cfg.into}: --tokens {cfg.tokens} differs from the store's {store.n_tokens} tokens; "
+                          "--into runs over the store's own tokens (omit --tokens; grow tokens with --extend)")
     hooks = [hook_name_for(L) for L in sorted(set(cfg.layers))]
     have = [h for h in hooks if h in store.hook_names]
     if have:
         raise ConfigError(f"--into {cfg.into} already has {', '.join(have)}: --into adds new layers only")
-    lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=a.get("model_weights"))
-    if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
-        raise ConfigError(f"--into {cfg.into}: the model's weights (fingerprint {lm.fingerprint}) are not the ones the "
-                          f"store was harvested with ({a['model_fingerprint']}, model {a.get('model_id')}): pass that "
-                          "model with --model")
+    pending = list(a.get("pending_hooks") or [])
+    if pending and sorted(pending) != sorted(hooks):
+        raise StoreError(f"--into {cfg.into}: an interrupted --into of {', '.join(pending)} is pending; rerun it with "
+                         "those layers (or --resume) to finish it first")
+    lm = _grow_model(cfg, a, loaded, "--into", cfg.into)
     try:
         check_layers(cfg.layers, lm.n_layers)
     except ValueError as e:
@@ -222,8 +348,7 @@ def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -
     if lm.d_model != store.d_model:
         raise ConfigError(f"--into {cfg.into}: the model has d_model {lm.d_model}, the store {store.d_model}")
     writer = StoreWriter.add_hooks(cfg.into, hooks, storage_options=cfg.storage_options)
-    run_cfg = replace(cfg, context_size=store.context_size, chunk_tokens=store.chunk_tokens, model=cfg.model or
-                      (None if lm.model_weights else a.get("model_id")))
+    run_cfg = replace(cfg.resolved(), model=cfg.model or (None if lm.model_weights else a.get("model_id")))
     try:
         _run_harvest(run_cfg, writer, lm, sorted(set(cfg.layers)), iter(()), quiet)
     finally:
@@ -236,31 +361,37 @@ def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -
 def _harvest_extend(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -> str:
     """``--extend``: append sequences that continue the store's own deterministic corpus stream
     (its dataset, split, seed, text column, context size) until it holds ``cfg.tokens``; rows already
-    there stay byte-identical. Everything is checked (store, layers, model fingerprint, the corpus
-    still yielding the stored prefix, enough corpus left) before anything is written."""
+    there stay byte-identical. Everything is checked (store, layers, given options against the
+    store's, model fingerprint, the corpus still yielding the stored prefix, enough corpus left)
+    before anything is written. A killed ``--extend``, rerun (or ``--resume`` d), finishes to the same
+    arrays, commits, digest and digest history as an uninterrupted one."""
     from ..store import ActivationStore
 
-    store = ActivationStore(cfg.out, storage_options=cfg.storage_options)
+    loc = as_location(cfg.out, cfg.storage_options)
+    check_not_leased(loc, "--extend")
+    store = ActivationStore(cfg.out, storage_options=cfg.storage_options, require_complete=False)
     a = store.attrs
-    if a.get("status") != "complete":
-        raise StoreError(f"--extend {cfg.out}: the store is not complete; finish it with --resume first "
-                         "(an interrupted --extend continues with the same --extend command)")
+    pending = a.get("pending_growth") if (a.get("pending_growth") or {}).get("reason") == "extend" else None
+    if a.get("status") != "complete" and pending is None:
+        raise StoreError(f"--extend {cfg.out}: the store is not complete; finish it with --resume first")
+    cfg = check_identity(cfg, a, "--extend")
     if sorted(set(cfg.layers)) != sorted(a.get("layers") or []):
         raise ConfigError(f"--extend keeps the store's layers {a.get('layers')}: pass exactly those --layer values "
                           "(add layers with --into)")
-    ctx, n1 = store.context_size, store.n_tokens
-    n2 = -(-cfg.tokens // ctx) * ctx
+    ctx = store.context_size
+    n1 = int(pending["n_tokens"]) if pending else store.n_tokens
+    n2 = -(-int(cfg.tokens) // ctx) * ctx
+    if pending and n2 != int(a["n_tokens_target"]):
+        raise ConfigError(f"--extend {cfg.out}: an interrupted --extend to {a['n_tokens_target']} tokens is pending; "
+                          f"rerun it with --tokens {a['n_tokens_target']} (or --resume) to finish it first")
     if n2 <= n1:
         raise ConfigError(f"--tokens {cfg.tokens}: {cfg.out} already holds {n1} tokens; --extend needs a larger "
                           "--tokens (the new total)")
-    lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=a.get("model_weights"))
-    if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
-        raise ConfigError(f"--extend {cfg.out}: the model's weights (fingerprint {lm.fingerprint}) are not the ones "
-                          f"the store was harvested with ({a['model_fingerprint']}): pass that model with --model")
+    lm = _grow_model(cfg, a, loaded, "--extend", cfg.out)
     docs = iter_documents(a["dataset"], a["split"], int(a.get("seed", 0)), a.get("text_column") or "text")
     seqs = pack_sequences((d.text for d in docs), lm.tokenizer, ctx, lm.bos_token_id)
     prefix = list(itertools.islice(seqs, n1 // ctx))
-    if len(prefix) * ctx != n1 or not np.array_equal(np.stack(prefix).reshape(-1), store.tokens):
+    if len(prefix) * ctx != n1 or not np.array_equal(np.stack(prefix).reshape(-1), store.tokens[:n1]):
         raise ConfigError(f"--extend {cfg.out}: dataset {a['dataset']!r} no longer yields the stored tokens (the "
                           "corpus or tokenizer changed); harvest a new store instead")
     more = list(itertools.islice(seqs, (n2 - n1) // ctx))
@@ -270,13 +401,31 @@ def _harvest_extend(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool)
                           f"ask for --tokens {have} or fewer" if more else
                           f"--extend {cfg.out}: the corpus has no tokens beyond the {n1} already stored")
     writer = StoreWriter.extend(cfg.out, np.stack(more).reshape(-1), storage_options=cfg.storage_options)
-    run_cfg = replace(cfg, context_size=ctx, chunk_tokens=store.chunk_tokens,
-                      model=cfg.model or (None if lm.model_weights else a.get("model_id")))
+    run_cfg = replace(cfg.resolved(), model=cfg.model or (None if lm.model_weights else a.get("model_id")))
     try:
         _run_harvest(run_cfg, writer, lm, sorted(set(cfg.layers)), iter(()), quiet)
     finally:
         writer.close()
     return cfg.out
+
+
+def _check_scheduler(cfg: HarvestConfig, timeout_s: float = 10.0) -> None:
+    """Refuse an unreachable ``--scheduler`` in one line within ``timeout_s``, before the model loads."""
+    if cfg.scheduler is None:
+        return
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def probe() -> None:
+        comm = await connect(cfg.scheduler, timeout=timeout_s)
+        await comm.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(probe(), timeout_s + 1))
+    except (OSError, TimeoutError, ValueError) as e:
+        raise ConfigError(f"--scheduler {cfg.scheduler}: no dask scheduler answers there within {timeout_s:.0f} s "
+                          f"({e.__class__.__name__}); start one (`dask scheduler`) or use --workers N") from None
 
 
 def _remote_is_store(loc: StoreLocation) -> bool:

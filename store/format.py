@@ -20,6 +20,7 @@ Format version 1 (older stores, read-only): the same arrays without checksums, n
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from ..errors import SaeError
@@ -59,10 +60,22 @@ def chunk_rows(n_tokens: int, chunk_tokens: int, chunks: set[int]) -> int:
     return sum(min(chunk_tokens, n_tokens - i * chunk_tokens) for i in chunks)
 
 
+def hook_sort_key(hook_name: str) -> tuple:
+    """Canonical order of hook names: natural order, digits compared as numbers
+    (``blocks.2…`` before ``blocks.10…``), so a store's hooks sort by layer."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", hook_name))
+
+
+def canonical_hooks(hook_names: list[str]) -> list[str]:
+    """``hook_names`` in canonical order (:func:`hook_sort_key`)."""
+    return sorted(hook_names, key=hook_sort_key)
+
+
 def array_names(hook_names: list[str], has_scale: bool) -> list[str]:
-    """Every array of a store in digest order: tokens, then per hook its activations (and scale)."""
+    """Every array of a store in digest order: tokens, then per hook, in canonical order
+    (:func:`canonical_hooks`, independent of the order hooks were added), its activations (and scale)."""
     out = [TOKENS]
-    for h in hook_names:
+    for h in canonical_hooks(hook_names):
         out.append(h)
         if has_scale:
             out.append(h + SCALE_SUFFIX)

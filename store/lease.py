@@ -28,6 +28,34 @@ class LeaseHeldError(StoreError):
     """Another process holds the store's lease."""
 
 
+def live_holder(loc: StoreLocation) -> dict[str, Any] | None:
+    """The record of the lease on ``loc`` when a live writer holds it (heartbeat younger than
+    :data:`STALE_S`, and not a dead process of this host); None when free or stale."""
+    try:
+        held = loc.read_json(LEASE_FILE, fresh=True)
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if not isinstance(held, dict):
+        return None
+    age = time.time() - float(held.get("heartbeat", 0) or 0)
+    dead = held.get("host") == socket.gethostname() and not pid_alive(held.get("pid"))
+    return None if age > STALE_S or dead else {**held, "age_s": age}
+
+
+def check_not_leased(loc: StoreLocation, option: str) -> None:
+    """Raise :class:`LeaseHeldError` when another live writer holds ``loc``'s lease: a destructive or
+    growing operation (``option``: ``--overwrite``, ``--into``, ``--extend``, ``--resume``...) must not
+    start under it. The message names the holder's host, pid and lease age and how to take over."""
+    held = live_holder(loc)
+    if held is None:
+        return
+    who = f"{held.get('owner', '?')}@{held.get('host', '?')} pid {held.get('pid', '?')}"
+    raise LeaseHeldError(f"{option} {loc}: the store is being written by {who} ({held.get('purpose', '?')}, last "
+                         f"heartbeat {held['age_s']:.0f} s ago); wait for it to finish. A lease whose holder died is "
+                         f"taken over once its heartbeat is {STALE_S / 60:.0f} min old (at once when its process on "
+                         "this host is gone)")
+
+
 class Lease:
     """The lease of ``loc``; use :meth:`acquire` / :meth:`release` (or ``with``)."""
 

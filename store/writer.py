@@ -37,6 +37,7 @@ from .format import (
     TOKENS,
     StoreError,
     array_names,
+    canonical_hooks,
     chunk_key,
     chunk_rows,
     committed_chunks,
@@ -133,8 +134,8 @@ class StoreWriter:
         self.history: dict | None = None  # a digest_history entry to record at finalize (growing a store)
 
     @classmethod
-    def _reopen_complete(cls, path: str | Path | StoreLocation, storage_options: dict | None, option: str
-                         ) -> tuple[StoreWriter, dict]:
+    def _reopen_complete(cls, path: str | Path | StoreLocation, storage_options: dict | None, option: str,
+                         allow_pending: str | None = None) -> tuple[StoreWriter, dict]:
         """Take the lease of a *complete* format-2 store and open it for growing (``--into``/``--extend``):
         the writer (codec, chunking and shapes from the store) and its attributes. Raises ``StoreError``."""
         self = cls.__new__(cls)
@@ -143,7 +144,8 @@ class StoreWriter:
         try:
             self.group = zarr.open_group(store=self.loc.zarr_store(read_only=False), mode="r+", zarr_format=3)
             a = dict(self.group.attrs)
-            if a.get("format_version") != FORMAT_VERSION or a.get("status") != STATUS_COMPLETE:
+            continuing = allow_pending is not None and (a.get("pending_growth") or {}).get("reason") == allow_pending
+            if a.get("format_version") != FORMAT_VERSION or (a.get("status") != STATUS_COMPLETE and not continuing):
                 raise StoreError(f"{option} {self.loc}: only a complete format-{FORMAT_VERSION} store can grow "
                                  f"(it is format {a.get('format_version')}, status {a.get('status')}); finish it "
                                  "with --resume or convert it first")
@@ -208,12 +210,19 @@ class StoreWriter:
         Raises:
             StoreError: not a complete format-2 store; ``new_tokens`` not whole sequences. LeaseHeldError.
         """
-        self, a = cls._reopen_complete(path, storage_options, "--extend")
+        self, a = cls._reopen_complete(path, storage_options, "--extend", allow_pending="extend")
         try:
             n1, ct = self.n_tokens, self.chunk_tokens
             if len(new_tokens) == 0 or len(new_tokens) % self.context_size:
                 raise StoreError(f"--extend: {len(new_tokens)} new tokens are not whole sequences of "
                                  f"{self.context_size}")
+            pending = a.get("pending_growth")
+            if pending:  # an interrupted --extend: continue it with the record it wrote first
+                self._continue_extend(pending, n1 := int(pending["n_tokens"]), n1 + len(new_tokens))
+                if self.loc.read_json(COMMITS, TOKENS_COMMIT).get("rows") != self.n_target or self.n_tokens != \
+                        self.n_target:
+                    self._write_extension(n1, new_tokens)
+                return self
             arrays = array_names(self.hook_names, self.codec.has_scale)
             old_crcs = {TOKENS: self.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"]}
             for h in self.hook_names:
@@ -222,11 +231,9 @@ class StoreWriter:
                 if self.codec.has_scale:
                     old_crcs[scale_array_name(h)] = [int(r["crc32c"][1]) for r in recs]
             j, start = n1 // ct, (n1 // ct) * ct
-            self.prefix: dict[int, dict[str, np.ndarray]] = {}
             boundary = None
             if n1 % ct:  # the partial last chunk: keep its stored rows, byte for byte
                 rows = {name: np.asarray(self.group[name][start:n1]) for name in arrays}
-                self.prefix[j] = {k: v for k, v in rows.items() if k != TOKENS}
                 boundary = {"chunk": j, "rows": [start, n1],
                             "sha256": {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
                                        for k, v in rows.items()}}
@@ -234,19 +241,45 @@ class StoreWriter:
                             "n_tokens": n1, "reason": "extend", "crc32c": {k: old_crcs[k] for k in arrays},
                             "boundary": boundary}
             record = {**(a.get("harvest_config") or {}), "tokens": n1 + len(new_tokens)}
+            # the growth record is written first: a killed --extend is continued from it (same history)
             self.group.update_attributes({**a, "status": STATUS_IN_PROGRESS, "n_tokens_target": n1 + len(new_tokens),
-                                          "harvest_config": record})
-            self._resize(n1 + len(new_tokens))
-            self.group[TOKENS][n1:] = new_tokens.astype(np.int32)
-            crcs = [chunk_crc(self.loc, TOKENS, i, 1) for i in range(self.n_chunks)]
-            self.loc.write_json({"rows": self.n_tokens, "crc32c": crcs}, COMMITS, TOKENS_COMMIT)
-            if boundary is not None:  # recompute the boundary chunk: uncommit it
-                for h in self.hook_names:
-                    self.loc.remove(COMMITS, h, f"{j}.json")
+                                          "harvest_config": record, "pending_growth": self.history})
+            self._continue_extend(self.history, n1, n1 + len(new_tokens))
+            self._write_extension(n1, new_tokens)
         except BaseException:
             self.lease.release()
             raise
         return self
+
+    def _continue_extend(self, record: dict, n1: int, n2: int) -> None:
+        """Set :attr:`history` and :attr:`prefix` (the boundary chunk's old rows, checked against the
+        sha256 the growth record holds) of an ``--extend`` from ``n1`` to ``n2`` rows."""
+        if int(self.group.attrs.get("n_tokens_target", n2)) != n2:
+            have = int(self.group.attrs["n_tokens_target"])
+            raise StoreError(f"--extend {self.loc}: an interrupted --extend to {have} tokens is pending; rerun it with "
+                             f"--tokens {have} (or --resume) to finish it first")
+        self.history = {k: v for k, v in record.items() if k != "replaced"}
+        self.prefix: dict[int, dict[str, np.ndarray]] = {}
+        b = record.get("boundary")
+        if b:
+            start, stop = b["rows"]
+            rows = {name: np.asarray(self.group[name][start:stop]) for name in b["sha256"]}
+            for name, v in rows.items():
+                if hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest() != b["sha256"][name]:
+                    raise StoreError(f"--extend {self.loc}: rows {start}:{stop} of {name} changed since the "
+                                     "--extend began; the store is damaged (`sae store verify` it)")
+            self.prefix[int(b["chunk"])] = {k: v for k, v in rows.items() if k != TOKENS}
+
+    def _write_extension(self, n1: int, new_tokens: np.ndarray) -> None:
+        """Resize to ``n1 + len(new_tokens)`` rows, write the new token ids, uncommit the boundary chunk,
+        then commit the token array (in that order: a kill anywhere is continued by rerunning)."""
+        self._resize(n1 + len(new_tokens))
+        self.group[TOKENS][n1:] = new_tokens.astype(np.int32)
+        for j in self.prefix:  # recompute the boundary chunk: uncommit it before the tokens commit
+            for h in self.hook_names:
+                self.loc.remove(COMMITS, h, f"{j}.json")
+        crcs = [chunk_crc(self.loc, TOKENS, i, 1) for i in range(self.n_chunks)]
+        self.loc.write_json({"rows": self.n_tokens, "crc32c": crcs}, COMMITS, TOKENS_COMMIT)
 
     @property
     def growing(self) -> bool:
@@ -348,7 +381,9 @@ class StoreWriter:
 
     def finalize(self) -> None:
         """Reduce the committed chunks' statistics in chunk order, compute the content digest and
-        mark the store complete; release the lease. Raises ``StoreError`` if a chunk is missing."""
+        mark the store complete; release the lease. Raises ``StoreError`` if a chunk is missing or the
+        store was replaced by another process."""
+        ChunkWriter(self.loc, self.group, self.codec, self.hook_names, self.chunk_tokens).check_same_store()
         if self._next:  # sequential writer: shrink to what was written, then commit the tokens
             n = self._appended
             self._resize(n)
@@ -364,7 +399,7 @@ class StoreWriter:
             raise StoreError(f"{self.loc}: chunks {missing[:5]} are not committed; continue with --resume")
         crcs: dict[str, list[int]] = {TOKENS: self.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"]}
         stats, count = {}, 0
-        hooks = self.final_hooks
+        hooks = canonical_hooks(self.final_hooks)
         for h in hooks:
             total, sq, cnt = np.zeros(self.d_model, dtype=np.float64), 0.0, 0
             crcs[h], crcs[scale_array_name(h)] = [], []
@@ -385,9 +420,10 @@ class StoreWriter:
                     for h in hooks}
         attrs = {**dict(self.group.attrs), "n_tokens_written": self.n_tokens, "stats": stats, "stats_count": count,
                  "status": STATUS_COMPLETE, "content_digest": digest, "hook_digests": per_hook, "hook_names": hooks}
-        if "pending_hooks" in attrs:
-            attrs.pop("pending_hooks")
-            del self.group.attrs["pending_hooks"]  # update_attributes merges: drop the key itself
+        for key in ("pending_hooks", "pending_growth"):
+            if key in attrs:
+                attrs.pop(key)
+                del self.group.attrs[key]  # update_attributes merges: drop the key itself
         if self.growing:  # hooks are blocks.<L>.hook_resid_post
             attrs["layers"] = sorted({*attrs.get("layers", []),
                                       *(int(h.split(".")[1]) for h in hooks if h.split(".")[1].isdigit())})
@@ -416,6 +452,19 @@ class ChunkWriter:
                  chunk_tokens: int) -> None:
         self.loc, self.group, self.codec = loc, group, codec
         self.hook_names, self.chunk_tokens = list(hook_names), chunk_tokens
+        self.store_id = group.attrs.get("store_id")
+
+    def check_same_store(self) -> None:
+        """Raise ``StoreError`` when the store at :attr:`loc` is no longer the one this writer opened
+        (another process replaced or removed it): nothing more may be written into it."""
+        try:
+            now = (self.loc.read_json("zarr.json", fresh=True).get("attributes") or {}).get("store_id")
+        except (OSError, ValueError, AttributeError):
+            now = None
+        if now != self.store_id:
+            raise StoreError(f"{self.loc} was replaced or removed by another process while this harvest wrote it "
+                             f"(store_id {self.store_id} → {now}); nothing more was written. Check who replaced "
+                             "it, then harvest again")
 
     @classmethod
     def open(cls, path: str | Path | StoreLocation, hook_names: list[str] | None = None,
@@ -442,6 +491,7 @@ class ChunkWriter:
         """
         start = i * self.chunk_tokens
         rows = len(valid)
+        self.check_same_store()
         for h in self.hook_names:
             finite = torch.isfinite(acts[h]).all(dim=-1)
             if not bool(finite.all()):
@@ -469,4 +519,5 @@ class ChunkWriter:
             x = self.codec.decode(back, scale)[vmask].double().numpy()
             record = {"chunk": i, "rows": [start, start + rows], "crc32c": crcs, "count": int(valid.sum()),
                       "sum": x.sum(0).tolist(), "sum_sq_norm": float((x * x).sum())}
+            self.check_same_store()
             self.loc.write_json(record, COMMITS, h, f"{i}.json")  # the commit point of (h, i)

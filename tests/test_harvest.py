@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from sae.errors import ConfigError
 from sae.harvest import harvest as harvest_mod
 from sae.harvest.corpus import iter_documents
 from sae.harvest.harvest import HarvestConfig, harvest
@@ -115,7 +116,7 @@ def test_resume_after_kill_gives_identical_store(tiny_lm, tmp_path, monkeypatch,
     assert ActivationStore(out, require_complete=False).n_tokens == 3072
     with pytest.raises(StoreError, match="already exists"):
         harvest(HarvestConfig(**base, out=str(out)), loaded=tiny_lm, quiet=True)
-    with pytest.raises(StoreError, match="cannot resume"):
+    with pytest.raises(ConfigError, match="--context-size 32 differs from the store's context_size 64"):
         harvest(HarvestConfig(**{**base, "context_size": 32}, out=str(out), resume=True), loaded=tiny_lm, quiet=True)
     harvest(HarvestConfig(**base, out=str(out), resume=True), loaded=tiny_lm, quiet=True)
     a, b = ActivationStore(ref), ActivationStore(out)

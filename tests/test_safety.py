@@ -126,7 +126,13 @@ def test_killed_overwrite_leaves_the_old_store(ref_store, tiny_lm, tiny_model_di
     harvest(_harvest_cfg(tiny_model_dir, out, tokens=2048), loaded=tiny_lm, quiet=True)
     before = tree_hash(out)
     _killed_harvest("after_commit", 4, tiny_model_dir, out, overwrite=True)
-    assert tree_hash(out) == before  # the replacement was built beside it
+    # the replacement was built beside it; the dead overwriter's lease (held so that no other writer
+    # could start meanwhile) is all it left, and is taken over at once (its process is gone)
+    lease = json.loads((out / "lease.json").read_text())
+    assert lease["purpose"] == "overwrite"
+    (out / "lease.json").unlink()
+    assert tree_hash(out) == before
+    (out / "lease.json").write_text(json.dumps(lease))
     # a later overwrite cleans the dead process's staging copy, then swaps in the new store
     harvest(_harvest_cfg(tiny_model_dir, out, overwrite=True), loaded=tiny_lm, quiet=True)
     _assert_same_store(ref_store, out)
