@@ -15,6 +15,7 @@ from ..model import LoadedModel, check_device, check_layers, hook_name_for, load
 from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store, is_store_attrs
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
+from ..store.format import FORMAT_VERSION
 from ..store.lease import Lease, check_not_leased
 from ..store.location import READ_ONLY_SCHEMES, StoreLocation, as_location, scheme_of
 from .corpus import iter_documents
@@ -215,6 +216,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         check_not_leased(loc, "--overwrite" if cfg.overwrite else "--resume")
         if cfg.resume:
             a = _store_attrs(loc)
+            if a.get("format_version") != FORMAT_VERSION:
+                raise StoreError(f"cannot resume {cfg.out}: it is a format-{a.get('format_version')} store; "
+                                 "`sae store convert` it or re-harvest with --overwrite")
             if a.get("pending_hooks"):  # an interrupted --into: --resume finishes it
                 layers = sorted(int(h.split(".")[1]) for h in a["pending_hooks"])
                 return _harvest_into(replace(cfg, resume=False, into=cfg.out, layers=layers), loaded, quiet)

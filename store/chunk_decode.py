@@ -35,6 +35,10 @@ from .format import chunk_key
 from .location import StoreLocation
 
 
+class CommitMismatch(ValueError):
+    """A chunk object's checksum is not the one recorded in its commit object."""
+
+
 class ChunkScratch:
     """Reused buffers for one thread's chunk reads: a compressed-bytes buffer and one decode buffer
     per array. An array returned by :meth:`DirectChunks.read` with a scratch is a view of it, valid
@@ -114,9 +118,13 @@ class DirectChunks:
     def n_chunks(self) -> int:
         return -(-self.shape[0] // self.chunk_rows)
 
-    def read(self, loc: StoreLocation, i: int, scratch: ChunkScratch | None = None) -> np.ndarray:
+    def read(self, loc: StoreLocation, i: int, scratch: ChunkScratch | None = None,
+             committed_crc: int | None = None) -> np.ndarray:
         """Chunk ``i`` decoded → ``[rows, *shape[1:]]`` of :attr:`dtype` (the last chunk cropped to the
         array's length). With ``scratch`` the result is a view of its buffer.
+
+        ``committed_crc``: the crc32c its commit object records; a chunk object holding another
+        (a valid copy of another chunk, a stale rewrite) raises :class:`CommitMismatch`.
 
         Raises ``FileNotFoundError`` when the chunk object does not exist. (Zarr would return the
         fill value, zeros; our writer stores every chunk, ``write_empty_chunks``, so a missing one is
@@ -125,7 +133,12 @@ class DirectChunks:
             raise IndexError(f"chunk {i} of {self.name} (of {self.n_chunks()})")
         data = self._fetch(loc, chunk_key(self.name, i, len(self.shape)), scratch)
         if self.crc:
-            data = _check_crc32c(data)
+            view = memoryview(data)
+            stored = int.from_bytes(view[-4:], "little") if len(view) >= 4 else None
+            data = _check_crc32c(data)  # corrupt bytes first; then: is it the chunk its commit names?
+            if committed_crc is not None and stored != committed_crc:
+                raise CommitMismatch(f"chunk {i} of {self.name}: its crc32c {stored:#010x} is not the one committed "
+                                     f"({committed_crc:#010x}): the chunk object was replaced after its commit")
         n = self.chunk_nbytes
         out = scratch.dst(self.name, n) if scratch is not None else np.empty(n, dtype=np.uint8)
         if self.blosc:

@@ -9,6 +9,7 @@ Format version 2 (written by this version; chunk-addressed, no shared cursor)::
       blocks.<L>.hook_resid_post.scale/  float32 [n_tokens]  (int8/fp8 only)                          + crc32c
       commits/tokens.json                the complete token array is in (its per-chunk crc32c)
       commits/<hook>/<chunk>.json        chunk <chunk> of <hook> is in: rows, crc32c, float64 partial stats
+      commits/index.json                 (complete stores) every chunk's committed crc32c, per array
       lease.json                         the one writer (owner, host, pid, heartbeat); absent when idle
 
 A store's state is the set of commit objects; each is written after the data it commits. Row
@@ -30,6 +31,8 @@ READABLE_VERSIONS = (1, 2)
 TOKENS = "tokens"
 SCALE_SUFFIX = ".scale"
 COMMITS = "commits"
+COMMIT_INDEX = "index.json"
+"""``commits/index.json``: every chunk's committed crc32c per array (written by ``finalize``)."""
 LEASE_FILE = "lease.json"
 STATUS_COMPLETE = "complete"
 STATUS_IN_PROGRESS = "in_progress"

@@ -11,11 +11,14 @@ import torch
 import zarr
 
 from ..errors import SaeError
-from .chunk_decode import ChunkScratch, DirectChunks
+from .chunk_decode import ChunkScratch, CommitMismatch, DirectChunks
 from .codecs import CodecSpec
 from .format import (
+    COMMIT_INDEX,
+    COMMITS,
     READABLE_VERSIONS,
     REQUIRED_ATTRS,
+    SCALE_SUFFIX,
     STATUS_COMPLETE,
     TOKENS,
     StoreError,
@@ -217,11 +220,32 @@ class ActivationStore:
     @cached_property
     def tokens(self) -> np.ndarray:
         """All token ids ``[n_tokens]`` (int32; 4 bytes per row, read once)."""
+        n = self.n_tokens
+        parts = []
+        for i in range(-(-n // self.chunk_tokens)):
+            try:
+                parts.append(self._read_direct(TOKENS, *self.chunk_bounds(i), None))
+            except FileNotFoundError:
+                raise StoreError(f"chunk {i} of {self.path}/tokens is missing: run `sae store verify {self.path}`, "
+                                 "then restore or re-harvest the store") from None
+            except (CommitMismatch, ValueError, RuntimeError) as e:
+                raise StoreError(f"chunk {i} of {self.path}/tokens is corrupt or replaced ({e}): run "
+                                 f"`sae store verify {self.path}`") from None
         try:
-            return np.asarray(self.array(TOKENS)[: self.n_tokens])
-        except Exception as e:  # noqa: BLE001 - a corrupt token chunk
-            raise StoreError(f"corrupt token array in {self.path} ({e.__class__.__name__}): run "
+            if any(p is None for p in parts):
+                tokens = np.asarray(self.array(TOKENS)[:n])
+            else:
+                tokens = np.concatenate(parts)[:n] if parts else np.zeros(0, dtype=np.int32)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt, missing or replaced token chunk
+            raise StoreError(f"corrupt token array in {self.path} ({e.__class__.__name__}: {e}): run "
                              f"`sae store verify {self.path}`") from None
+        if len(tokens) and int(tokens.min()) < 0:  # Zarr's fill value: a token chunk is missing
+            i = int(np.flatnonzero(tokens < 0)[0]) // self.chunk_tokens
+            raise StoreError(f"chunk {i} of {self.path}/tokens is missing (its ids read as the fill value -1): "
+                             f"run `sae store verify {self.path}`, then restore or re-harvest the store")
+        return tokens
 
     def valid_mask(self, tokens: np.ndarray) -> np.ndarray:
         """Bool mask of rows whose token is not special (BOS/EOS/PAD are excluded)."""
@@ -266,6 +290,9 @@ class ActivationStore:
                     scale = np.asarray(self.array(name)[start:stop])
         except KeyError:
             raise
+        except (StoreError, CommitMismatch) as e:
+            raise StoreError(f"{self.path}: {e}; run `sae store verify {self.path}`, then restore or re-harvest "
+                             "the store") from None
         except Exception as e:  # FileNotFoundError included: every chunk of ours is stored
             chunk = start // self.chunk_tokens
             raise StoreError(f"corrupt chunk {chunk} of {self.path}/{hook_name} (rows {start}:{stop}; "
@@ -279,6 +306,40 @@ class ActivationStore:
             cache[name] = DirectChunks.for_array(name, self.array(name))
         return cache[name]
 
+    def committed_crc(self, name: str, i: int) -> int | None:
+        """The crc32c that chunk ``i`` of array ``name`` was committed with (format 2): from
+        ``commits/index.json`` (one read per store), else from the chunk's own commit object.
+        None for format 1 or a chunk not committed yet (in-progress stores).
+
+        Raises:
+            StoreError: a complete store lacks the commit of a chunk it holds.
+        """
+        if self.format_version < 2:
+            return None
+        cache = self.__dict__.setdefault("_committed", {})
+        if "index" not in cache:
+            try:
+                cache["index"] = self.loc.read_json(COMMITS, COMMIT_INDEX).get("crc32c") or {}
+            except (OSError, ValueError, AttributeError):
+                cache["index"] = {}
+        crcs = cache["index"].get(name)
+        if crcs is not None and i < len(crcs):
+            return int(crcs[i])
+        key = (name, i)
+        if key not in cache:
+            try:
+                if name == TOKENS:
+                    cache[key] = int(self.loc.read_json(COMMITS, "tokens.json")["crc32c"][i])
+                else:
+                    hook, pos = (name[:-len(SCALE_SUFFIX)], 1) if name.endswith(SCALE_SUFFIX) else (name, 0)
+                    cache[key] = int(self.loc.read_json(COMMITS, hook, f"{i}.json")["crc32c"][pos])
+            except (FileNotFoundError, KeyError, IndexError):
+                if self.attrs.get("status") == STATUS_COMPLETE:
+                    raise StoreError(f"{self.path}: chunk {i} of {name} has no commit record: the store is damaged; "
+                                     f"run `sae store verify {self.path}`") from None
+                cache[key] = None
+        return cache[key]
+
     def _read_direct(self, name: str, start: int, stop: int, scratch: ChunkScratch | None) -> np.ndarray | None:
         """Rows ``[start, stop)`` of array ``name`` when they are exactly one chunk of an array
         :class:`DirectChunks` decodes; else None (read through Zarr). A missing chunk object raises."""
@@ -288,7 +349,7 @@ class ActivationStore:
         i, rem = divmod(start, direct.chunk_rows)
         if rem or stop != min(start + direct.chunk_rows, direct.shape[0]):
             return None
-        return direct.read(self.loc, i, scratch)
+        return direct.read(self.loc, i, scratch, committed_crc=self.committed_crc(name, i))
 
     def read_chunk(self, hook_name: str, i: int) -> torch.Tensor:
         """Decoded chunk ``i`` → float32 ``[rows, d_model]``."""

@@ -29,6 +29,7 @@ from .. import __version__
 from ..errors import NonFiniteError
 from .codecs import CodecSpec
 from .format import (
+    COMMIT_INDEX,
     COMMITS,
     FORMAT_VERSION,
     RESUME_KEYS,
@@ -241,7 +242,9 @@ class StoreWriter:
                             "n_tokens": n1, "reason": "extend", "crc32c": {k: old_crcs[k] for k in arrays},
                             "boundary": boundary}
             record = {**(a.get("harvest_config") or {}), "tokens": n1 + len(new_tokens)}
-            # the growth record is written first: a killed --extend is continued from it (same history)
+            # the growth record is written first: a killed --extend is continued from it (same history);
+            # the crc index goes before anything changes (readers fall back to the commit objects)
+            self.loc.remove(COMMITS, COMMIT_INDEX)
             self.group.update_attributes({**a, "status": STATUS_IN_PROGRESS, "n_tokens_target": n1 + len(new_tokens),
                                           "harvest_config": record, "pending_growth": self.history})
             self._continue_extend(self.history, n1, n1 + len(new_tokens))
@@ -418,6 +421,8 @@ class StoreWriter:
         digest = content_digest([c for name in order for c in crcs[name]])
         per_hook = {h: content_digest([c for name in array_names([h], self.codec.has_scale) for c in crcs[name]])
                     for h in hooks}
+        # every chunk's committed crc32c in one object: readers check chunks against it cheaply
+        self.loc.write_json({"crc32c": {name: crcs[name] for name in order}}, COMMITS, COMMIT_INDEX)
         attrs = {**dict(self.group.attrs), "n_tokens_written": self.n_tokens, "stats": stats, "stats_count": count,
                  "status": STATUS_COMPLETE, "content_digest": digest, "hook_digests": per_hook, "hook_names": hooks}
         for key in ("pending_hooks", "pending_growth"):

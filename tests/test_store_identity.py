@@ -263,3 +263,38 @@ def test_the_lease_message_names_this_host_for_a_local_holder(small_store, tiny_
                                                          "heartbeat": time.time()}))
     with pytest.raises(LeaseHeldError, match=f"pid {os.getpid()}"):
         harvest(_cfg(tiny_model_dir, small_store, overwrite=True), loaded=tiny_lm, quiet=True)
+
+
+# -- 6. the loader checks what it reads against the commit objects ---------------------------------
+def _train_cfg(store: Path, out: Path):
+    from sae.train.config import TrainConfig
+
+    return TrainConfig(store=str(store), d_sae=32, k=4, batch_size=256, tokens=256 * 8, log_every=1, device="cpu",
+                       out=str(out))
+
+
+def test_a_chunk_replaced_by_a_valid_copy_of_another_stops_training(tmp_path) -> None:
+    from sae.train.run import train
+    from tests.helpers import planted_features, write_store
+
+    store = write_store(tmp_path / "s.zarr", planted_features(2048, d_in=16)[0], chunk_tokens=512)
+    hook = "blocks.0.hook_resid_post"
+    c = store / hook / "c"
+    (c / "2" / "0").write_bytes((c / "1" / "0").read_bytes())  # valid bytes, crc32c ok: only the commit knows
+    with pytest.raises(StoreError, match=r"chunk 2 of blocks.0.hook_resid_post: its crc32c 0x[0-9a-f]+ is not the "
+                                         r"one committed"):
+        train(_train_cfg(store, tmp_path / "run"), quiet=True)
+    (store / "commits" / "index.json").unlink()  # an older store without the index: the commit objects
+    with pytest.raises(StoreError, match="chunk 2 of blocks.0.hook_resid_post: its crc32c"):
+        ActivationStore(store).read_rows_stored(hook, 1024, 1536)
+
+
+def test_a_deleted_tokens_chunk_is_noticed(tmp_path) -> None:
+    from sae.train.run import train
+    from tests.helpers import planted_features, write_store
+
+    store = write_store(tmp_path / "s.zarr", planted_features(2048, d_in=16)[0], chunk_tokens=512)
+    (store / "tokens" / "c" / "1").unlink()
+    with pytest.raises(StoreError, match=r"chunk 1 of .*tokens"):
+        train(_train_cfg(store, tmp_path / "run"), quiet=True)
+    assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
