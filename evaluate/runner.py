@@ -227,6 +227,11 @@ def eval_settings(name: str, params: dict[str, str]) -> object:
                                   "command line")
         except ValueError:
             raise ConfigError(f"-p {name}.{key}={raw!r}: expected {type(cur).__name__}") from None
+    from ..train.params import check_range
+
+    for key, spec in (getattr(cls, "ranges", None) or {}).items():  # declared ranges, as for -p of training
+        if key in typed:
+            check_range(name, key, typed[key], spec)
     try:
         return dataclasses.replace(base, **typed)
     except ValueError as e:  # a Config's own check of its values (__post_init__)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -16,7 +15,7 @@ from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION
-from ..store.lease import Lease, check_not_leased
+from ..store.lease import check_not_leased, replacing
 from ..store.location import READ_ONLY_SCHEMES, StoreLocation, as_location, scheme_of
 from .corpus import iter_documents
 from .distributed import ChunkJob, dask_client, resolve_workers, run_chunks
@@ -282,10 +281,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         write(loc, "resume")
     elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
         # replacing: hold the old store's lease meanwhile, so no other writer starts on it (or races us)
-        guard = Lease(loc, "overwrite").acquire(takeover_stale=True) if exists else contextlib.nullcontext()
-        with guard, build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store",
-                          keep_partial=lambda: bool(writers) and writers[-1].n_written > 0,
-                          error=StoreError) as target:
+        with replacing(loc), build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store,
+                                          what="an sae store", error=StoreError,
+                                          keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
             write(target, "create")
     else:
         write(loc, "create")

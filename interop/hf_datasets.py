@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +114,19 @@ def export_store(url: str, out: str | Path, *, hook_name: str | None = None, dty
     return out
 
 
+def _check_readable(ds: Any, hook: str, src: Path) -> None:
+    """Read every Arrow record batch of ``ds``'s activation column once (validating it) before anything
+    is written. Raises ``ConfigError`` naming ``src`` for a truncated or corrupt export."""
+    try:
+        table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        table.validate(full=True)
+        for batch in table.column(hook).chunks:
+            batch.validate(full=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{src}: its Arrow data cannot be read ({e.__class__.__name__}: {str(e)[:200]}); the "
+                          "export is truncated or corrupt: export it again") from None
+
+
 def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, model: str | None = None,
                  codec: str = "zstd", dtype: str = "float32", chunk_tokens: int | None = None,
                  overwrite: bool = False, storage_options: dict | None = None, quiet: bool = False) -> str:
@@ -132,6 +146,7 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
     from ..progress import progress_bar
     from ..store.codecs import CodecSpec
     from ..store.format import StoreError
+    from ..store.lease import check_not_leased, replacing
     from ..store.location import as_location
     from ..store.writer import StoreWriter
 
@@ -141,7 +156,11 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
                           "directory CacheActivationsRunner wrote")
     spec = CodecSpec.parse(codec, dtype)
     datasets = _datasets()
-    ds = datasets.load_from_disk(str(src))
+    try:
+        ds = datasets.load_from_disk(str(src))
+    except (OSError, ValueError, KeyError) as e:  # pyarrow's errors are OSError/ValueError subclasses
+        raise ConfigError(f"{src}: its Arrow data cannot be read ({e.__class__.__name__}: {str(e)[:200]}); the "
+                          "export is truncated or corrupt: export it again") from None
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError(f"{src} holds several splits: import one of its split directories")
     arrays = [c for c, f in ds.features.items() if isinstance(f, datasets.Array2D)]
@@ -180,8 +199,13 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
             "imported_from": {"format": "hf-datasets", "path": str(src.resolve()), "rows": n_rows,
                               "token_ids": has_tokens}}
     loc = as_location(str(url), storage_options)
+    if loc.read_only:
+        raise StoreError(f"--out {url}: {loc.scheme}:// is read-only; import to a path, s3:// or gs://")
+    _check_readable(ds, hook, src)
     if loc.local:
         check_output_location(loc.path, "--out")
+        if overwrite:
+            check_not_leased(loc, "--overwrite")
     elif loc.exists("zarr.json"):
         raise StoreError(f"{url} already exists (remote stores cannot be replaced atomically): pick a new URL")
     n = n_rows * ctx
@@ -205,8 +229,8 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
             w.close()
 
     if loc.local:
-        with build_output(loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
-                          error=StoreError) as target:
+        with replacing(loc), build_output(loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
+                                          error=StoreError) as target:
             copy(target)
     else:
         copy(loc.url)

@@ -10,6 +10,7 @@ source library's own ``encode`` (to float32 rounding), in the source's units (no
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,9 @@ def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None 
         if not is_sae_run(out):
             raise ConfigError(f"{out} exists and is not a run directory of ours; refusing to replace it "
                               "(pick another --out)")
+    if activation_scale is not None and (not math.isfinite(activation_scale) or activation_scale <= 0):
+        raise ConfigError(f"--activation-scale {activation_scale!r} must be a finite number > 0 (the factor the SAE "
+                          "expects its inputs to be multiplied by)")
     c = read_foreign(src, fmt, activation_scale)
     cfg = {k: v for k, v in c.cfg.items() if k not in _DROP}
     weights = None

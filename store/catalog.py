@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..outputs import is_store_attrs
+from .format import StoreError
 from .location import StoreLocation, as_location
 
 
@@ -31,6 +32,25 @@ def _bytes(loc: StoreLocation) -> int | None:
         return None
 
 
+def _check_listable(base: StoreLocation, prefix: str) -> None:
+    """Raise ``StoreError`` unless ``prefix`` is an existing folder (or bucket prefix) to list."""
+    if base.local:
+        if not base.path.exists():
+            raise StoreError(f"{prefix}: no such folder; pass a folder (or bucket prefix) that holds stores")
+        if not base.path.is_dir():
+            raise StoreError(f"{prefix} is a file, not a folder of stores; pass the folder that holds it")
+        return
+    if base.read_only:
+        raise StoreError(f"{prefix}: {base.scheme}:// cannot be listed; pass a store's own URL to `sae store info`")
+    try:
+        found = base.fs.exists(base.key())
+    except Exception as e:  # noqa: BLE001 - e.g. a bucket that does not exist, no credentials
+        raise StoreError(f"{prefix}: cannot list it ({e.__class__.__name__}: {e}); check the bucket name and "
+                         "--storage-option") from None
+    if not found:
+        raise StoreError(f"{prefix}: nothing there (no such bucket or prefix); check the URL")
+
+
 def list_stores(prefix: str, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """One row per sae store directly under ``prefix`` (or ``prefix`` itself when it is a store),
     sorted by name: model, hooks, tokens, codec, bytes, status, created, store id."""
@@ -38,6 +58,7 @@ def list_stores(prefix: str, storage_options: dict | None = None) -> list[dict[s
     own = _store_row(base, base.url.rsplit("/", 1)[-1])
     if own is not None:
         return [own]
+    _check_listable(base, prefix)
     rows = []
     for name in base.list_names():
         if name.startswith("."):

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..outputs import build_output, check_output_location, is_sae_store
 from .codecs import CodecSpec
 from .format import RESUME_KEYS, StoreError
+from .lease import check_not_leased, replacing
 from .location import as_location
 from .reader import ActivationStore
 from .writer import StoreWriter
@@ -31,8 +32,12 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
     dst_loc = as_location(str(dst), storage_options)
     if (dst_loc.local and s.loc.local and dst_loc.path.resolve() == s.loc.path.resolve()) or dst_loc.url == s.loc.url:
         raise StoreError(f"destination {dst} is the source store: pick another destination")
+    if dst_loc.read_only:
+        raise StoreError(f"destination {dst}: {dst_loc.scheme}:// is read-only; convert to a path, s3:// or gs://")
     if dst_loc.local:
         check_output_location(dst_loc.path, "destination")
+        if overwrite:
+            check_not_leased(dst_loc, "--overwrite")
     n = min(n_tokens or s.n_tokens, s.n_tokens)
     n -= n % s.context_size
     keep = {k: v for k, v in s.attrs.items() if k not in RESUME_KEYS or k in ("model_id", "model_fingerprint",
@@ -57,8 +62,8 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
             w.close()
 
     if dst_loc.local:
-        with build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
-                          error=StoreError) as target:
+        with replacing(dst_loc), build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store,
+                                              what="an sae store", error=StoreError) as target:
             copy(target)
     else:
         if dst_loc.exists("zarr.json"):

@@ -9,14 +9,16 @@ holder was a process of this host that no longer runs, may be taken over by ``--
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from ..outputs import pid_alive
+from ..outputs import is_store_attrs, pid_alive
 from .format import LEASE_FILE, StoreError
 from .location import StoreLocation
 
@@ -119,3 +121,20 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextlib.contextmanager
+def replacing(loc: StoreLocation, option: str = "--overwrite") -> Iterator[None]:
+    """Hold the lease of the store at ``loc`` (if one is there) while it is being replaced: a live
+    writer's lease refuses the replacement in one line (:func:`check_not_leased`), and while we hold
+    it no other writer can start on the old store. A stale lease is taken over."""
+    try:
+        ours = is_store_attrs(loc.read_json("zarr.json", fresh=True).get("attributes"))
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:  # nothing of ours there: nothing to lease (and never write into what is not ours)
+        yield
+        return
+    check_not_leased(loc, option)
+    with Lease(loc, "overwrite").acquire(takeover_stale=True):
+        yield

@@ -298,3 +298,110 @@ def test_a_deleted_tokens_chunk_is_noticed(tmp_path) -> None:
     with pytest.raises(StoreError, match=r"chunk 1 of .*tokens"):
         train(_train_cfg(store, tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
+
+
+# -- 7. declared ranges, enforced ------------------------------------------------------------------
+def test_every_numeric_parameter_of_every_registry_has_a_declared_range() -> None:
+    import dataclasses
+
+    from sae.evaluate import geometry
+    from sae.train.archs.base import REGISTRY as ARCHS
+    from sae.train.archs.base import arch_names
+    from sae.train.variants.base import REGISTRY as VARIANTS
+    from sae.train.variants.base import variant_names
+
+    variant_names(), arch_names()  # fill the registries
+
+    configs = [(f"variant {n}", c.Config) for n, c in VARIANTS.items() if hasattr(c, "Config")]
+    configs += [(f"arch {n}", c.Config) for n, c in ARCHS.items() if hasattr(c, "Config")]
+    configs += [("eval geometry", geometry.Config)]
+    assert len(configs) >= 12
+    for owner, cls in configs:
+        ranges = getattr(cls, "ranges", {}) or {}
+        for f in dataclasses.fields(cls):
+            if isinstance(f.default, int | float) and not isinstance(f.default, bool):
+                assert f.name in ranges, f"{owner}: -p {f.name} has no declared range"
+
+
+@pytest.mark.parametrize(("params", "match"), [
+    ({"l0_coefficient": "-0.5"}, r"l0_coefficient=-0.5 .* must be exactly -1 or >=0"),
+    ({"target_l0": "-3"}, r"target_l0=-3.0 .* must be exactly -1 or >=0"),
+])
+def test_jumprelu_refuses_negative_coefficients_but_keeps_its_sentinel(params, match) -> None:
+    from sae.train.archs.base import make_arch_config
+
+    with pytest.raises(ConfigError, match=match):
+        make_arch_config("jumprelu", params)
+    assert make_arch_config("jumprelu", {"l0_coefficient": "-1", "target_l0": "0"}).target_l0 == 0
+
+
+def test_eval_settings_out_of_range_are_refused() -> None:
+    from sae.evaluate.runner import eval_settings
+
+    with pytest.raises(ConfigError, match=r"hist_bins=0 .* must be >=1"):
+        eval_settings("geometry", {"hist_bins": "0"})
+    assert eval_settings("geometry", {"hist_bins": "7"}).hist_bins == 7
+
+
+def test_a_negative_activation_scale_is_refused_before_anything_is_written(tmp_path) -> None:
+    from sae.interop.importer import import_sae
+
+    with pytest.raises(ConfigError, match="--activation-scale -2.0 must be a finite number > 0"):
+        import_sae(tmp_path / "nowhere", "saelens", tmp_path / "out", activation_scale=-2.0)
+    assert not (tmp_path / "out").exists()
+
+
+# -- 9/10. one line, not an internal error -------------------------------------------------------
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from sae.cli import app
+
+    r = CliRunner().invoke(app, list(args))
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    return r, errors
+
+
+def test_store_ls_of_nothing_is_one_error_line(tmp_path) -> None:
+    (tmp_path / "f.txt").write_text("x")
+    for target, what in ((tmp_path / "missing", "no such folder"), (tmp_path / "f.txt", "is a file")):
+        r, errors = _cli("store", "ls", str(target))
+        assert r.exit_code == 2 and len(errors) == 1 and what in errors[0], r.output
+    r, _ = _cli("store", "ls", str(tmp_path))
+    assert r.exit_code == 0 and "no sae stores" in r.output
+
+
+def test_writing_into_an_http_store_is_refused_up_front() -> None:
+    r, errors = _cli("harvest", "--layer", "2", "--into", "http://127.0.0.1:9/s.zarr", "--device", "cpu")
+    assert r.exit_code == 2 and len(errors) == 1 and "read-only" in errors[0] and "unexpected" not in r.output
+
+
+def test_an_unreachable_scheduler_is_refused_fast_and_before_the_model_loads(tmp_path, monkeypatch) -> None:
+    import socket as sk
+
+    s = sk.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+
+    def no_model(*a, **k):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(harvest_mod, "load_model", no_model)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="no dask scheduler answers"):
+        harvest(HarvestConfig(layers=[1], out=str(tmp_path / "s.zarr"), scheduler=f"tcp://127.0.0.1:{port}",
+                              device="cpu", tokens=1024), quiet=True)
+    assert time.perf_counter() - t0 < 12
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_truncated_export_is_one_line(tiny_store, tmp_path) -> None:
+    from sae.interop.hf_datasets import export_store
+
+    cache = Path(export_store(str(tiny_store), tmp_path / "cache", quiet=True))
+    arrow = max(cache.rglob("*.arrow"), key=lambda p: p.stat().st_size)
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    r, errors = _cli("store", "import", str(cache), "--out", str(tmp_path / "s.zarr"))
+    assert r.exit_code == 2 and len(errors) == 1 and "truncated or corrupt" in errors[0], r.output
+    assert not (tmp_path / "s.zarr").exists()

@@ -52,11 +52,23 @@ def convert_param(owner: str, key: str, value: Any, default: Any) -> Any:
 
 
 def check_range(owner: str, key: str, value: Any, spec: str) -> None:
-    """``spec``: ``>=x``, ``>x``, ``[a,b]`` / ``(a,b]`` / ``[a,b)`` intervals, or ``{a,b,c}`` choices.
+    """``spec``: ``>=x``, ``>x``, ``=x``, ``[a,b]`` / ``(a,b]`` / ``[a,b)`` intervals, ``{a,b,c}`` choices,
+    or alternatives joined by ``|`` (``=-1|>=0``: the sentinel −1 or a non-negative value).
 
     Raises ``ConfigError`` naming the parameter and the allowed values."""
     ok = True
-    if spec.startswith("{"):
+    if "|" in spec:  # alternatives, e.g. "=-1|>=0": a sentinel or a range
+        errors = []
+        for alt in spec.split("|"):
+            try:
+                check_range(owner, key, value, alt)
+                return
+            except ConfigError as e:
+                errors.append(str(e).rsplit("it must be ", 1)[-1])
+        raise ConfigError(f"-p {key}={value!r} ({owner}) is out of range: it must be {' or '.join(errors)}")
+    if spec.startswith("="):
+        ok, allowed = value == float(spec[1:]), f"exactly {spec[1:]}"
+    elif spec.startswith("{"):
         ok = value in spec[1:-1].split(",")
         allowed = "one of " + spec[1:-1].replace(",", ", ")
     elif spec.startswith(">="):

@@ -104,8 +104,8 @@ class JumpReLU(Arch):
         """anthropic: c in tanh(c·f·‖W_dec‖)."""
         pre_act_coefficient: float = 3e-4
         """anthropic: λ_p of the dead-latent pre-activation loss (0 disables it)."""
-        ranges = {"variant": "{gemma,anthropic}", "bandwidth": ">0", "l0_coefficient": ">=-1",
-                  "target_l0": ">=-1", "l0_warmup_frac": "[0,1]", "init_threshold": ">=0", "tanh_scale": ">0",
+        ranges = {"variant": "{gemma,anthropic}", "bandwidth": ">0", "l0_coefficient": "=-1|>=0",
+                  "target_l0": "=-1|>=0", "l0_warmup_frac": "[0,1]", "init_threshold": ">=0", "tanh_scale": ">0",
                   "pre_act_coefficient": ">=0"}
 
     def __init__(self, d_in: int, d_sae: int, k: int, config: Any, train_cfg: Any) -> None:
