@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -195,6 +196,15 @@ def _nan_store(tmp_path: Path) -> tuple[Path, int]:
     g = zarr.open_group(str(path), mode="r+")
     c = int(order[2])
     g["blocks.0.hook_resid_post"][c * 1024:(c + 1) * 1024] = np.nan  # as in a store written before the guard
+    # ... whose commits then recorded those bytes (else the loader refuses the chunk as replaced)
+    crc = struct.unpack("<I", (path / "blocks.0.hook_resid_post" / "c" / str(c) / "0").read_bytes()[-4:])[0]
+    rec_path = path / "commits" / "blocks.0.hook_resid_post" / f"{c}.json"
+    rec = json.loads(rec_path.read_text())
+    rec["crc32c"][0] = crc
+    rec_path.write_text(json.dumps(rec))
+    index = json.loads((path / "commits" / "index.json").read_text())
+    index["crc32c"]["blocks.0.hook_resid_post"][c] = crc
+    (path / "commits" / "index.json").write_text(json.dumps(index))
     return path, c
 
 
