@@ -1,6 +1,6 @@
 """The one module that touches the language model: loading, hooking ``resid_post``, splicing.
 
-Hook convention (mission doc, "Models"): ``resid_post`` of block ``L`` is the output of decoder
+Hook convention (the HF convention: hidden_states[L + 1]): ``resid_post`` of block ``L`` is the output of decoder
 layer ``L``, which equals ``hidden_states[L + 1]`` of a full, untruncated HF forward. We capture
 it with a forward hook on the decoder layer and stop the forward pass there by raising an
 exception, so the model's final norm is never applied to what we store (truncating the layer

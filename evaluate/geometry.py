@@ -1,4 +1,4 @@
-"""Feature-geometry evaluation: how (non-)orthogonal an SAE's dictionary is (mission doc, "Evaluations":
+"""Feature-geometry evaluation: how (non-)orthogonal an SAE's dictionary is (SAEBench-style feature geometry:
 max decoder cosine per latent, group condition numbers, pair stability).
 
 Notation: ``d_i`` = unit decoder row i (``W_dec [d_sae, d_in]``), ``e_i`` = unit encoder column i

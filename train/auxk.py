@@ -9,7 +9,7 @@ Definition (dense)::
     ê      = f_aux W_dec                   (no decoder bias)
     AuxK   = Σ‖e − ê‖² / Σ‖x − x̄‖² · min(1, n_dead / aux_k)
 
-The normalisation by Σ‖x − x̄‖² (the batch variance of x, like our FVU) follows the mission doc;
+The normalisation by Σ‖x − x̄‖² (the batch variance of x, like our FVU) follows Gao et al. 2024 (arXiv 2406.04093);
 OpenAI's reference normalises by Var(e) instead (about 10× stronger at EV 0.9; documented in the
 README's deviations).
 
