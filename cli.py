@@ -484,7 +484,8 @@ def import_cmd(
 @_guard
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
-    out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv).")] = Path("sae-report"),
+    out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv); an existing one is "
+                                           "replaced only when it is a report of ours.")] = Path("sae-report"),
     store: Annotated[str | None, typer.Option(help="Store (path or URL) for the feature browser (default: each "
                                                    "run's).")] = None,
     latents: Annotated[int, typer.Option(help="Latents shown in the feature browser.")] = 12,
@@ -492,12 +493,10 @@ def report(
     """Build a static HTML report: metric tables, frontier/probing/absorption plots, histograms,
     training curves and a feature browser of top-activating store contexts."""
     from .errors import ConfigError
-    from .outputs import check_output_location
     from .report import build_report
 
     if latents < 0:
         raise ConfigError(f"--latents {latents} must be >= 0")
-    check_output_location(out, "--out")
     index = build_report(run_dirs, out, store, latents)
     typer.echo(f"wrote {index}")
 

@@ -68,6 +68,19 @@ def is_sae_run(path: str | Path) -> bool:
     return bool(cfg) and "sae_version" in cfg and "train_config" in cfg
 
 
+REPORT_MARKER = ".sae_report"
+"""File written into every report folder by ``sae report`` (JSON: package version, created)."""
+
+
+def is_sae_report(path: str | Path) -> bool:
+    """True when ``path`` is a report folder written by ``sae report`` (its marker; reports written before
+    the marker existed: ``index.html`` beside ``metrics.csv`` and ``headline.md``)."""
+    p = Path(path)
+    if (p / REPORT_MARKER).is_file():
+        return True
+    return all((p / n).is_file() for n in ("index.html", "metrics.csv", "headline.md"))
+
+
 def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 

@@ -24,12 +24,16 @@ metrics, one row per run. A section whose inputs are missing says "not evaluated
 from __future__ import annotations
 
 import html
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .. import __version__
+from ..errors import SaeError
+from ..outputs import REPORT_MARKER, build_output, check_output_location, is_sae_report
 from .figures import (
     plot_absorption,
     plot_density,
@@ -136,13 +140,33 @@ def build_report(run_dirs: list[Path], out: Path, store: Path | None = None, n_b
             the first is expanded, the others collapsed). browse_tokens: store rows scanned per run.
         decode: token ids → text for the browser (None → the store model's tokenizer).
 
+    ``out`` is built beside the old report and swapped into place at the end (``outputs.build_output``):
+    an existing ``out`` is replaced only when it is a report of ours (``outputs.is_sae_report``), and a
+    failure leaves the old report, or nothing, behind. Every run's ``cfg.json`` and ``metrics.jsonl`` is
+    read before anything is written.
+
     Raises:
-        FileNotFoundError: a path that holds no run.
+        SaeError: a path that holds no run; an unreadable ``cfg.json``/``metrics.jsonl`` (the message
+            names the file); ``out`` exists, is not empty and is not a report of ours, or is a file.
     """
-    dirs = resolve_run_dirs(run_dirs)
+    try:
+        dirs = resolve_run_dirs(run_dirs)
+    except (FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        raise SaeError(str(e)) from None
+    runs = [load_run(d, lab) for d, lab in zip(dirs, unique_labels(dirs), strict=True)]  # all read before writing
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d, lab) for d, lab in zip(dirs, unique_labels(dirs), strict=True)]
+    check_output_location(out, "--out")
+    with build_output(out, overwrite=True, is_ours=is_sae_report, what="a report written by `sae report`") as target:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / REPORT_MARKER).write_text(json.dumps({"sae_version": __version__, "created": time.time()}))
+        _write_report(runs, target, store, n_browse_latents, browse_runs=browse_runs, browse_tokens=browse_tokens,
+                      decode=decode, title=title)
+    return out / "index.html"
+
+
+def _write_report(runs: list[RunInfo], out: Path, store: Path | None, n_browse_latents: int, *,
+                  browse_runs: int | None, browse_tokens: int, decode: Callable[[Sequence[int]], str] | None,
+                  title: str) -> Path:
     colors = run_colors(len(runs))
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
 

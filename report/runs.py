@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SaeError
 from ..evaluate.results import RESULTS_DIR, ResultSchemaError, read_result
 
 NOT_EVALUATED = "not evaluated"
@@ -89,10 +90,35 @@ def resolve_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+def read_cfg(run_dir: Path) -> dict[str, Any]:
+    """A run's ``cfg.json`` as a dict ({} when absent).
+
+    Raises:
+        SaeError: the file cannot be read or is not a JSON object (the message names the file).
+    """
+    path = Path(run_dir) / "cfg.json"
+    if not path.exists():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SaeError(f"{path} is not valid JSON ({str(e).splitlines()[0]}): restore it from the run's "
+                       "checkpoint or leave the run out of the report") from None
+    if not isinstance(cfg, dict):
+        raise SaeError(f"{path} holds a {type(cfg).__name__}, not a JSON object: restore it or leave the "
+                       "run out of the report")
+    return cfg
+
+
 def load_run(run_dir: str | Path, label: str | None = None) -> RunInfo:
-    """Read ``cfg.json``, ``metrics.jsonl`` and all ``eval_results/*.json`` of one run (bad files listed)."""
+    """Read ``cfg.json``, ``metrics.jsonl`` and all ``eval_results/*.json`` of one run (bad result files
+    are listed in ``bad_results``; cut ``metrics.jsonl`` lines are skipped).
+
+    Raises:
+        SaeError: an unreadable ``cfg.json`` or ``metrics.jsonl`` (the message names the file).
+    """
     run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "cfg.json").read_text()) if (run_dir / "cfg.json").exists() else {}
+    cfg = read_cfg(run_dir)
     info = RunInfo(path=run_dir, label=label or run_dir.name, cfg=cfg)
     for f in sorted((run_dir / RESULTS_DIR).glob("*.json")):
         try:
@@ -102,7 +128,11 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunInfo:
             info.bad_results[f.name] = str(e)
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists():
-        for line in metrics.read_text().splitlines():
+        try:
+            text = metrics.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SaeError(f"{metrics} cannot be read ({e}): restore it or leave the run out of the report") from None
+        for line in text.splitlines():
             try:
                 if line.strip():
                     info.records.append(json.loads(line))

@@ -9,7 +9,6 @@ subprocesses at the end.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -28,23 +27,9 @@ from sae.cli import app
 from sae.store import CodecSpec, StoreWriter
 from sae.train.config import TrainConfig
 from sae.train.run import train
-from tests.helpers import planted_features, write_store
+from tests.helpers import planted_features, tree_hash, write_store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tree_hash(root: Path) -> str:
-    """sha256 over every path below ``root`` (relative name, kind, and file bytes)."""
-    h = hashlib.sha256()
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel = os.path.relpath(dirpath, root)
-        h.update(f"d:{rel}\n".encode())
-        for f in sorted(filenames):
-            p = Path(dirpath) / f
-            h.update(f"f:{rel}/{f}\n".encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +172,9 @@ CASES = {
     "sweep_workers_negative": ("sweep --store {store} --variants topk --workers -1 --out {root}/sw", "--workers"),
     "sweep_batch_0": ("sweep --store {store} --variants topk --batch-size 0 --out {root}/sw", "--batch-size"),
     "report_out_file": ("report {run} --out {file}", "is a file"),
+    "report_out_user_folder": ("report {run} --out {thesis} --latents 0", "is not a report written by `sae report`"),
+    "report_garbage_cfg": ("report {garbage_cfg} --out {root}/rep --latents 0", "garbage_cfg/cfg.json is not valid JSON"),
+    "report_no_runs": ("report {thesis} --out {root}/rep --latents 0", "holds none"),
 }
 
 

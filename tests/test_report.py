@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.errors import SaeError
 from sae.evaluate.geometry import compute_geometry
 from sae.evaluate.results import write_result
 from sae.latents import sample_ranges, scan_store, select_latents
@@ -22,7 +23,7 @@ from sae.store import ActivationStore
 from sae.train.config import TrainConfig
 from sae.train.run import train
 from sae.train.sae import SAE
-from tests.helpers import BOS, planted_features, write_store
+from tests.helpers import BOS, planted_features, tree_hash, write_store
 
 CS = 64
 
@@ -195,8 +196,58 @@ def test_report_without_evaluations_or_store(tiny_runs: tuple[Path, list[Path]],
     assert "feature density: not evaluated" in page and "no activation store" in page
     imgs = re.findall(r'<img src="([^"]+)"', page)
     assert set(imgs) == {"max_cos.png", "training.png"}                     # both need only the run dir
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SaeError, match="no cfg.json"):
         build_report([tmp_path / "out"], tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_report_out_replaces_only_a_report_of_ours(tiny_runs: tuple[Path, list[Path]], tmp_path: Path) -> None:
+    _, runs = tiny_runs
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("<h1>my home page</h1>")
+    before = tree_hash(mine)
+    with pytest.raises(SaeError, match="is not a report written by `sae report`; refusing"):
+        build_report(runs, mine, n_browse_latents=0)
+    assert tree_hash(mine) == before and sorted(p.name for p in tmp_path.iterdir()) == ["site"]
+    out = tmp_path / "report"
+    build_report(runs[:1], out, n_browse_latents=0)
+    (out / "extra.txt").write_text("left by an older report")
+    assert "1 run(s)" in (out / "index.html").read_text()
+    build_report(runs, out, n_browse_latents=0)                            # ours: rebuilt beside, swapped in
+    assert "2 run(s)" in (out / "index.html").read_text() and not (out / "extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report", "site"]  # no staging sibling left
+
+
+def test_report_validates_every_run_before_writing(tiny_runs: tuple[Path, list[Path]], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _, runs = tiny_runs
+    bad = tmp_path / "bad"
+    shutil.copytree(runs[1], bad)
+    (bad / "cfg.json").write_text("{garbage")
+    with pytest.raises(SaeError, match=re.escape(str(bad / "cfg.json")) + " is not valid JSON"):
+        build_report([runs[0], bad], tmp_path / "new", n_browse_latents=0)
+    assert not (tmp_path / "new").exists()                                 # nothing written
+    out = tmp_path / "old"
+    build_report(runs, out, n_browse_latents=0)
+    before = tree_hash(out)
+    (bad / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(SaeError, match="holds a list, not a JSON object"):
+        build_report([bad], out, n_browse_latents=0)
+    assert tree_hash(out) == before
+    import sae.report.page as page
+
+    def broken(*a: object, **k: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(page, "plot_training", broken)                    # a failure half-way through
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_report(runs, out, n_browse_latents=0)
+    assert tree_hash(out) == before                                        # the old report untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "old"]
+    with pytest.raises(RuntimeError):
+        build_report(runs, tmp_path / "fresh", n_browse_latents=0)
+    assert not (tmp_path / "fresh").exists()                               # no partial report left
 
 
 def test_flatten_metrics_keeps_scalars_only() -> None:

@@ -7,9 +7,6 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +25,7 @@ from sae.store import ActivationStore
 from sae.train.config import TrainConfig
 from sae.train.run import RunDirError, train, train_many
 from sae.train.trainer import Trainer
-from tests.helpers import planted_features, write_store
-from tests.test_cli_errors import tree_hash
+from tests.helpers import planted_features, run_killed, tree_hash, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 VOLATILE = ("store_id", "created", "harvest_config")
@@ -50,45 +46,20 @@ def _assert_same_store(a_path: Path, b_path: Path) -> None:
     assert strip[0] == strip[1]  # statistics, cursor, status, identity: all equal
 
 
-KILLER = textwrap.dedent('''
-    import json, os, signal, sys
-    import zarr
-    from sae.store.location import StoreLocation
+HARVEST_BODY = '''
     from sae.harvest.harvest import HarvestConfig, harvest
-    point, n, model, out, overwrite = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5] == "1"
-    calls = {"commit": 0, "set": 0}
-    real_write, real_set = StoreLocation.write_json, zarr.Array.__setitem__
-
-    def write_json(self, obj, *parts, exclusive=False):
-        is_commit = parts[0] == "commits"
-        calls["commit"] += is_commit
-        if is_commit and point == "before_commit" and calls["commit"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_write(self, obj, *parts, exclusive=exclusive)
-        if is_commit and point == "after_commit" and calls["commit"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def setitem(self, key, value):
-        calls["set"] += 1
-        if point == "mid_chunk" and calls["set"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_set(self, key, value)
-
-    StoreLocation.write_json = write_json
-    zarr.Array.__setitem__ = setitem
+    model, out, overwrite = sys.argv[3], sys.argv[4], sys.argv[5] == "1"
     harvest(HarvestConfig(layers=[1, 2], model=model, tokens=5120, context_size=64, batch_size=8, dtype="bfloat16",
                           chunk_tokens=1024, device="cpu", out=out, overwrite=overwrite, resume=not overwrite,
                           storage_options=json.loads(os.environ.get("SAE_TEST_STORAGE_OPTIONS", "{}"))),
             quiet=True)
-''')
+'''
 
 
 def _killed_harvest(point: str, n: int, model_dir: Path, out: Path | str, overwrite: bool = False,
                     storage_options: dict | None = None) -> None:
-    args = [sys.executable, "-c", KILLER, point, str(n), str(model_dir), str(out), "1" if overwrite else "0"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "SAE_TEST_STORAGE_OPTIONS": json.dumps(storage_options or {})}
-    r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    run_killed(HARVEST_BODY, point, n, model_dir, out, "1" if overwrite else "0",
+               env={"SAE_TEST_STORAGE_OPTIONS": json.dumps(storage_options or {})})
 
 
 @pytest.fixture(scope="module")

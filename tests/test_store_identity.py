@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,7 +20,7 @@ from sae.harvest.harvest import HarvestConfig, harvest
 from sae.store import ActivationStore, StoreError
 from sae.store.lease import LeaseHeldError
 from sae.store.verify import verify_store
-from tests.test_cli_errors import tree_hash
+from tests.helpers import run_killed, tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,35 +161,11 @@ def test_a_store_replaced_under_a_running_writer_stops_it_in_one_line(tiny_model
 
 
 # -- 4. growth that resumes -------------------------------------------------------------------------
-KILLER = textwrap.dedent('''
-    import os, signal, sys
-    import zarr
-    from sae.store.location import StoreLocation
+EXTEND_BODY = '''
     from sae.harvest.harvest import HarvestConfig, harvest
-    point, n, model, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    calls = {"commit": 0, "set": 0}
-    real_write, real_set = StoreLocation.write_json, zarr.Array.__setitem__
-
-    def write_json(self, obj, *parts, exclusive=False):
-        is_commit = parts[0] == "commits"
-        calls["commit"] += is_commit
-        if is_commit and point == "before_commit" and calls["commit"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_write(self, obj, *parts, exclusive=exclusive)
-        if is_commit and point == "after_commit" and calls["commit"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def setitem(self, key, value):
-        calls["set"] += 1
-        if point == "mid_chunk" and calls["set"] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_set(self, key, value)
-
-    StoreLocation.write_json = write_json
-    zarr.Array.__setitem__ = setitem
-    harvest(HarvestConfig(layers=[1], model=model, tokens=3072, device="cpu", out=out, extend=True,
+    harvest(HarvestConfig(layers=[1], model=sys.argv[3], tokens=3072, device="cpu", out=sys.argv[4], extend=True,
                           batch_size=8), quiet=True)
-''')
+'''
 
 
 @pytest.mark.parametrize(("point", "n", "finish"), [
@@ -209,9 +181,7 @@ def test_a_killed_extend_finishes_to_the_uninterrupted_store(tiny_model_dir, tin
     cut = Path(harvest(_cfg(tiny_model_dir, tmp_path / "cut.zarr"), loaded=tiny_lm, quiet=True))
     old_digest = ActivationStore(ref).content_digest
     harvest(_cfg(tiny_model_dir, ref, tokens=3072, extend=True), loaded=tiny_lm, quiet=True)
-    r = subprocess.run([sys.executable, "-c", KILLER, point, str(n), str(tiny_model_dir), str(cut)], cwd=REPO,
-                       capture_output=True, text=True, timeout=180, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == -signal.SIGKILL, r.stderr
+    run_killed(EXTEND_BODY, point, n, tiny_model_dir, cut)
     assert ActivationStore(cut, require_complete=False).attrs["status"] == "in_progress"
     kw = dict(tokens=3072, extend=True) if finish == "rerun" else dict(tokens=None, resume=True)
     harvest(_cfg(tiny_model_dir, cut, **kw), loaded=tiny_lm, quiet=True)
