@@ -128,6 +128,13 @@ class Config:
     """``l1_probe``: SAEBench's ``k_sparse_probe_l1_decay`` (mean BCE + l1_decay · Σ|w|)."""
     n_bootstrap: int = 1000
     """Bootstrap resamples (held-out words within each letter) for the 95 % intervals (0: none)."""
+    ranges = {"max_icl_examples": ">=0", "max_words": ">=0", "min_word_len": ">=1", "train_fraction": "(0,1)",
+              "probe_c": ">0", "min_gt_probe_f1": "[0,1]", "min_letters_for_eval": ">=1", "max_k_value": ">=1",
+              "f1_jump_threshold": ">=0", "full_absorption_probe_cos_threshold": "[0,1]",
+              "absorption_fraction_probe_cos_threshold": "[0,1]", "probe_projection_proportion_threshold": "[0,1]",
+              "absorption_fraction_max_absorbing_latents": ">=1", "llm_batch_size": ">=1", "seed": ">=0",
+              "words_per_prefix": ">=1", "ranking": "{mean_diff,l1_probe}", "l1_decay": ">=0", "n_bootstrap": ">=0"}
+    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
 
     def __post_init__(self) -> None:
         if self.ranking not in ("mean_diff", "l1_probe"):

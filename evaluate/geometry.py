@@ -78,7 +78,7 @@ class Config:
     density_tokens: int = 16384
     """Store rows encoded for densities when the run has no core result."""
     ranges = {"chunk_size": ">=1", "hist_bins": ">=1", "min_group_size": ">=2", "cluster_iters": ">=1",
-              "seed": ">=0", "density_tokens": ">=0", "n_groups": ">=1"}
+              "seed": ">=0", "density_tokens": ">=0", "n_groups": ">=1", "thresholds": "[0,1]"}
 
 
 @torch.no_grad()

@@ -78,6 +78,10 @@ class ProbeSettings:
     split_by: str = "document"
     """Train/test unit of Shakespeare snippets: "document" (scene) or "play" (harder: unseen plays)."""
     seed: int = 0
+    ranges = {"probe_C": ">0", "probe_max_iter": ">=1", "context_length": ">=2", "llm_batch_size": ">=1",
+              "sae_batch_tokens": ">=1", "store_dtype": "{float32,bfloat16,float16}", "min_chars": ">=1",
+              "max_chars": ">=1", "test_fraction": "(0,1)", "split_by": "{document,play}", "seed": ">=0"}
+    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
 
 
 __all__ = ["LinearProbe", "PooledTexts", "TextActs", "ablate_pooled", "corpus_unavailable_reason", "fit_probe",

@@ -79,9 +79,11 @@ class Config(ProbeSettings):
     """SAEBench: 1000."""
     n_values: tuple[int, ...] = N_VALUES
     top_latents_reported: int = 20
+    """How many top-ranked latents per direction go to ``eval_result_unstructured``."""
     n_bootstrap: int = 1000
     """Bootstrap resamples of each pair's test examples for the 95 % intervals (0: none)."""
-    """How many top-ranked latents per direction go to ``eval_result_unstructured``."""
+    ranges = {**ProbeSettings.ranges, "train_set_size": ">=8", "test_set_size": ">=4", "n_values": ">=1",
+              "top_latents_reported": ">=0", "n_bootstrap": ">=0"}
 
 
 def available(ctx: EvalContext, cfg: Config | None = None) -> str | None:

@@ -54,6 +54,7 @@ class Config(ProbeSettings):
     n_test: int = 50
     """Test snippets per class (SAEBench: 500 per class)."""
     k_values: tuple[int, ...] = (1, 2, 5, 10, 20, 50)
+    ranges = {**ProbeSettings.ranges, "hf_max_classes": ">=2", "n_train": ">=2", "n_test": ">=1", "k_values": ">=1"}
 
 
 def available(ctx: EvalContext, cfg: Config | None = None) -> str | None:

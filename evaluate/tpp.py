@@ -68,6 +68,8 @@ class Config(ProbeSettings):
     top_latents_reported: int = 20
     n_bootstrap: int = 1000
     """Bootstrap resamples of each class's test examples for the 95 % intervals (0: none)."""
+    ranges = {**ProbeSettings.ranges, "hf_max_classes": ">=2", "n_train": ">=2", "n_test": ">=1", "n_values": ">=1",
+              "top_latents_reported": ">=0", "n_bootstrap": ">=0"}
 
 
 def available(ctx: EvalContext, cfg: Config | None = None) -> str | None:

@@ -129,6 +129,11 @@ class Config:
     measurable_p: float = 0.01
     """The score is reported only if the clean model beats chance (1/4) on both sets at this p (binomial)."""
     llm_batch_size: int = 16
+    ranges = {"n_questions": ">=1", "mcq_seed": ">=0", "scoring": "{cloze,letter}", "n_corpus_tokens": ">=1",
+              "corpus_context_size": ">=2", "retain_thresholds": "[0,1]", "n_features_list": ">=1",
+              "multipliers": ">0", "min_forget_freq": "[0,1]", "retain_acc_threshold": "[0,1]",
+              "measurable_p": "(0,1)", "llm_batch_size": ">=1"}
+    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
 
     def __post_init__(self) -> None:
         check_scoring(self.scoring)

@@ -416,6 +416,16 @@ def _check_scheduler(cfg: HarvestConfig, timeout_s: float = 10.0) -> None:
     if cfg.scheduler is None:
         return
     import asyncio
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(cfg.scheduler if "://" in cfg.scheduler else f"tcp://{cfg.scheduler}")
+    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
+        try:  # a refused port answers at once; dask's connect would retry until its timeout
+            socket.create_connection((parts.hostname, parts.port), timeout=timeout_s).close()
+        except OSError as e:
+            raise ConfigError(f"--scheduler {cfg.scheduler}: no dask scheduler answers there ({e.__class__.__name__}"
+                              f"); start one (`dask scheduler`) or use --workers N") from None
 
     from distributed.comm import connect
 

@@ -173,7 +173,8 @@ CASES = {
     "sweep_batch_0": ("sweep --store {store} --variants topk --batch-size 0 --out {root}/sw", "--batch-size"),
     "report_out_file": ("report {run} --out {file}", "is a file"),
     "report_out_user_folder": ("report {run} --out {thesis} --latents 0", "is not a report written by `sae report`"),
-    "report_garbage_cfg": ("report {garbage_cfg} --out {root}/rep --latents 0", "garbage_cfg/cfg.json is not valid JSON"),
+    "report_garbage_cfg": ("report {garbage_cfg} --out {root}/rep --latents 0",
+                           "garbage_cfg/cfg.json is not valid JSON"),
     "report_no_runs": ("report {thesis} --out {root}/rep --latents 0", "holds none"),
 }
 

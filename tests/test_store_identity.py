@@ -271,26 +271,64 @@ def test_a_deleted_tokens_chunk_is_noticed(tmp_path) -> None:
 
 
 # -- 7. declared ranges, enforced ------------------------------------------------------------------
-def test_every_numeric_parameter_of_every_registry_has_a_declared_range() -> None:
-    import dataclasses
+def _registry_configs() -> list[tuple[str, type]]:
+    import importlib
 
-    from sae.evaluate import geometry
+    from sae.evaluate.registry import EVAL_MODULES
     from sae.train.archs.base import REGISTRY as ARCHS
     from sae.train.archs.base import arch_names
     from sae.train.variants.base import REGISTRY as VARIANTS
     from sae.train.variants.base import variant_names
 
     variant_names(), arch_names()  # fill the registries
-
     configs = [(f"variant {n}", c.Config) for n, c in VARIANTS.items() if hasattr(c, "Config")]
     configs += [(f"arch {n}", c.Config) for n, c in ARCHS.items() if hasattr(c, "Config")]
-    configs += [("eval geometry", geometry.Config)]
-    assert len(configs) >= 12
+    for name in EVAL_MODULES:
+        mod = importlib.import_module(f"sae.evaluate.{name}")
+        if hasattr(mod, "Config"):
+            configs.append((f"eval {name}", mod.Config))
+    return configs
+
+
+def test_every_numeric_parameter_of_every_registry_has_a_declared_range() -> None:
+    import dataclasses
+
+    from sae.train.params import check_range
+
+    configs = _registry_configs()
+    assert len(configs) >= 17 and {o for o, _ in configs} >= {
+        "eval geometry", "eval sparse_probing", "eval absorption", "eval scr", "eval tpp", "eval unlearning"}
     for owner, cls in configs:
         ranges = getattr(cls, "ranges", {}) or {}
-        for f in dataclasses.fields(cls):
-            if isinstance(f.default, int | float) and not isinstance(f.default, bool):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        assert set(ranges) <= set(fields), f"{owner}: a range for no setting: {set(ranges) - set(fields)}"
+        for f in fields.values():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            numeric = isinstance(default, int | float) and not isinstance(default, bool)
+            numeric_seq = (isinstance(default, tuple) and default
+                           and all(isinstance(v, int | float) and not isinstance(v, bool) for v in default))
+            if numeric or numeric_seq:
                 assert f.name in ranges, f"{owner}: -p {f.name} has no declared range"
+            if f.name in ranges and default is not None:
+                check_range(owner, f.name, default, ranges[f.name])  # the defaults are allowed values
+
+
+@pytest.mark.parametrize(("name", "params", "match"), [
+    ("sparse_probing", {"probe_C": "0"}, r"probe_C=0.0 .* must be >0"),
+    ("sparse_probing", {"test_fraction": "1"}, r"test_fraction=1.0 .* must be in \(0,1\)"),
+    ("sparse_probing", {"split_by": "scene"}, r"split_by='scene' .* must be one of document, play"),
+    ("absorption", {"min_gt_probe_f1": "1.5"}, r"min_gt_probe_f1=1.5 .* must be in \[0,1\]"),
+    ("absorption", {"n_bootstrap": "-1"}, r"n_bootstrap=-1 .* must be >=0"),
+    ("scr", {"train_set_size": "3"}, r"train_set_size=3 .* must be >=8"),
+    ("tpp", {"n_train": "1"}, r"n_train=1 .* must be >=2"),
+    ("unlearning", {"measurable_p": "0"}, r"measurable_p=0.0 .* must be in \(0,1\)"),
+    ("unlearning", {"n_questions": "0"}, r"n_questions=0 .* must be >=1"),
+])
+def test_evaluation_settings_out_of_range_are_refused(name, params, match) -> None:
+    from sae.evaluate.runner import eval_settings
+
+    with pytest.raises(ConfigError, match=match):
+        eval_settings(name, params)
 
 
 @pytest.mark.parametrize(("params", "match"), [

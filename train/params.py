@@ -55,7 +55,13 @@ def check_range(owner: str, key: str, value: Any, spec: str) -> None:
     """``spec``: ``>=x``, ``>x``, ``=x``, ``[a,b]`` / ``(a,b]`` / ``[a,b)`` intervals, ``{a,b,c}`` choices,
     or alternatives joined by ``|`` (``=-1|>=0``: the sentinel −1 or a non-negative value).
 
+    A tuple or list is checked element by element.
+
     Raises ``ConfigError`` naming the parameter and the allowed values."""
+    if isinstance(value, tuple | list):
+        for v in value:
+            check_range(owner, key, v, spec)
+        return
     ok = True
     if "|" in spec:  # alternatives, e.g. "=-1|>=0": a sentinel or a range
         errors = []
