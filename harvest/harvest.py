@@ -281,7 +281,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         write(loc, "resume")
     elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
         # replacing: hold the old store's lease meanwhile, so no other writer starts on it (or races us)
-        with replacing(loc), build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store,
+        with replacing(loc, enabled=cfg.overwrite), build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store,
                                           what="an sae store", error=StoreError,
                                           keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
             write(target, "create")

@@ -62,7 +62,7 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
             w.close()
 
     if dst_loc.local:
-        with replacing(dst_loc), build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store,
+        with replacing(dst_loc, enabled=overwrite), build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store,
                                               what="an sae store", error=StoreError) as target:
             copy(target)
     else:

@@ -124,10 +124,14 @@ class Lease:
 
 
 @contextlib.contextmanager
-def replacing(loc: StoreLocation, option: str = "--overwrite") -> Iterator[None]:
+def replacing(loc: StoreLocation, option: str = "--overwrite", *, enabled: bool = True) -> Iterator[None]:
     """Hold the lease of the store at ``loc`` (if one is there) while it is being replaced: a live
     writer's lease refuses the replacement in one line (:func:`check_not_leased`), and while we hold
-    it no other writer can start on the old store. A stale lease is taken over."""
+    it no other writer can start on the old store. A stale lease is taken over. ``enabled=False``
+    (no ``--overwrite``: nothing will be replaced) does nothing."""
+    if not enabled:
+        yield
+        return
     try:
         ours = is_store_attrs(loc.read_json("zarr.json", fresh=True).get("attributes"))
     except (OSError, ValueError, AttributeError):
