@@ -102,6 +102,17 @@ def check_output_location(path: str | Path, option: str) -> None:
         raise SaeError(f"{option} {p}: {probe} is not writable; pick a writable {option}")
 
 
+def check_writable_dir(path: str | Path, option: str) -> None:
+    """Raise ``SaeError`` unless a file can be created in the existing directory ``path`` (and in its
+    ``commits`` folder when there is one): growing or resuming a store on a read-only mount, or one we lack
+    permission for, is refused up front, before a model loads. Creates nothing that stays."""
+    p = Path(path)
+    for d in (p, p / "commits"):
+        if d.is_dir() and not _can_create_in(d):
+            raise SaeError(f"{option} {p}: {d} is read-only here (a read-only mount, or no write permission); "
+                           "copy the store somewhere writable, or ask its owner to grow it")
+
+
 def _can_create_in(directory: Path) -> bool:
     """Create and remove one empty probe file (``os.access`` says yes to root even on read-only
     mounts and pseudo file systems)."""

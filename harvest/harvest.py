@@ -11,7 +11,14 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..model import LoadedModel, check_device, check_layers, hook_name_for, load_model
-from ..outputs import build_output, check_output_location, is_empty_dir, is_sae_store, is_store_attrs
+from ..outputs import (
+    build_output,
+    check_output_location,
+    check_writable_dir,
+    is_empty_dir,
+    is_sae_store,
+    is_store_attrs,
+)
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION
@@ -213,6 +220,8 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
             raise StoreError(f"--overwrite of a remote store is not supported (object stores cannot swap a "
                              f"store atomically): harvest to a new URL, or delete {cfg.out} with your storage tools")
         check_not_leased(loc, "--overwrite" if cfg.overwrite else "--resume")
+        if cfg.resume and loc.local:
+            check_writable_dir(loc.path, "--resume")
         if cfg.resume:
             a = _store_attrs(loc)
             if a.get("format_version") != FORMAT_VERSION:
@@ -281,9 +290,9 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         write(loc, "resume")
     elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
         # replacing: hold the old store's lease meanwhile, so no other writer starts on it (or races us)
-        with replacing(loc, enabled=cfg.overwrite), build_output(loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store,
-                                          what="an sae store", error=StoreError,
-                                          keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
+        with replacing(loc, enabled=cfg.overwrite), build_output(
+                loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
+                keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
             write(target, "create")
     else:
         write(loc, "create")
@@ -326,6 +335,8 @@ def _harvest_into(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool) -
 
     loc = as_location(cfg.into, cfg.storage_options)
     check_not_leased(loc, "--into")
+    if loc.local:
+        check_writable_dir(loc.path, "--into")
     store = ActivationStore(cfg.into, storage_options=cfg.storage_options)
     a = store.attrs
     if a.get("status") != "complete":
@@ -371,6 +382,8 @@ def _harvest_extend(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool)
 
     loc = as_location(cfg.out, cfg.storage_options)
     check_not_leased(loc, "--extend")
+    if loc.local:
+        check_writable_dir(loc.path, "--extend")
     store = ActivationStore(cfg.out, storage_options=cfg.storage_options, require_complete=False)
     a = store.attrs
     pending = a.get("pending_growth") if (a.get("pending_growth") or {}).get("reason") == "extend" else None

@@ -229,8 +229,8 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
             w.close()
 
     if loc.local:
-        with replacing(loc, enabled=overwrite), build_output(loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
-                                          error=StoreError) as target:
+        with replacing(loc, enabled=overwrite), build_output(
+                loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError) as target:
             copy(target)
     else:
         copy(loc.url)

@@ -62,8 +62,9 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
             w.close()
 
     if dst_loc.local:
-        with replacing(dst_loc, enabled=overwrite), build_output(dst_loc.path, overwrite=overwrite, is_ours=is_sae_store,
-                                              what="an sae store", error=StoreError) as target:
+        with replacing(dst_loc, enabled=overwrite), build_output(
+                dst_loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
+                error=StoreError) as target:
             copy(target)
     else:
         if dst_loc.exists("zarr.json"):

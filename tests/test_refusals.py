@@ -5,8 +5,11 @@ the workspace as it was (a tree hash before and after)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from sae.cli import app
 from sae.harvest.harvest import HarvestConfig, harvest
 from sae.train.config import TrainConfig
 from sae.train.run import train
-from tests.helpers import tree_hash
+from tests.helpers import REPO, tree_hash
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,8 @@ CASES = {
     "into_other_tokens": (H.replace("--layer 1", "--layer 2") + " --out {root}/x --into {store} --tokens 999",
                           "tokens"),
     "into_present_layer": (H + " --out {root}/x --into {store}", "already"),
-    "into_foreign": (H.replace("--layer 1", "--layer 2") + " --out {root}/x --into {thesis}", "is not a Zarr activation store"),
+    "into_foreign": (H.replace("--layer 1", "--layer 2") + " --out {root}/x --into {thesis}",
+                     "is not a Zarr activation store"),
     "resume_complete_other_context": (H + " --out {store} --resume --context-size 128", "context"),
     # leases: a live writer on another host
     "overwrite_leased": (H + " --out {leased} --overwrite --tokens 1536 --context-size 64", "being written by"),
@@ -87,7 +91,8 @@ CASES = {
     "sae_import_negative_scale": ("import {run} --from saelens --out {root}/imp --activation-scale -2",
                                   "--activation-scale"),
     "sae_import_unknown_format": ("import {run} --from gemmascope --out {root}/imp", "gemmascope"),
-    "sae_import_onto_foreign": ("import {run} --from saelens --out {thesis} --overwrite", "is not a run directory of ours"),
+    "sae_import_onto_foreign": ("import {run} --from saelens --out {thesis} --overwrite",
+                                "is not a run directory of ours"),
     "sae_import_missing": ("import {root}/nope --from saelens --out {root}/imp", "{root}/nope"),
 }
 
@@ -114,3 +119,37 @@ def test_a_refusal_is_one_line_and_changes_nothing(case: str, ws: dict[str, str]
 def test_the_battery_covers_harvest_store_and_import() -> None:
     assert len(CASES) >= 30
     assert {a.split()[0] for a, _ in CASES.values()} == {"harvest", "store", "import"}
+
+
+def _read_only_mount_runner() -> str | None:
+    """A shell prefix that runs a command with ``$RO`` bind-mounted read-only (a user+mount namespace),
+    or None where this machine cannot make one."""
+    if not shutil.which("unshare"):
+        return None
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp "
+                            "&& ! touch /tmp/.sae-ro-probe 2>/dev/null"], capture_output=True)
+    return "ok" if probe.returncode == 0 else None
+
+
+@pytest.mark.parametrize("mode", ["extend", "into", "resume"])
+def test_growing_a_store_on_a_read_only_mount_is_refused_up_front(ws: dict[str, str], tmp_path: Path, mode: str
+                                                                   ) -> None:
+    if _read_only_mount_runner() is None:
+        pytest.skip("this machine cannot make a read-only bind mount (unshare -rm)")
+    ro = tmp_path / "ro.zarr"
+    shutil.copytree(ws["store"], ro)
+    before = tree_hash(ro)
+    args = {"extend": f"harvest --out {ro} --extend --tokens 3072 --layer 1 --device cpu",
+            "into": f"harvest --out {tmp_path}/x --into {ro} --layer 2 --device cpu",
+            "resume": f"harvest --out {ro} --resume --layer 1 --device cpu"}[mode]
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && exec {sys.executable} -c "
+              f"'from sae.cli import app; app()' {args}")
+    t0 = time.perf_counter()
+    r = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "dumb"})
+    out = r.stdout + r.stderr
+    errors = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in out, out
+    assert str(ro) in errors[0] and ("is read-only here" in errors[0] or "is not writable" in errors[0]), errors[0]
+    assert time.perf_counter() - t0 < 30  # before any model loads
+    assert tree_hash(ro) == before
