@@ -364,3 +364,39 @@ def test_verify_two_hooks_with_scales_is_clean_and_names_a_bad_scale_chunk(tmp_p
     rep = verify_store(ActivationStore(tmp_path / "s.zarr"))
     bad = {(a, i) for a, i, _, _ in rep.bad_chunks}  # the scale chunk, and the rows that need it to decode
     assert not rep.ok and bad == {("blocks.1.hook_resid_post.scale", 1), ("blocks.1.hook_resid_post", 1)}
+
+
+def _bucket_snapshot(loc: StoreLocation, prefix: str) -> dict[str, object]:
+    loc.fs.invalidate_cache()
+    return {k: v.get("ETag") for k, v in loc.fs.find(prefix, detail=True).items()}
+
+
+def test_s3_growth_under_a_live_lease_is_refused_and_changes_nothing(s3, tiny_lm, tiny_model_dir, tmp_path):
+    import socket
+    import time
+
+    local = Path(harvest(_hcfg(tiny_model_dir, str(tmp_path / "s.zarr"), tokens=2048), loaded=tiny_lm, quiet=True))
+    loc = StoreLocation("s3://team/leased-grow.zarr", s3)
+    loc.fs.put(str(local), "team/leased-grow.zarr", recursive=True)
+    loc.fs.pipe("team/leased-grow.zarr/lease.json", json.dumps({
+        "owner": "ada", "host": f"not-{socket.gethostname()}", "pid": 4242, "purpose": "harvest", "lease_id": "x",
+        "created": time.time(), "heartbeat": time.time()}).encode())
+    before = _bucket_snapshot(loc, "team/leased-grow.zarr")
+    opt = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
+    base = ["harvest", "--model", str(tiny_model_dir), "--device", "cpu", "--batch-size", "8", *opt]
+    for args, option in ((["--out", loc.url, "--layer", "1", "--extend", "--tokens", "4096"], "--extend"),
+                         (["--out", str(tmp_path / "x"), "--layer", "2", "--into", loc.url], "--into"),
+                         (["--out", loc.url, "--layer", "1", "--resume"], "--resume")):
+        r = CliRunner().invoke(app, base + args)
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1, r.output
+        assert f"{option} s3://team/leased-grow.zarr" in errors[0] and "ada@not-" in errors[0], errors[0]
+        assert _bucket_snapshot(loc, "team/leased-grow.zarr") == before
+
+
+def test_store_ls_of_a_missing_bucket_or_prefix_is_one_error_line(s3):
+    opt = ["--storage-option", f"endpoint_url={s3['endpoint_url']}"]
+    for url in ("s3://no-such-bucket-7/stores", "s3://team/no/such/prefix"):
+        r = CliRunner().invoke(app, ["store", "ls", url, *opt])
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1 and url in errors[0], r.output
