@@ -165,6 +165,34 @@ class DirectChunks:
         return loc.fs.cat_file(loc.key(*key))
 
 
+def ends_with_crc32c(array: Any) -> bool:
+    """Whether the codec chain of ``array`` (a ``zarr.Array``) ends in Zarr v3's ``crc32c`` codec, so
+    that the last 4 bytes of each chunk object are the crc32c of the rest (any other codecs before it)."""
+    try:
+        codecs = array.metadata.to_dict().get("codecs") or []
+    except AttributeError:
+        return False
+    last = codecs[-1] if codecs else None
+    return (last.get("name") if isinstance(last, dict) else last) == "crc32c"
+
+
+def stored_crc32c(loc: StoreLocation, key: tuple[str, ...]) -> int:
+    """The crc32c a chunk object carries (its last 4 bytes, little-endian), read without the rest.
+
+    Raises ``FileNotFoundError`` when the chunk object does not exist."""
+    if loc.local:
+        with open(loc.path.joinpath(*key), "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if size < 4:
+                raise ValueError(f"{'/'.join(key)}: shorter than its 4-byte crc32c")
+            fh.seek(size - 4)
+            tail = fh.read(4)
+    else:
+        tail = loc.fs.cat_file(loc.key(*key), start=-4)
+    return int.from_bytes(tail, "little")
+
+
 def _check_crc32c(data: memoryview | bytes) -> memoryview:
     """The payload of a chunk ending in Zarr v3's ``crc32c`` codec, after checking its checksum
     (crc32c of everything before the last 4 bytes, stored as little-endian uint32)."""

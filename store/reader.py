@@ -11,7 +11,7 @@ import torch
 import zarr
 
 from ..errors import SaeError
-from .chunk_decode import ChunkScratch, CommitMismatch, DirectChunks
+from .chunk_decode import ChunkScratch, CommitMismatch, DirectChunks, ends_with_crc32c, stored_crc32c
 from .codecs import CodecSpec
 from .format import (
     COMMIT_INDEX,
@@ -22,6 +22,7 @@ from .format import (
     STATUS_COMPLETE,
     TOKENS,
     StoreError,
+    chunk_key,
     chunk_rows,
     committed_chunks,
     scale_array_name,
@@ -281,12 +282,14 @@ class ActivationStore:
         try:
             stored = self._read_direct(hook_name, start, stop, scratch)
             if stored is None:
+                self._check_commits(hook_name, start, stop)
                 stored = np.asarray(self.array(hook_name)[start:stop])
             scale = None
             if self.codec.has_scale:
                 name = scale_array_name(hook_name)
                 scale = self._read_direct(name, start, stop, scratch)
                 if scale is None:
+                    self._check_commits(name, start, stop)
                     scale = np.asarray(self.array(name)[start:stop])
         except KeyError:
             raise
@@ -339,6 +342,33 @@ class ActivationStore:
                                      f"run `sae store verify {self.path}`") from None
                 cache[key] = None
         return cache[key]
+
+    def _check_commits(self, name: str, start: int, stop: int) -> None:
+        """Before rows ``[start, stop)`` of array ``name`` are read through Zarr (codec chains or row
+        ranges :mod:`.chunk_decode` does not decode, e.g. ``bitround``): check that each chunk they touch
+        exists and carries the crc32c its commit records (its last 4 bytes; once per chunk and reader).
+
+        Raises:
+            FileNotFoundError: a missing chunk object (Zarr would return its fill value).
+            CommitMismatch: a chunk object that is not the one committed.
+        """
+        if self.format_version < 2 or stop <= start:
+            return
+        checked = self.__dict__.setdefault("_commit_checked", set())
+        array = self.array(name)
+        if not ends_with_crc32c(array):
+            return
+        rows = int(array.chunks[0])
+        for i in range(start // rows, (stop - 1) // rows + 1):
+            if (name, i) in checked:
+                continue
+            want = self.committed_crc(name, i)
+            if want is not None:
+                got = stored_crc32c(self.loc, chunk_key(name, i, array.ndim))
+                if got != want:
+                    raise CommitMismatch(f"chunk {i} of {name}: its crc32c {got:#010x} is not the one committed "
+                                         f"({want:#010x}): the chunk object was replaced after its commit")
+            checked.add((name, i))
 
     def _read_direct(self, name: str, start: int, stop: int, scratch: ChunkScratch | None) -> np.ndarray | None:
         """Rows ``[start, stop)`` of array ``name`` when they are exactly one chunk of an array

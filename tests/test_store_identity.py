@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from sae.errors import ConfigError
@@ -243,20 +244,30 @@ def _train_cfg(store: Path, out: Path):
                        out=str(out))
 
 
-def test_a_chunk_replaced_by_a_valid_copy_of_another_stops_training(tmp_path) -> None:
+@pytest.mark.parametrize("codec", ["zstd", "bitround:8", "int8"])
+def test_a_chunk_replaced_by_a_valid_copy_of_another_stops_training(tmp_path, codec) -> None:
+    """Whole chunks decoded directly (zstd), chains read through Zarr (bitround), and a scale array (int8)."""
     from sae.train.run import train
     from tests.helpers import planted_features, write_store
 
-    store = write_store(tmp_path / "s.zarr", planted_features(2048, d_in=16)[0], chunk_tokens=512)
+    store = write_store(tmp_path / "s.zarr", planted_features(2048, d_in=16)[0], chunk_tokens=512, codec=codec)
     hook = "blocks.0.hook_resid_post"
     c = store / hook / "c"
     (c / "2" / "0").write_bytes((c / "1" / "0").read_bytes())  # valid bytes, crc32c ok: only the commit knows
     with pytest.raises(StoreError, match=r"chunk 2 of blocks.0.hook_resid_post: its crc32c 0x[0-9a-f]+ is not the "
                                          r"one committed"):
         train(_train_cfg(store, tmp_path / "run"), quiet=True)
+    assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
+    with pytest.raises(StoreError, match="chunk 2 of blocks.0.hook_resid_post: its crc32c"):
+        ActivationStore(store).read_rows(hook, 1100, 1200)               # a few rows, read through Zarr
     (store / "commits" / "index.json").unlink()  # an older store without the index: the commit objects
     with pytest.raises(StoreError, match="chunk 2 of blocks.0.hook_resid_post: its crc32c"):
         ActivationStore(store).read_rows_stored(hook, 1024, 1536)
+    (c / "2" / "0").unlink()                                              # Zarr would read its fill value
+    with pytest.raises(StoreError, match="corrupt chunk 2 of"):
+        ActivationStore(store).read_rows(hook, 1100, 1200)
+    assert torch.equal(ActivationStore(store).read_rows(hook, 0, 100),
+                       ActivationStore(store).read_rows(hook, 0, 512)[:100])   # intact chunks still read
 
 
 def test_a_deleted_tokens_chunk_is_noticed(tmp_path) -> None:
