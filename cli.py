@@ -105,8 +105,8 @@ def harvest(
     batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
     dtype: Annotated[str | None, typer.Option(help="Storage dtype: bfloat16 | float16 | float32 [default: bfloat16]."
                                               )] = None,
-    codec: Annotated[str | None, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (see README) [default: "
-                                                   "zstd].")] = None,
+    codec: Annotated[str | None, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (docs/store-format.md) "
+                                                   "[default: zstd].")] = None,
     chunk_tokens: Annotated[int | None, typer.Option(help="Rows per Zarr chunk, a multiple of the context size "
                                                           "[default: 16384].")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -422,7 +422,7 @@ def evaluate(
     results_dir: Annotated[Path | None, typer.Option(help="Write DIR/<run>/eval_results/ instead of into the run "
                                                           "directories (for runs you cannot write to).")] = None,
     compat: Annotated[str, typer.Option(help="ours | saebench: core CE/KL/EV/mse by SAEBench's and SAELens' "
-                                             "definitions (README, Evaluations).")] = "ours",
+                                             "definitions (docs/evaluations.md).")] = "ours",
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="EVAL.SETTING=VALUE for an evaluation's "
                                                                         "Config, e.g. absorption.ranking=l1_probe "
                                                                         "(repeatable).")] = None,

@@ -1,6 +1,6 @@
 """Outputs we own: recognising our stores and run directories, and replacing them atomically.
 
-Safety rules (README "Safety"):
+Safety rules (docs/sharing-and-safety.md, "Safety"):
 
 * ``--overwrite`` replaces only a path that *is* one of ours (a store with our attributes, a run
   directory with our marker or ``cfg.json``). Anything else is refused in one line.

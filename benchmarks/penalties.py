@@ -17,11 +17,12 @@ d_in = 640, each variant runs in its own subprocess (so its peak memory can be r
    memory the base step has already released), ``pen MB`` = peak of the penalty's own forward +
    backward run alone, ``state MB`` = its persistent buffers.
 
-The *dense* row is the seeds' formulation, timed once (forward + backward of the penalty only):
+The *dense* row is the research logs' formulation, timed once (forward + backward of the penalty only):
 dense codes ``f [B, F]``, co-activation ``AᵀA/B`` with ``A = [f > 0]`` (``B·F²`` MACs), cosines
-``W_dec W_decᵀ`` (``F²·d`` MACs) and ``Σ_{i<j} co_ij |cos_ij|`` — the common core of every seed
-(seed 002's penalty; the others add elementwise work on the same ``F×F`` matrices). It is skipped
-at F = 65536 (each ``F×F`` matrix would be 17 GB). Speed-up = dense time / a variant's extra time.
+``W_dec W_decᵀ`` (``F²·d`` MACs) and ``Σ_{i<j} co_ij |cos_ij|`` — the common core of every research log
+(the penalty of log ``002_7519ceacfbae4f80.txt``; the others add elementwise work on the same ``F×F``
+matrices). It is skipped at F = 65536 (each ``F×F`` matrix would be 17 GB). Speed-up = dense time / a variant's extra
+time.
 
 Notes: the SAE is at initialisation, so its codes are close to random and the number of distinct
 co-firing pairs is near its maximum ``B·k(k−1)/2`` — the worst case for the co-firing variants.
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads on CPU (0 = torch default)")
     ap.add_argument("--variants", type=str, default=",".join(VARIANTS))
-    ap.add_argument("--no-dense", action="store_true", help="skip the seeds' dense formulation")
+    ap.add_argument("--no-dense", action="store_true", help="skip the research logs' dense formulation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -217,7 +218,7 @@ def run_variant(F: int, variant: str, args: argparse.Namespace) -> dict[str, Any
 
 
 def run_dense(F: int, args: argparse.Namespace) -> dict[str, Any]:
-    """The seeds' dense penalty (forward + backward only), timed once after building the codes."""
+    """The research logs' dense penalty (forward + backward only), timed once after building the codes."""
     b = Bench(F, args, None)
     codes = b.codes(b.data[0])
     W = b.sae.W_dec

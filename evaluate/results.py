@@ -120,7 +120,7 @@ def read_result(run_dir: str | Path, eval_type_id: str) -> dict:
     path = result_path(run_dir, eval_type_id)
     if not path.exists():
         raise FileNotFoundError(f"no {eval_type_id} result for {run_dir} ({path}): run "
-                                f"`sae eval {run_dir} --evals {eval_type_id}` first")
+                                f"`sae evaluate {run_dir} --eval {eval_type_id}` first")
     try:
         result = json.loads(path.read_text())
     except json.JSONDecodeError as e:

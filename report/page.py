@@ -200,7 +200,7 @@ def _write_report(runs: list[RunInfo], out: Path, store: Path | None, n_browse_l
               for r in runs if "geometry" in r.results]
     geo += (table_html(["run", "variant", "k-means groups", "median κ", "max κ", "learned-group median κ",
                         "group source"], g_rows) if g_rows
-            else missing_html(f"group condition numbers: {NOT_EVALUATED} (run `sae evaluate --evals geometry`)"))
+            else missing_html(f"group condition numbers: {NOT_EVALUATED} (run `sae evaluate RUN --eval geometry`)"))
     f = plot_stability(runs, colors, out)
     geo += (figure_html(f, "pair-selection stability (Jaccard of kept-pair sets between consecutive logs)") if f
             else '<p class="note">Pair-selection stability: not logged by these runs (topk_pairs logs it).</p>')

@@ -1,4 +1,4 @@
-"""Names and constants of the store layout. See README "Store format" for the diagram.
+"""Names and constants of the store layout. See docs/store-format.md for the diagram.
 
 Format version 2 (written by this version; chunk-addressed, no shared cursor)::
 

@@ -60,7 +60,7 @@ class ShuffledBatches:
             (1 + prefetch)).
         start_row: resume cursor (rows of the stream already consumed).
         scale: multiply activations by this (the store's normalisation scale).
-        exclude_special: drop BOS/special-token rows (default, per the mission doc).
+        exclude_special: drop BOS/special-token rows (default: Gemma's BOS residual is ~10× any other row's norm).
         prefetch: windows decoded ahead (and, on CUDA, resident on the device) while training.
         read_workers: decode threads (None or 0 = ``os.cpu_count()``). Never changes the stream.
     """

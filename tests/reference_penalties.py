@@ -1,7 +1,7 @@
 """Dense, obviously-correct reference implementations of the orthogonality penalties.
 
 Each builds full ``F×F`` matrices in float64 (small F only) straight from the formulas of the
-mission doc, "Orthogonality variants": ``cos = W Wᵀ`` (unit decoder rows ``W`` ``[F, d]``), dense
+the research logs and papers cited in each variant's module: ``cos = W Wᵀ`` (unit decoder rows ``W`` ``[F, d]``), dense
 codes ``f`` ``[B, F]``, co-firing indicator ``A = [f > 0]`` and co-activation counts ``AᵀA``. They
 are the yardstick for the sparse/chunked implementations in ``sae.train.variants``.
 """
@@ -44,8 +44,8 @@ def cofire_counts(codes: SparseCodes, d_sae: int) -> Tensor:
 
 
 def topk_pairs(W: Tensor, codes: SparseCodes, rho: float, tau: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Mission §1: ``λ · mean_{kept} max(0, |cos| − τ)²``, kept = top ``ceil(ρ F(F−1)/2)`` pairs i<j by
-    ``s = fᵀf`` among those with ``s > 0``. Returns ``(value, kept keys i·F+j sorted)``."""
+    """Log 000_a2efda2023e864e4.txt: ``λ · mean_{kept} max(0, |cos| − τ)²``, kept = top ``ceil(ρ F(F−1)/2)`` pairs i<j
+    by ``s = fᵀf`` among those with ``s > 0``. Returns ``(value, kept keys i·F+j sorted)``."""
     F = W.shape[0]
     f = dense(codes, F)
     S = f.T @ f
@@ -62,7 +62,7 @@ def topk_pairs(W: Tensor, codes: SparseCodes, rho: float, tau: float, lam: float
 
 def progressive(W: Tensor, codes: SparseCodes, p: float, lambda2_max: float, base: float,
                 eps: float) -> Tensor:
-    """Mission §3: ``λ2(p) Σ_{i<j} clamp((n_ij − thr)/thr, 0, 1) |cos_ij|``."""
+    """Log 002_7519ceacfbae4f80.txt: ``λ2(p) Σ_{i<j} clamp((n_ij − thr)/thr, 0, 1) |cos_ij|``."""
     F = W.shape[0]
     B = codes.idx.shape[0]
     lam = lambda2_max * (1 - p) ** 2
@@ -79,8 +79,8 @@ def hinge_sq_matrix(W: Tensor, group: Tensor, alpha: float) -> Tensor:
 
 
 def adaptive_sum(W: Tensor, group: Tensor, alpha: float) -> Tensor:
-    """Mission §2, densely in float64: ``Σ_{i<j} max(0, |cos_ij| − α·[g_i = g_j])²`` with
-    ``cos_ij = d_i·d_j`` of the (unit) decoder rows, as the trainer's constraint keeps them."""
+    """Logs 001_78720f72b251669d.txt, 003_178e35e7e8e06692.txt, densely in float64: ``Σ_{i<j} max(0, |cos_ij| − α·[g_i
+    = g_j])²`` with ``cos_ij = d_i·d_j`` of the (unit) decoder rows, as the trainer's constraint keeps them."""
     F = W.shape[0]
     cos = W.double() @ W.double().T
     same = (group[:, None] == group[None, :]).double()
@@ -89,7 +89,7 @@ def adaptive_sum(W: Tensor, group: Tensor, alpha: float) -> Tensor:
 
 
 def static_ortho_exact(W: Tensor, lam: float) -> Tensor:
-    """Mission §5: ``λ ‖W Wᵀ − I‖²_F / F²`` over the off-diagonal entries."""
+    """The logs' fixed-orthogonal baseline: ``λ ‖W Wᵀ − I‖²_F / F²`` over the off-diagonal entries."""
     F = W.shape[0]
     G = cosines(W) - torch.eye(F, dtype=torch.float64)
     off = ~torch.eye(F, dtype=torch.bool)
@@ -114,7 +114,7 @@ def static_ortho_chunked(W: Tensor, lam: float, chunks: Tensor) -> Tensor:
 
 
 def ortsae(W: Tensor, lam: float, chunks: Tensor) -> Tensor:
-    """Mission §6: ``λ · mean_i max_{j ≠ i, same chunk} cos_ij²`` (latents alone in a chunk skipped)."""
+    """OrtSAE, arXiv 2509.22033: ``λ · mean_i max_{j ≠ i, same chunk} cos_ij²`` (latents alone in a chunk skipped)."""
     F = W.shape[0]
     m = same_chunk(chunks, F)
     C2 = cosines(W).square().masked_fill(~m, -1.0)
@@ -124,7 +124,8 @@ def ortsae(W: Tensor, lam: float, chunks: Tensor) -> Tensor:
 
 
 class DenseTemporalTracker:
-    """Mission §4 with dense ``[F, F]`` float64 matrices (upper triangle used), one token at a time."""
+    """Log 004_09d1b6f66c15dfbf.txt with dense ``[F, F]`` float64 matrices (upper triangle used), one token at a
+    time."""
 
     def __init__(self, F: int, window: int, alpha_base: float, count_scale: float, eps: float) -> None:
         self.F, self.window, self.eps = F, window, eps

@@ -47,7 +47,7 @@ def test_real_harvest_matches_full_forward_and_bos_is_huge(gemma, tmp_path) -> N
     # statistics exclude BOS: mean squared norm is that of ordinary tokens (thousands, not 40 000)
     ms = s.mean_sq_norm(hook) ** 0.5
     assert 500 < ms < 20_000
-    # the hook output is NOT the final-normed state (the mission doc's warning)
+    # the hook output is NOT the final-normed state (a common mistake: the last layer's hook is pre-norm)
     got = capture_resid_post(gemma.model, ids[:1], [17])[17]
     assert not torch.allclose(got, hs[18][:1], atol=1e-2)
     assert np.isfinite(np.asarray(s.attrs["stats"][hook]["mean"])).all()
@@ -116,7 +116,7 @@ def test_compat_saebench_agrees_with_saelens_get_recons_loss_on_the_same_tokens(
     for k in ("ce_loss_without_sae", "ce_loss_with_sae", "ce_loss_with_ablation"):
         mine = {"ce_loss_without_sae": "ce_loss_clean", "ce_loss_with_ablation": "ce_loss_zero_abl"}.get(k, k)
         assert abs(ours[mine] - theirs[k]) < 0.01 * max(1.0, abs(theirs[k])), (k, ours[mine], theirs[k])
-    # SAEBench's zero-ablation of every position gives exactly ln(vocab) for Gemma (mission doc)
+    # SAEBench's zero-ablation of every position gives exactly ln(vocab) for Gemma (uniform logits after zero-ablation)
     assert abs(ours["ce_loss_zero_abl"] - np.log(262144)) < 1e-3
 
 

@@ -280,7 +280,7 @@ def test_format_1_stores_read_only_and_convert_upgrades(tmp_path, tiny_lm, tiny_
 
 
 def test_a_store_reads_with_plain_zarr_and_dask(tmp_path):
-    """What the README shows a teammate without sae: zarr.open_group and dask.array.from_zarr."""
+    """What docs/sharing-and-safety.md shows a teammate without sae: zarr.open_group and dask.array.from_zarr."""
     import dask.array as da
 
     x, _ = planted_features(2048, d_in=16, n_features=32)

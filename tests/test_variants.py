@@ -157,7 +157,7 @@ def planted_groups(F: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("act", ACTS)
-def test_adaptive_is_the_mission_sum_when_exact(act: str) -> None:
+def test_adaptive_is_the_full_pair_sum_when_exact(act: str) -> None:
     """chunk_size ≥ F and all co-firing pairs: the estimate equals λ/N · Σ_{i<j} h_ij exactly."""
     F = 48
     W = unit_rows(F, 12, shared=0.6)

@@ -10,8 +10,8 @@ Definition (dense)::
     AuxK   = Σ‖e − ê‖² / Σ‖x − x̄‖² · min(1, n_dead / aux_k)
 
 The normalisation by Σ‖x − x̄‖² (the batch variance of x, like our FVU) follows Gao et al. 2024 (arXiv 2406.04093);
-OpenAI's reference normalises by Var(e) instead (about 10× stronger at EV 0.9; documented in the
-README's deviations).
+OpenAI's reference normalises by Var(e) instead (about 10× stronger at EV 0.9; documented in
+docs/training.md).
 
 How it is computed: the candidates are the ``cap`` stalest latents (largest ``tokens_since_fired``;
 every dead latent whenever ``n_dead ≤ cap``). Their ``[batch, cap]`` columns of the no-grad ``pre``

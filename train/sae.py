@@ -1,6 +1,7 @@
 """The sparse autoencoder and its on-disk format (SAELens layout: safetensors + cfg.json).
 
-Math (mission doc, "The SAE"; Gao et al. 2024 for TopK; Rajamanoharan et al. 2024 for JumpReLU):
+Math (Bricken et al. 2023 for the ReLU SAE; Gao et al. 2024, arXiv 2406.04093, for TopK; Rajamanoharan et al. 2024,
+arXiv 2407.14435, for JumpReLU):
     pre = (x − b_dec) W_enc + b_enc            x: [batch, d_in], pre: [batch, d_sae]
     f   = σ(pre)      σ = ReLU; TopK(k) followed by ReLU; or JumpReLU_θ(pre) = ReLU(pre)·H(pre − θ)
     x̂   = f W_dec + b_dec                      W_dec rows are kept unit-norm during training
@@ -67,7 +68,7 @@ class SAE(nn.Module):
     def init_weights(self, generator: torch.Generator | None = None, b_dec: torch.Tensor | None = None) -> None:
         """Random unit decoder rows, ``W_enc = W_decᵀ``, ``b_enc = 0``, ``b_dec`` = data mean if given.
 
-        (Never zeros: the seeds' zero init cannot learn.)
+        (Never zeros: the research logs' zero init cannot learn.)
         """
         w = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float32)
         w /= w.norm(dim=1, keepdim=True)

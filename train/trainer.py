@@ -1,7 +1,7 @@
 """One SAE + its architecture + its optimiser + its penalty, consuming batches: the unit a sweep
 runs K of.
 
-Loss per step (mission doc "The SAE"; Gao et al. 2024 for TopK/AuxK; ``train/archs`` for each
+Loss per step (Gao et al. 2024, arXiv 2406.04093, for TopK/AuxK; ``train/archs`` for each
 architecture's own terms):
     reconstruction (the arch's; FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖², x̄ the batch mean; Matryoshka sums
                     the FVU of every nested prefix)
@@ -153,7 +153,7 @@ class Trainer(nn.Module):
         read in one transfer and returned as floats, and AuxK's capacity is re-sized
         (:meth:`refresh_aux_capacity`, before the step). Architectures with a data-dependent number of active
         latents (relu, jumprelu, batchtopk, matryoshka) and the co-firing-pair penalties size their
-        tensors from the data, which needs a host read on CUDA; see README "Scale"."""
+        tensors from the data, which needs a host read on CUDA; see docs/performance.md, "Scale"."""
         step = self.step_idx
         if sync:
             self.refresh_aux_capacity()

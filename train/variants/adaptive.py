@@ -1,11 +1,11 @@
-"""``adaptive`` (seeds 001, 003): orthogonality with controlled sharing inside co-activation groups.
+"""``adaptive``: orthogonality with controlled sharing inside co-activation groups.
 
-Mission doc, "Orthogonality variants" §2: every ``G`` steps cluster the latents into groups from
-accumulated co-activation and penalise ``Σ max(0, |cos_ij| − α·[g_i = g_j])²`` — pairs in one group
-may share up to ``α`` of cosine ("controlled sharing"; sweep α ∈ {0.01, 0.05, 0.1, 0.5}). Report the
+From the research logs ``001_78720f72b251669d.txt`` and ``003_178e35e7e8e06692.txt``: every ``G`` steps cluster the
+latents into groups from accumulated co-activation and penalise ``Σ max(0, |cos_ij| − α·[g_i = g_j])²`` — pairs in one
+group may share up to ``α`` of cosine ("controlled sharing"; sweep α ∈ {0.01, 0.05, 0.1, 0.5}). Report the
 condition numbers ``κ = σ_max/σ_min`` of each group's decoder sub-matrix (:meth:`diagnostics`).
 
-What is computed: an unbiased estimate of the mission's sum over all ``N = F(F−1)/2`` pairs,
+What is computed: an unbiased estimate of the penalty's sum over all ``N = F(F−1)/2`` pairs,
 divided by the constant ``N`` (so λ weighs the mean pair, as for ``static_ortho``; the gradient
 direction is exactly that of the sum — use ``λ_Σ = λ/N`` to compare with an un-normalised Σ).
 With ``h_ij = max(0, |cos_ij| − α·[g_i = g_j])²``, ``cos_ij = d_i·d_j``:
@@ -131,7 +131,7 @@ class AdaptivePenalty(SparseStatePenalty):
     class Config:
         """Defaults: ``lambda_=10.0`` (the mean pair ``h`` starts near ``cos² ≈ 1/d_in`` ≈ 0.002 at
         random init, so L starts ≈ 0.02), ``alpha=0.1`` (sweep 0.01/0.05/0.1/0.5),
-        ``refresh_every=100`` (G, seed 001; capped at total_steps // 10), ``chunk_size=1024``,
+        ``refresh_every=100`` (G, log ``001_78720f72b251669d.txt``; capped at total_steps // 10), ``chunk_size=1024``,
         ``max_group_size=32``,
         ``min_coactivation=1e-3`` (a pair links its groups if it co-fired on ≥ 0.1 % of the tokens since
         the last refresh), ``track_pairs_per_latent=8`` (accumulator capacity 8·F pairs),

@@ -1,6 +1,6 @@
 """``ortsae``: the OrtSAE orthogonality penalty (Korznikov et al. 2025, arXiv 2509.22033).
 
-Mission doc, "Orthogonality variants" §6: penalise each latent's maximum squared cosine to the
+OrtSAE (arXiv 2509.22033): penalise each latent's maximum squared cosine to the
 other latents of a random chunk, every step:
 
     L = λ · mean_{i : |chunk(i)| > 1} max_{j ∈ chunk(i), j ≠ i} cos_ij²,    cos_ij = d_i·d_j
@@ -90,9 +90,9 @@ class OrtSAEPenalty(Penalty):
     class Config:
         """Defaults: ``lambda_=1.0`` (at random init in d_in = 640 the chunk-max ``cos²`` is ≈ 0.02 for
         c = 1024, so the penalty starts ≈ 0.02 and grows to ≈ 0.1–0.3 only if near-duplicate latents
-        form), ``chunk_size=1024`` (mission: "e.g. 1024"), ``chunks_per_step=0`` (every latent every
-        step, as in OrtSAE; ``n > 0`` uses only the first n chunks), ``search_dtype="auto"`` (precision of
-        the no-grad partner search: bfloat16 on CUDA and bf16-capable CPUs, 3.8× faster than fp32 on
+        form), ``chunk_size=1024`` (OrtSAE, arXiv 2509.22033, uses chunks of this order), ``chunks_per_step=0``
+        (every latent every step, as in OrtSAE; ``n > 0`` uses only the first n chunks), ``search_dtype="auto"``
+        (precision of the no-grad partner search: bfloat16 on CUDA and bf16-capable CPUs, 3.8× faster than fp32 on
         this machine's CPU; the penalty and its gradient are always computed in the SAE's dtype)."""
 
         ranges = {"lambda_": ">=0", "chunk_size": ">=2", "chunks_per_step": ">=0",

@@ -1,6 +1,6 @@
-"""``progressive`` (seed 002): co-firing-gated orthogonality whose weight and threshold decay.
+"""``progressive`` (log ``002_7519ceacfbae4f80.txt``): co-firing-gated orthogonality whose weight and threshold decay.
 
-Mission doc, "Orthogonality variants" §3: with training progress ``p = step/total_steps``,
+From the research log ``002_7519ceacfbae4f80.txt``: with training progress ``p = step/total_steps``,
 
     λ2(p)  = λ2_max · (1 − p)²
     thr(p) = max(base · (1 − p), ε)
@@ -12,7 +12,7 @@ Mission doc, "Orthogonality variants" §3: with training progress ``p = step/tot
 ``c_ij > 0`` and every such pair co-fires, so the sum runs over the batch's co-firing pairs found
 by :func:`~.pairs.cofiring_pairs` (``O(B·K²)``, independent of F) and the cosines are formed
 only for the selected pairs (:func:`~.pairs.cofiring_penalty`) — never an ``F×F`` matrix.
-(The seed applied the weights to ``|f_iᵀ f_j|`` of the activations; the mission uses decoder
+(The research the log applied the weights to ``|f_iᵀ f_j|`` of the activations; we use decoder
 cosines, so the penalty has no gradient with respect to the codes.)
 """
 
@@ -45,7 +45,7 @@ def competition(n: Tensor, thr: float) -> Tensor:
 
 @register
 class ProgressivePenalty(Penalty):
-    """``λ2(p) · Σ_{i<j} c_ij(p) · |cos_ij|`` over the batch's co-firing pairs (seed 002).
+    """``λ2(p) · Σ_{i<j} c_ij(p) · |cos_ij|`` over the batch's co-firing pairs (the log).
 
     Stateless: the schedule reads ``ctx.progress``, so it resumes exactly without buffers.
     """
@@ -54,9 +54,9 @@ class ProgressivePenalty(Penalty):
 
     @dataclass
     class Config:
-        """Defaults: ``lambda2_max=0.1`` and ``base_threshold=0.1`` (seed 002's run 1), ``eps=1e-3``
+        """Defaults: ``lambda2_max=0.1`` and ``base_threshold=0.1`` (the log's run 1), ``eps=1e-3``
         (floor of the threshold: late in training a pair must co-fire on > 0.1 % of the batch's
-        tokens, and on ≥ 0.2 % for full weight). The sum is not normalised (as in the mission): with
+        tokens, and on ≥ 0.2 % for full weight). The sum is not normalised (as in the log): with
         ``Σ_{i<j} n_ij ≈ K(K−1)/2`` at most ``K(K−1)/(2·thr)`` pairs are active, so at ``p = 0`` the
         penalty is ≤ 0.1·Σ c·|cos|, typically 0.01–0.1."""
 

@@ -1,6 +1,6 @@
-"""``static_ortho``: the seeds' "fixed orthogonal SAE" baseline, estimated on random chunks.
+"""``static_ortho``: the research logs' "fixed orthogonal SAE" baseline, estimated on random chunks.
 
-Mission doc, "Orthogonality variants" §5: ``L = λ · ‖W_dec W_decᵀ − I‖²_F / F²`` restricted to the
+The research logs' fixed-orthogonal baseline: ``L = λ · ‖W_dec W_decᵀ − I‖²_F / F²`` restricted to the
 off-diagonal entries, i.e. ``λ · Σ_{i≠j} cos_ij² / F²`` (unit decoder rows, ``cos_ij = d_i·d_j``).
 The seeds formed the full ``F×F`` Gram matrix every step (1.07 GB at F = 16384); here it is
 estimated without bias from random chunks, so the cost is ``O(n·c·d)`` for ``n`` chunks of ``c``

@@ -1,6 +1,6 @@
-"""``temporal`` (seed 004): orthogonality weighted by how unstable a pair's co-activation is.
+"""``temporal`` (log ``004_09d1b6f66c15dfbf.txt``): orthogonality weighted by how unstable a pair's co-activation is.
 
-Mission doc, "Orthogonality variants" §4. Co-activation counts accumulate over windows of
+From the research log ``004_09d1b6f66c15dfbf.txt``. Co-activation counts accumulate over windows of
 ``W`` *tokens* (a batch is split at a window boundary, so the tracker state depends only on the
 token stream, not on the batch size). At each window end, before the window resets:
 
@@ -58,7 +58,7 @@ def stability_weights(c: Tensor, cbar: Tensor, eps: float) -> Tensor:
 
 @register
 class TemporalPenalty(SparseStatePenalty):
-    """``λ · Σ_{i<j} w_ij |cos_ij|`` with stability weights from token windows (seed 004).
+    """``λ · Σ_{i<j} w_ij |cos_ij|`` with stability weights from token windows (the log).
 
     Buffers (all persistent, size-varying ones re-allocated on load): ``win_keys``/``win_counts``
     (pairs and counts of the running window), ``win_tokens``, ``avg_keys``/``avg_vals`` (``c̄``),
@@ -73,8 +73,8 @@ class TemporalPenalty(SparseStatePenalty):
     class Config:
         """Defaults: ``lambda_=1e-3`` (Σ_ij c_ij = co-firing pairs per token ≈ K(K−1)/2 = 496 at K = 32,
         so Σ w|cos| ≈ 496·(1 + stability)·mean|cos| ≈ 20–80 and the penalty starts at 0.02–0.08),
-        ``window_tokens=8192`` (two 4096-token batches; seed 004 used 1000), ``alpha_base=0.1`` and
-        ``count_scale=1000.0`` (α_ij = min(0.1, count_ij/1000), seed 004), ``eps=1e-8`` (seed 004),
+        ``window_tokens=8192`` (two 4096-token batches; the log used 1000), ``alpha_base=0.1`` and
+        ``count_scale=1000.0`` (α_ij = min(0.1, count_ij/1000), the log), ``eps=1e-8`` (the log),
         ``sample_pairs=65536`` (importance-sampled pairs per step; 0 = exact sum over all pairs),
         ``prune_below=1e-6`` (drop ``c̄`` entries below it at window ends; 0 = keep all, exact)."""
 

@@ -1,6 +1,6 @@
-"""``topk_pairs`` (seed 000): orthogonality on the batch's most co-activated latent pairs.
+"""``topk_pairs`` (log ``000_a2efda2023e864e4.txt``): orthogonality on the batch's most co-activated latent pairs.
 
-Mission doc, "Orthogonality variants" §1: per batch, score every unique pair ``i < j`` by its
+From the research log ``000_a2efda2023e864e4.txt``: per batch, score every unique pair ``i < j`` by its
 co-activation ``s_ij = Σ_b f_bi f_bj``, keep the top ``ρ`` fraction of all ``F(F−1)/2`` unique
 pairs and penalise ``mean_{kept} max(0, |cos_ij| − τ)²`` with ``cos_ij = d_i·d_j`` (unit decoder
 rows). ``τ`` is fixed, or adaptive: an EMA of ``mean + std`` of the kept ``|cos_ij|``, clamped to
@@ -37,7 +37,7 @@ def n_keep(d_sae: int, rho: float) -> int:
 
 @register
 class TopKPairsPenalty(SparseStatePenalty):
-    """``λ · mean_{(i,j) ∈ top-ρ co-activated pairs} max(0, |cos_ij| − τ)²`` (seed 000, mission §1).
+    """``λ · mean_{(i,j) ∈ top-ρ co-activated pairs} max(0, |cos_ij| − τ)²`` (research the log).
 
     Kept pairs: the ``n = ceil(ρ·F(F−1)/2)`` unique pairs ``i < j`` with the largest
     ``s_ij = Σ_b f_bi f_bj`` among the pairs that co-fire in the batch (all co-firing pairs when
@@ -53,7 +53,7 @@ class TopKPairsPenalty(SparseStatePenalty):
     class Config:
         """Defaults: ``lambda_=1.0`` (the penalty is a mean of squared excess cosines ≤ (1−τ)², so it
         starts ≈ 0 at random init and reaches 0.01–0.1 when co-firing pairs align at |cos| ≈ 0.2–0.4),
-        ``rho=0.001`` (seed 000's 0.1 %), ``tau=0.1`` (seed 000's fixed τ; also the initial value in
+        ``rho=0.001`` (the log's 0.1 %), ``tau=0.1`` (the log's fixed τ; also the initial value in
         adaptive mode), ``tau_mode="fixed"`` or ``"adaptive"``, ``tau_ema=0.99`` (EMA decay per step of
         the adaptive τ ← clamp(ema·τ + (1−ema)·(mean + std of kept |cos|), 0.05, 0.3))."""
 
