@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .rundir.sae import SAE
 from .store import ActivationStore
-from .train.sae import SAE
 
 DENSITY_EDGES = tuple(np.round(np.linspace(-7.0, 0.0, 29), 6).tolist())
 """log10 firing-rate bin edges of the density histogram (0.25 decades; rates below 1e-7 go to the first bin)."""

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
+from sae.rundir.sae import SAE
 from sae.store import ActivationStore, ShuffledBatches
 from sae.store.convert import convert_store
 from sae.train.config import TrainConfig
 from sae.train.run import train
-from sae.train.sae import SAE
 
 CODECS = [("none", "bfloat16"), ("zstd", "bfloat16"), ("bitround:4", "float32"), ("int8", "bfloat16"),
           ("fp8", "bfloat16")]

@@ -19,7 +19,7 @@ import torch
 
 from sae.evaluate.core import CoreConfig, compute_reference, resolve_config, run_core, run_core_many
 from sae.model import load_model
-from sae.train.sae import SAE
+from sae.rundir.sae import SAE
 
 
 def random_saes(lm: object, n: int, layer: int, d_sae: int, k: int) -> list[SAE]:

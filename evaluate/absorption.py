@@ -83,7 +83,7 @@ import torch
 
 from ..model import LoadedModel, capture_resid_post, capture_resid_post_shared_prefix
 from ..progress import progress_bar
-from ..train.sae import SAE
+from ..rundir.sae import SAE
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "absorption"
@@ -134,7 +134,7 @@ class Config:
               "absorption_fraction_probe_cos_threshold": "[0,1]", "probe_projection_proportion_threshold": "[0,1]",
               "absorption_fraction_max_absorbing_latents": ">=1", "llm_batch_size": ">=1", "seed": ">=0",
               "words_per_prefix": ">=1", "ranking": "{mean_diff,l1_probe}", "l1_decay": ">=0", "n_bootstrap": ">=0"}
-    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
+    """Allowed values of each setting (``params.check_range`` specs), enforced for ``-p``."""
 
     def __post_init__(self) -> None:
         if self.ranking not in ("mean_diff", "l1_probe"):

@@ -59,11 +59,11 @@ import torch.nn.functional as F
 
 from ..model import LoadedModel, layer_of_hook, logits, splice
 from ..progress import progress_bar
-from ..train.sae import SAE
+from ..rundir.identity import check_compatible
+from ..rundir.sae import SAE
 from .common import (
     EvalSet,
     batches,
-    check_compatible,
     forward_with_capture,
     load_eval_set,
     model_fingerprints,
@@ -584,21 +584,9 @@ def _bootstrap_ci(st: dict[str, np.ndarray], doc_of_seq: np.ndarray, n_boot: int
 
 def _training_dead_fraction(run_dir: str | None) -> float | None:
     """The run's last logged ``dead_fraction`` (its dead-latent counter), or None without one."""
-    import json
-    from pathlib import Path
+    from ..rundir.metrics import last_value, read_metrics
 
-    if not run_dir or not (Path(run_dir) / "metrics.jsonl").is_file():
-        return None
-    last = None
-    with (Path(run_dir) / "metrics.jsonl").open() as fh:
-        for line in fh:
-            if line.strip():
-                last = line
-    try:
-        value = json.loads(last)["dead_fraction"] if last else None
-    except (ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+    return last_value(read_metrics(run_dir), "dead_fraction") if run_dir else None
 
 
 def _density_metrics(density: torch.Tensor, dense_threshold: float) -> dict[str, float]:

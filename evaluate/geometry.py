@@ -43,8 +43,10 @@ import numpy as np
 import torch
 
 from ..latents import DENSITY_EDGES, CosineStats, pairwise_cosine_stats
-from ..train.run import jaccard_series
-from ..train.sae import SAE
+from ..rundir.format import PENALTY_STATE_FILE
+from ..rundir.metrics import jaccard_series, read_metrics
+from ..rundir.sae import SAE
+from ..rundir.state import penalty_buffers
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "geometry"
@@ -202,40 +204,22 @@ def find_learned_groups(run_dir: str | Path | None, d_sae: int) -> tuple[torch.T
         groups = _load_group_file(path, d_sae)
         if groups is not None:
             return groups, f"learned ({path.name})"
-    state_file = run_dir / "penalty_state.safetensors"
-    if state_file.exists():
-        from safetensors.torch import load_file
-
-        for k, v in load_file(str(state_file)).items():
-            if "group" in k.lower() and "size" not in k.lower():
+    buffers, source = penalty_buffers(run_dir)
+    for k, v in buffers.items():
+        if "group" in k.lower() and "size" not in k.lower():
+            groups = _as_groups(v, d_sae)
+            if groups is not None:
+                name = k if source == PENALTY_STATE_FILE else f"penalty.{k}"
+                return groups, f"learned ({source} {name})"
+    records = read_metrics(run_dir)
+    if records:
+        rec = records[-1]
+        for k, v in rec.items():
+            if (k.startswith("penalty/") and "group" in k.lower() and "size" not in k.lower()
+                    and isinstance(v, list) and len(v) == d_sae):
                 groups = _as_groups(v, d_sae)
                 if groups is not None:
-                    return groups, f"learned (penalty_state.safetensors {k})"
-    ckpt = run_dir / "checkpoint.pt"
-    if ckpt.exists():
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            sd = state.get("trainer", {}).get("model", {})
-            for k, v in sd.items():
-                if k.startswith("penalty.") and "group" in k.lower():
-                    groups = _as_groups(v, d_sae)
-                    if groups is not None:
-                        return groups, f"learned (checkpoint.pt {k})"
-        except Exception:  # noqa: BLE001 - an unreadable checkpoint just means "not found here"
-            pass
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in reversed(metrics.read_text().splitlines()):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            for k, v in rec.items():
-                if (k.startswith("penalty/") and "group" in k.lower() and "size" not in k.lower()
-                        and isinstance(v, list) and len(v) == d_sae):
-                    groups = _as_groups(v, d_sae)
-                    if groups is not None:
-                        return groups, f"learned (metrics.jsonl {k}, step {rec.get('step')})"
-            break
+                    return groups, f"learned (metrics.jsonl {k}, step {rec.get('step')})"
     return None, "no learned group assignment in the run directory"
 
 
@@ -258,18 +242,14 @@ def _load_group_file(path: Path, d_sae: int) -> torch.Tensor | None:
 
 
 def _read_records(run_dir: Path | None) -> list[dict[str, Any]]:
-    if run_dir is None or not (Path(run_dir) / "metrics.jsonl").exists():
-        return []
-    from ..train.run import read_metrics
-
-    return read_metrics(run_dir)
+    return [] if run_dir is None else read_metrics(run_dir)
 
 
 def _core_density(run_dir: Path | None, d_sae: int) -> torch.Tensor | None:
     """Per-latent ``feature_density [d_sae]`` from ``run_dir/eval_results/core.json``, or None."""
     if run_dir is None:
         return None
-    from .results import feature_densities, read_result
+    from ..rundir.results import feature_densities, read_result
 
     try:
         dens = feature_densities(read_result(run_dir, "core"))

@@ -51,7 +51,7 @@ import torch
 
 from ..model import capture_resid_post
 from ..progress import progress_bar
-from ..train.sae import SAE
+from ..rundir.sae import SAE
 from .common import batches, non_special_mask
 from .datasets import tasks as _T
 from .registry import EvalContext
@@ -81,7 +81,7 @@ class ProbeSettings:
     ranges = {"probe_C": ">0", "probe_max_iter": ">=1", "context_length": ">=2", "llm_batch_size": ">=1",
               "sae_batch_tokens": ">=1", "store_dtype": "{float32,bfloat16,float16}", "min_chars": ">=1",
               "max_chars": ">=1", "test_fraction": "(0,1)", "split_by": "{document,play}", "seed": ">=0"}
-    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
+    """Allowed values of each setting (``params.check_range`` specs), enforced for ``-p``."""
 
 
 __all__ = ["LinearProbe", "PooledTexts", "TextActs", "ablate_pooled", "corpus_unavailable_reason", "fit_probe",

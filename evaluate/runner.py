@@ -10,13 +10,9 @@ from pathlib import Path
 
 import torch
 
-from .common import (
-    IncompatibleSAEError,
-    canonical_model_id,
-    check_compatible,
-    model_fingerprints,
-    model_hook_names,
-)
+from ..rundir.identity import IncompatibleSAEError, canonical_model_id, check_compatible
+from ..rundir.results import get_metric, read_result, write_result
+from .common import model_fingerprints, model_hook_names
 from .core import (
     EVAL_TYPE_ID,
     CoreConfig,
@@ -26,7 +22,6 @@ from .core import (
     run_core_many,
 )
 from .registry import EvalContext, available_evals, eval_module
-from .results import get_metric, read_result, write_result
 
 __all__ = ["AVAILABLE_EVALS", "COMPARISON_COLUMNS", "evaluate_runs", "print_comparison"]
 
@@ -75,8 +70,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     from ..errors import ConfigError, SaeError
     from ..model import LoadedModel, check_device, is_embedded, load_model
     from ..outputs import check_output_location
+    from ..rundir.sae import SAE
     from ..store import ActivationStore
-    from ..train.sae import SAE
 
     if not evals:
         raise ConfigError("--eval is empty: name at least one evaluation")
@@ -227,7 +222,7 @@ def eval_settings(name: str, params: dict[str, str]) -> object:
                                   "command line")
         except ValueError:
             raise ConfigError(f"-p {name}.{key}={raw!r}: expected {type(cur).__name__}") from None
-    from ..train.params import check_range
+    from ..params import check_range
 
     for key, spec in (getattr(cls, "ranges", None) or {}).items():  # declared ranges, as for -p of training
         if key in typed:

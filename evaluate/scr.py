@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..train.sae import SAE
+from ..rundir.sae import SAE
 from .datasets import tasks as T
 from .probing import (
     LinearProbe,

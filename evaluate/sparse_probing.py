@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..train.sae import SAE
+from ..rundir.sae import SAE
 from .datasets import tasks as T
 from .intervals import accuracy_ci
 from .probing import ProbeSettings, corpus_unavailable_reason, pooled_texts, probe_scores

@@ -92,7 +92,7 @@ import torch
 from ..harvest.corpus import iter_documents
 from ..harvest.tokens import pack_sequences
 from ..model import LoadedModel, capture_resid_post, splice
-from ..train.sae import SAE
+from ..rundir.sae import SAE
 from .common import non_special_mask
 from .datasets.mcq import BLANK, LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
 from .intervals import wilson
@@ -133,7 +133,7 @@ class Config:
               "corpus_context_size": ">=2", "retain_thresholds": "[0,1]", "n_features_list": ">=1",
               "multipliers": ">0", "min_forget_freq": "[0,1]", "retain_acc_threshold": "[0,1]",
               "measurable_p": "(0,1)", "llm_batch_size": ">=1"}
-    """Allowed values of each setting (``train.params.check_range`` specs), enforced for ``-p``."""
+    """Allowed values of each setting (``params.check_range`` specs), enforced for ``-p``."""
 
     def __post_init__(self) -> None:
         check_scoring(self.scoring)

@@ -15,7 +15,7 @@ Each class, as its ``encode`` computes it (``dictionary.py``, ``trainers/*.py``)
   would make it a dense ReLU, and is refused).
 * ``JumpReluAutoEncoder``: ``ReLU(pre·1[pre > θ])`` with ``pre = x W_enc + b_enc`` (no ``b_dec``
   subtraction unless loaded from SAELens) → JumpReLU with the input-bias fold.
-* ``GatedAutoEncoder`` → its exact JumpReLU equivalent (see :mod:`sae.interop.canonical`).
+* ``GatedAutoEncoder`` → its exact JumpReLU equivalent (see :mod:`sae.rundir.canonical`).
 
 The hook is ``blocks.<layer>.hook_resid_post`` (dictionary_learning's ``layer`` submodule output);
 ``model_name`` is ``lm_name``.
@@ -30,7 +30,7 @@ import torch
 
 from ..errors import SAELoadError
 from ..model import hook_name_for
-from .canonical import Canonical, finish, fold_input_bias, gated_as_jumprelu, need
+from ..rundir.canonical import Canonical, finish, fold_input_bias, gated_as_jumprelu, need
 
 CLASSES = ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "MatryoshkaBatchTopKSAE",
            "JumpReluAutoEncoder", "GatedAutoEncoder")

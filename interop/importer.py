@@ -2,7 +2,7 @@
 
 The result is a run directory like ``sae train`` writes (``cfg.json`` + ``sae_weights.safetensors``
 + the run marker), so ``sae evaluate``, ``sae report`` and SAELens' ``SAE.load_from_disk`` all read
-it. The conversion is exact (see :mod:`sae.interop.canonical`): the imported SAE's codes equal the
+it. The conversion is exact (see :mod:`sae.rundir.canonical`): the imported SAE's codes equal the
 source library's own ``encode`` (to float32 rounding), in the source's units (no decoder-norm fold).
 ``cfg.json`` records ``imported_from`` (format, path, source architecture, the folds applied).
 """
@@ -21,8 +21,9 @@ from .. import __version__
 from ..errors import ConfigError, SAELoadError
 from ..model import EMBEDDED_ALIASES, EMBEDDED_MODEL_ID, EMBEDDED_WEIGHTS, layer_of_hook
 from ..outputs import RUN_MARKER, build_output, check_output_location, is_empty_dir, is_sae_run
-from . import dictionary_learning, saelens, sparsify
-from .canonical import Canonical
+from ..rundir import saelens
+from ..rundir.canonical import Canonical
+from . import dictionary_learning, sparsify
 
 FORMATS = ("saelens", "sparsify", "dictionary_learning")
 _DROP = ("metadata", "sae_lens_version", "sae_lens_training_version", "source_cfg", "activation_fn",
@@ -56,7 +57,7 @@ def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = Non
     cfg_path, weights = p / "cfg.json", p / "sae_weights.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise SAELoadError(f"{p} is not a SAELens save: it needs cfg.json and sae_weights.safetensors")
-    from ..train.sae import read_cfg
+    from ..rundir.sae import read_cfg
 
     try:
         tensors = load_file(str(weights))
@@ -80,8 +81,8 @@ def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None 
     Raises:
         ConfigError, SAELoadError, FileNotFoundError, SaeError (output location).
     """
-    from ..evaluate.common import IncompatibleSAEError, check_compatible
-    from ..train.sae import SAE
+    from ..rundir.identity import IncompatibleSAEError, check_compatible
+    from ..rundir.sae import SAE
 
     out = Path(out)
     check_output_location(out, "--out")

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from ..errors import SAELoadError
 from ..model import hook_name_for
-from .canonical import Canonical, finish, need
+from ..rundir.canonical import Canonical, finish, need
 
 CFG, WEIGHTS = "cfg.json", "sae.safetensors"
 

@@ -2,7 +2,7 @@
 
 It reads run directories (``cfg.json``, ``metrics.jsonl``, ``eval_results/*.json``) and stores, and
 computes no evaluation metric itself: of the evaluation package it imports only
-:mod:`sae.evaluate.results` (the result-file format). Modules: :mod:`.runs` (loading runs),
+:mod:`sae.rundir.results` (the result-file format). Modules: :mod:`.runs` (loading runs),
 :mod:`.tables`, :mod:`.figures`, :mod:`.page` (assembly), :mod:`.browser`.
 """
 

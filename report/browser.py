@@ -27,8 +27,8 @@ import torch
 
 from ..errors import UnavailableError
 from ..latents import StoreScan, scan_store, select_latents
+from ..rundir.sae import SAE
 from ..store import ActivationStore
-from ..train.sae import SAE
 
 Decode = Callable[[Sequence[int]], str]
 

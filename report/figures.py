@@ -174,7 +174,7 @@ def _max_cos(run: RunInfo) -> tuple[np.ndarray | None, str]:
             return np.asarray(v, dtype=np.float64), "geometry eval"
     try:
         from ..latents import pairwise_cosine_stats
-        from ..train.sae import SAE
+        from ..rundir.sae import SAE
 
         sae = SAE.load(run.path)
         return pairwise_cosine_stats(sae.W_dec.detach()).max_abs_cos.numpy().astype(np.float64), "weights"
@@ -234,7 +234,7 @@ def plot_training(runs: list[RunInfo], colors: list[Any], out: Path) -> str | No
 
 
 def plot_stability(runs: list[RunInfo], colors: list[Any], out: Path) -> str | None:
-    from ..train.run import jaccard_series
+    from ..rundir.metrics import jaccard_series
 
     got = [(i, jaccard_series(r.records)) for i, r in enumerate(runs)]
     got = [(i, j) for i, j in got if j is not None]

@@ -87,8 +87,8 @@ def _browser_section(runs: list[RunInfo], store: Path | None, n_latents: int, br
     """One collapsible feature browser per run (the first open); failures become notes."""
     import torch
 
+    from ..rundir.sae import SAE
     from ..store import ActivationStore
-    from ..train.sae import SAE
     from .browser import BROWSER_CSS, browse, load_decode
 
     parts = [f"<style>{BROWSER_CSS}</style>"]

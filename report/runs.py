@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SaeError
-from ..evaluate.results import RESULTS_DIR, ResultSchemaError, read_result
+from ..rundir.format import METRICS_FILE
+from ..rundir.metrics import read_metrics
+from ..rundir.results import RESULTS_DIR, ResultSchemaError, read_result
 
 NOT_EVALUATED = "not evaluated"
 
@@ -126,18 +128,11 @@ def load_run(run_dir: str | Path, label: str | None = None) -> RunInfo:
             info.results[f.stem] = r  # <eval_type_id>.json; core_saebench.json (--compat saebench) stays apart
         except (ResultSchemaError, ValueError, OSError) as e:
             info.bad_results[f.name] = str(e)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        try:
-            text = metrics.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise SaeError(f"{metrics} cannot be read ({e}): restore it or leave the run out of the report") from None
-        for line in text.splitlines():
-            try:
-                if line.strip():
-                    info.records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by an interrupted run
+    try:
+        info.records = read_metrics(run_dir)  # lines cut by an interrupted run are skipped
+    except (OSError, UnicodeDecodeError) as e:
+        raise SaeError(f"{run_dir / METRICS_FILE} cannot be read ({e.__class__.__name__}): restore it or leave the "
+                       "run out of the report") from None
     return info
 
 

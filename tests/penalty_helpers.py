@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.train.sae import SAE, SparseCodes
+from sae.rundir.sae import SAE, SparseCodes
 
 
 def unit_rows(F: int, d: int, seed: int = 0, shared: float = 0.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from sae.train.sae import SparseCodes
+from sae.rundir.sae import SparseCodes
 
 
 def dense(codes: SparseCodes, d_sae: int) -> Tensor:

@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sae.cli import app
+from sae.rundir.sae import SAE, SparseCodes
 from sae.train.archs import arch_names, build_arch
 from sae.train.archs.batchtopk import batch_topk_select
 from sae.train.config import TrainConfig
 from sae.train.run import train, train_many
-from sae.train.sae import SAE, SparseCodes
 from sae.train.trainer import Trainer
 from sae.train.variants import variant_names
 from tests.helpers import planted_features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.train.codes import SparseCodes
+from sae.rundir.codes import SparseCodes
 
 
 def _dense_ref(rows, lat, vals, B, F):

@@ -19,7 +19,7 @@ from sae.evaluate.absorption import (
     sample_words,
     word_absorption,
 )
-from sae.train.sae import SAE
+from sae.rundir.sae import SAE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

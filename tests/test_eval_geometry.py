@@ -23,8 +23,8 @@ from sae.evaluate.geometry import (
     run,
 )
 from sae.evaluate.registry import EvalContext, eval_module
-from sae.evaluate.results import read_result, write_result
-from sae.train.sae import SAE
+from sae.rundir.results import read_result, write_result
+from sae.rundir.sae import SAE
 from tests.helpers import write_store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -38,9 +38,9 @@ from sae.evaluate.probing import (
     select_top_n,
     top_k_mean_diff,
 )
-from sae.evaluate.results import read_result, validate_result
 from sae.harvest.corpus import PLAY_GENRES, in_split
-from sae.train.sae import SAE
+from sae.rundir.results import read_result, validate_result
+from sae.rundir.sae import SAE
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 64

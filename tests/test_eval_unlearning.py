@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.evaluate import evaluate_runs, validate_result
+from sae.evaluate import evaluate_runs
 from sae.evaluate.datasets.mcq import (
     BLANK,
     MCQ,
@@ -34,7 +34,8 @@ from sae.evaluate.unlearning import (
     token_logprobs,
     unlearning_score,
 )
-from sae.train.sae import SAE
+from sae.rundir.results import validate_result
+from sae.rundir.sae import SAE
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -244,7 +245,7 @@ def test_unknown_scoring_is_a_config_error():
     from sae.evaluate.runner import eval_settings
 
     assert eval_settings("unlearning", {"scoring": "letter"}).scoring == "letter"
-    with pytest.raises(ConfigError, match="unknown MCQ scoring 'logit'"):
+    with pytest.raises(ConfigError, match=r"-p scoring='logit' \(unlearning\) is out of range: it must be one of cloze, letter"):
         eval_settings("unlearning", {"scoring": "logit"})
 
 

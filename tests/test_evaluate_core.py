@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from sae.evaluate import evaluate_runs, print_comparison
-from sae.evaluate.common import IncompatibleSAEError, check_compatible
 from sae.evaluate.core import CoreConfig, compute_reference, resolve_config, run_core, run_core_many
-from sae.evaluate.results import (
+from sae.harvest.corpus import iter_documents
+from sae.model import EMBEDDED_MODEL_ID
+from sae.rundir.identity import IncompatibleSAEError, check_compatible
+from sae.rundir.results import (
     REQUIRED_KEYS,
     ResultSchemaError,
     feature_densities,
@@ -23,9 +25,7 @@ from sae.evaluate.results import (
     validate_result,
     write_result,
 )
-from sae.harvest.corpus import iter_documents
-from sae.model import EMBEDDED_MODEL_ID
-from sae.train.sae import SAE
+from sae.rundir.sae import SAE
 
 HOOK = "blocks.1.hook_resid_post"
 CTX = 64

@@ -75,7 +75,7 @@ def test_compat_saebench_agrees_with_saelens_get_recons_loss_on_the_same_tokens(
     from transformer_lens import HookedTransformer
 
     from sae.evaluate.core import CoreConfig, compute_reference, run_core
-    from sae.train.sae import SAE
+    from sae.rundir.sae import SAE
 
     hook, d = "blocks.6.hook_resid_post", gemma.d_model
     sae = SAE(d, 2 * d, activation="topk", k=64)  # x̂ = the 64 largest-|·| coordinates of x (both signs)

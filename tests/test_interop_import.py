@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 from sae.cli import app
 from sae.errors import ConfigError, SAELoadError
 from sae.interop.importer import import_sae
-from sae.train.sae import SAE
+from sae.rundir.sae import SAE
 
 D_IN, D_SAE = 16, 48
 

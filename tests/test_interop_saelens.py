@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae.errors import SAELoadError
-from sae.train.sae import SAE
+from sae.rundir.sae import SAE
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is in the dev extra; install it to run the round trips")
 warnings.filterwarnings("ignore", module="sae_lens")

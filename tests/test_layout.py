@@ -1,5 +1,6 @@
-"""The house rules of the layout: the report imports no evaluation but the result format, and no
-two modules of the package import each other (directly or through a chain), even lazily."""
+"""The house rules of the layout: the stages sit on the two artefact packages (``store``, ``rundir``),
+every import runs down the levels below (never up, never sideways between stages), and no two modules
+import each other (directly or through a chain), even lazily."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("harvest", "store", "train", "evaluate", "report")
+PACKAGES = ("harvest", "store", "rundir", "train", "interop", "evaluate", "report")
+LEVELS = {
+    # root modules: everyone may import them; among themselves only ``errors``
+    "sae": 0, "errors": 0, "outputs": 0, "progress": 0, "params": 0, "model": 0,
+    "store": 1, "rundir": 1,                               # the two artefacts
+    "harvest": 2, "train": 2, "interop": 2, "latents": 2,  # stages that write or convert them
+    "evaluate": 3,
+    "report": 4,
+    "cli": 5, "__main__": 6,
+}
+"""Level of each top-level module or package: an import must go to a strictly lower level."""
 
 
 def _module_name(path: Path) -> str:
@@ -64,10 +75,45 @@ def test_no_import_cycles_between_modules() -> None:
             visit(m, [m])
 
 
-def test_report_imports_no_evaluation_but_results() -> None:
-    code = "import sys, sae.report; print(sorted(m for m in sys.modules if m.startswith('sae.evaluate')))"
+def _library_files() -> list[Path]:
+    return [p for p in ROOT.rglob("*.py") if p.relative_to(ROOT).parts[0] not in ("tests", "benchmarks")
+            and not p.relative_to(ROOT).parts[0].startswith(".") and "egg-info" not in str(p)]
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] != "__version__" else "sae"
+
+
+def test_every_import_runs_down_the_levels() -> None:
+    wrong = []
+    for p in _library_files():
+        src = _top(_module_name(p))
+        assert src in LEVELS, f"{p.relative_to(ROOT)}: a new top-level module; give it a level in LEVELS"
+        for t in _imports(p):
+            dst = _top(t)
+            if dst == src or (LEVELS[src] == 0 and dst in ("errors", "sae")):
+                continue
+            if LEVELS.get(dst, 99) >= LEVELS[src]:
+                wrong.append(f"{p.relative_to(ROOT)} imports {t} ({src} → {dst})")
+    assert not wrong, "imports that run up or sideways:\n" + "\n".join(sorted(wrong))
+
+
+def test_evaluation_and_report_import_no_training_and_training_no_interop() -> None:
+    rules = {"evaluate": ("sae.train", "sae.report"), "report": ("sae.train", "sae.evaluate"),
+             "train": ("sae.interop", "sae.evaluate", "sae.report"), "interop": ("sae.evaluate", "sae.train"),
+             "rundir": ("sae.train", "sae.evaluate", "sae.report", "sae.interop", "sae.store")}
+    for pkg, banned in rules.items():
+        for p in (ROOT / pkg).rglob("*.py"):
+            bad = [t for t in _imports(p) if t.startswith(banned)]
+            assert not bad, f"{p.relative_to(ROOT)} imports {bad}"
+
+
+def test_report_loads_no_evaluation_at_run_time() -> None:
+    code = ("import sys, sae.report; "
+            "print(sorted(m for m in sys.modules if m.startswith(('sae.evaluate', 'sae.train'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    assert set(eval(out.stdout)) <= {"sae.evaluate", "sae.evaluate.results"}, out.stdout
+    assert eval(out.stdout) == [], out.stdout
 
 
 def test_no_variant_or_evaluation_reaches_into_the_report() -> None:

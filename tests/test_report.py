@@ -15,14 +15,14 @@ import torch
 
 from sae.errors import SaeError
 from sae.evaluate.geometry import compute_geometry
-from sae.evaluate.results import write_result
 from sae.latents import sample_ranges, scan_store, select_latents
 from sae.report import build_report, flatten_metrics, resolve_run_dirs
 from sae.report.browser import browse
+from sae.rundir.results import write_result
+from sae.rundir.sae import SAE
 from sae.store import ActivationStore
 from sae.train.config import TrainConfig
 from sae.train.run import train
-from sae.train.sae import SAE
 from tests.helpers import BOS, planted_features, tree_hash, write_store
 
 CS = 64

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from sae.evaluate.results import write_result
 from sae.report.seeds import (
     config_of,
     difference_table_markdown,
@@ -18,6 +17,7 @@ from sae.report.seeds import (
     t_interval,
     welch_interval,
 )
+from sae.rundir.results import write_result
 
 
 def test_t_interval_matches_the_textbook_formula() -> None:

@@ -304,7 +304,7 @@ def _registry_configs() -> list[tuple[str, type]]:
 def test_every_numeric_parameter_of_every_registry_has_a_declared_range() -> None:
     import dataclasses
 
-    from sae.train.params import check_range
+    from sae.params import check_range
 
     configs = _registry_configs()
     assert len(configs) >= 17 and {o for o, _ in configs} >= {

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sae.rundir.sae import SAE
 from sae.train import run as run_mod
 from sae.train.config import TrainConfig
 from sae.train.run import train
-from sae.train.sae import SAE
 from sae.train.sweep import expand, max_decoder_cosines, parse_grid, run_sweep, summarize
 
 

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
+from sae.rundir.metrics import read_metrics
+from sae.rundir.sae import SAE, SparseCodes
 from sae.train import run as run_mod
 from sae.train.config import TrainConfig
-from sae.train.run import RunDirError, read_metrics, train
-from sae.train.sae import SAE, SparseCodes
+from sae.train.run import RunDirError, train
 from sae.train.sparse_ops import gather_pre_acts
 from sae.train.trainer import Trainer
 from tests.helpers import planted_features, write_store

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae.train.sae import SparseCodes
+from sae.rundir.sae import SparseCodes
 from sae.train.variants import PenaltyContext, build_penalty, make_config, variant_names
 from sae.train.variants.adaptive import greedy_groups, group_condition_numbers
 from sae.train.variants.chunks import random_chunks

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -27,16 +26,13 @@ from ..errors import ConfigError, Interrupted, NonFiniteError, SaeError
 from ..model import layer_of_hook, resolve_device
 from ..outputs import RUN_MARKER, OutputBuild, is_empty_dir, is_sae_run
 from ..progress import progress_bar
+from ..rundir.format import CFG_FILE, CHECKPOINT_FILE, METRICS_FILE, PENALTY_STATE_FILE, WEIGHTS_FILE
 from ..store import ActivationStore, ShuffledBatches, StoreError
 from .archs import arch_class, make_arch_config
 from .config import TrainConfig
 from .host_memory import keep_freed_memory
-from .sae import CFG_FILE, WEIGHTS_FILE
 from .trainer import Trainer
 
-CHECKPOINT_FILE = "checkpoint.pt"
-PENALTY_STATE_FILE = "penalty_state.safetensors"
-METRICS_FILE = "metrics.jsonl"
 DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device",
              "storage_options", "cache")
 
@@ -383,35 +379,4 @@ def train(cfg: TrainConfig, quiet: bool = False) -> Path:
     return train_many([cfg], quiet=quiet, label=f"train {cfg.variant}")[0]
 
 
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def jaccard_series(records: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Pair-selection stability over training from ``metrics.jsonl`` records, or None.
-
-    Uses ``penalty/jaccard`` if logged, else the first key containing ``jaccard``. Returns
-    ``{"key", "steps", "tokens", "values", "mean", "final", "min"}`` over the records with a
-    finite value (the Jaccard overlap |A∩B|/|A∪B| of kept-pair sets at consecutive logged steps).
-    """
-    keys = [k for r in records for k in r if "jaccard" in k.lower()]
-    if not keys:
-        return None
-    key = "penalty/jaccard" if "penalty/jaccard" in keys else keys[0]
-    steps, tokens, values = [], [], []
-    for r in records:
-        v = r.get(key)
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
-            steps.append(r.get("step"))
-            tokens.append(r.get("tokens"))
-            values.append(float(v))
-    if not values:
-        return None
-    return {"key": key, "steps": steps, "tokens": tokens, "values": values, "mean": float(np.mean(values)),
-            "final": values[-1], "min": float(np.min(values))}
-
-
-__all__ = ["CFG_FILE", "CHECKPOINT_FILE", "METRICS_FILE", "RunDirError", "jaccard_series", "read_metrics", "train",
-           "train_many"]
+__all__ = ["RunDirError", "train", "train_many"]

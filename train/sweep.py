@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..rundir.metrics import read_metrics
+from ..rundir.sae import SAE
 from .config import TrainConfig
-from .run import DATA_KEYS, read_metrics, train_many
-from .sae import SAE
+from .run import DATA_KEYS, train_many
 from .variants import make_config, variant_names
 
 SCHEDULER_TIMEOUT_S = 10

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..rundir.sae import SAE, SparseCodes
 from .archs import build_arch
 from .archs.base import warmed_up
 from .auxk import auxk_loss, capacity
 from .config import TrainConfig
-from .sae import SAE, SparseCodes
 from .variants import PenaltyContext, build_penalty
 
 

@@ -3,11 +3,11 @@
 An architecture decides how a training batch is *encoded* (which latents fire, with which
 differentiable values), which sparsity terms join the loss, how the reconstruction loss is formed,
 and in which inference form the SAE is saved. The SAE parameters themselves (``W_enc``, ``b_enc``,
-``W_dec``, ``b_dec``) live in :class:`~sae.train.sae.SAE`; an architecture's own state (BatchTopK's
+``W_dec``, ``b_dec``) live in :class:`~sae.rundir.sae.SAE`; an architecture's own state (BatchTopK's
 threshold estimate, JumpReLU's learned ``log_threshold``) lives in its registered buffers and
 parameters, so it is checkpointed and restored exactly by ``--resume``.
 
-Every architecture returns :class:`~sae.train.sae.SparseCodes` ``[batch, K]``: a variable number of
+Every architecture returns :class:`~sae.rundir.sae.SparseCodes` ``[batch, K]``: a variable number of
 active latents per token is carried as value-0 padding slots (``vals == 0`` means inactive), so
 the decoder and the orthogonality penalties stay on the sparse path (no ``[batch, d_sae]``
 decoder product) and the penalties see the real co-firing sets.
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..params import build_params
-from ..sae import SAE, SparseCodes
+from ...params import build_params
+from ...rundir.sae import SAE, SparseCodes
 
 
 @dataclass

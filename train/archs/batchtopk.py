@@ -17,7 +17,7 @@ Selection cost: the flat top-``B·k`` over ``B·d_sae`` entries (190 ms on 2 CPU
 5120) is replaced by an exact threshold search (:func:`batch_topk_select`): collect every entry
 above a lower bound of τ (the previous batch's τ less 5 %, else a subsample estimate), then take
 the n-th largest of those; 31–35 ms with the previous τ, 52 ms without (TopK's per-row top-k: 44
-ms). The codes are ragged (:class:`~sae.train.codes.SparseCodes`): real activations have rare
+ms). The codes are ragged (:class:`~sae.rundir.codes.SparseCodes`): real activations have rare
 high-norm tokens that take up to 2 016 of 5 120 latents, and a padded ``[B, K_max]`` form made the
 step 1.36× TopK's; ragged, 1.05×. The result equals the flat selection (tested, including heavy
 rows, ties, and too-high/too-low guesses).
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..sae import SAE, SparseCodes
+from ...rundir.sae import SAE, SparseCodes
 from ..sparse_ops import GatherFlat, dense_pre_no_grad
 from .base import Arch, Encoded, Inference, register
 
@@ -55,7 +55,7 @@ def batch_topk_select(pre: torch.Tensor, k: int, guess: float | None = None) -> 
     """The top ``n = B·k`` entries of ``ReLU(pre)`` ``[B, d_sae]`` as flat entries.
 
     Returns ``(rows [n'], latents [n'], tau)``: the kept entries in (row, latent) order (the ragged
-    form of :class:`~sae.train.codes.SparseCodes`) and ``tau``, the n-th largest entry of
+    form of :class:`~sae.rundir.codes.SparseCodes`) and ``tau``, the n-th largest entry of
     ``ReLU(pre)`` (0-dim tensor; 0 when fewer than n entries are positive, and then every positive
     entry is kept). Entries tied with τ are all kept, so ``n' ≥ n`` only with ties.
 

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sae import SAE, SparseCodes
+from ...rundir.sae import SAE, SparseCodes
 from ..sparse_ops import GatherFlat, dense_pre_no_grad
 from .base import Arch, Encoded, Inference, register, warmed_up
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
-from ..sae import SAE, SparseCodes
+from ...rundir.sae import SAE, SparseCodes
 from .base import Inference, register
 from .batchtopk import BatchTopK
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..sae import SAE
+from ...rundir.sae import SAE
 from .base import Arch, Encoded, Inference, register, warmed_up
 
 

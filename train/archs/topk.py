@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sae import SAE, SparseCodes
+from ...rundir.sae import SAE, SparseCodes
 from ..sparse_ops import dense_pre_no_grad, gather_pre_acts
 from .base import Arch, Encoded, Inference, register
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError
-from ..params import build_params
-from ..sae import SparseCodes
+from ...params import build_params
+from ...rundir.sae import SparseCodes
 
 
 @dataclass

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..sae import SparseCodes
+from ...rundir.sae import SparseCodes
 from .base import Penalty
 
 TOKEN_CHUNK = 256      # tokens per chunk in token_pair_penalty (bounds the [chunk, K, d] gathers)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sae import SparseCodes
+from ...rundir.sae import SparseCodes
 from .base import PenaltyContext, register
 from .pairs import (
     SparseStatePenalty,

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Any
 
-from ..errors import ConfigError
+from .errors import ConfigError
 
 
 def convert_param(owner: str, key: str, value: Any, default: Any) -> Any:

@@ -1,6 +1,6 @@
-"""The one form every foreign SAE is converted to before it becomes our :class:`~sae.train.sae.SAE`.
+"""The one form every foreign SAE is converted to before it becomes our :class:`~sae.rundir.sae.SAE`.
 
-Our inference SAE (``train/sae.py``) computes
+Our inference SAE (``rundir/sae.py``) computes
 
     pre = (x − b_dec) W_enc + b_enc        W_enc [d_in, d_sae], b_enc [d_sae], b_dec [d_in]
     f   = TopK_k(pre)⁺  |  ReLU(pre)  |  ReLU(pre)·H(pre − θ)      θ = threshold [d_sae]

@@ -11,7 +11,7 @@ Layouts (SAELens 6.54 ``saes/*.py``, ``loading/pretrained_sae_loaders.handle_pre
   *training* SAE wrote, ``batchtopk`` / ``matryoshka_batchtopk`` (scalar ``topk_threshold``) and
   ``jumprelu`` with ``log_threshold``; ``hook_name``, ``model_name`` … under ``metadata``.
 
-Each becomes a :class:`~sae.interop.canonical.Canonical` by exact algebra (see that module):
+Each becomes a :class:`~sae.rundir.canonical.Canonical` by exact algebra (see that module):
 BatchTopK / Matryoshka files become the JumpReLU SAE SAELens itself saves for inference
 (``threshold = topk_threshold`` for every latent); Gated becomes its exact JumpReLU equivalent;
 ``apply_b_dec_to_input: false`` and ``rescale_acts_by_decoder_norm`` are folded into the encoder.

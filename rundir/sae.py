@@ -11,7 +11,7 @@ This class is the *inference* SAE: the three saved forms (SAELens ``architecture
 the business of ``train/archs``; BatchTopK and Matryoshka SAEs are saved as JumpReLU, as SAELens
 and dictionary_learning do.
 
-Sparse codes (:class:`~sae.train.codes.SparseCodes`: padded ``[batch, K]`` or ragged entries)
+Sparse codes (:class:`~sae.rundir.codes.SparseCodes`: padded ``[batch, K]`` or ragged entries)
 make the decoder cost ``n_entries·d_in`` instead of ``batch·d_sae·d_in`` (``embedding_bag``).
 """
 
@@ -26,11 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import SAELoadError
-from ..interop.canonical import Canonical
+from .canonical import Canonical
 from .codes import SparseCodes
+from .format import CFG_FILE, WEIGHTS_FILE
 
-WEIGHTS_FILE = "sae_weights.safetensors"
-CFG_FILE = "cfg.json"
 ACTIVATIONS = ("topk", "relu", "jumprelu")
 SAVED_ARCHITECTURE = {"topk": "topk", "relu": "standard", "jumprelu": "jumprelu"}
 
@@ -230,7 +229,7 @@ class SAE(nn.Module):
              activation_scale: float | None = None) -> SAE:
         """Load any SAELens-layout directory (``cfg.json`` + ``sae_weights.safetensors``): ours, or one
         SAELens pre-6 or 6.x wrote, of architecture standard / topk / jumprelu / gated / batchtopk /
-        matryoshka_batchtopk (see :mod:`sae.interop.saelens` for the exact conversions). ``.cfg``
+        matryoshka_batchtopk (see :mod:`sae.rundir.saelens` for the exact conversions). ``.cfg``
         holds ``cfg.json`` with ``hook_name``, ``model_name``… moved from ``metadata`` to the top level.
 
         Validated: ``cfg.json`` parses and names ``d_in``/``d_sae``; the safetensors file parses and
@@ -244,7 +243,7 @@ class SAE(nn.Module):
             NonFiniteError: a weight tensor holds NaN or inf.
         """
         from ..errors import NonFiniteError
-        from ..interop.saelens import to_canonical
+        from .saelens import to_canonical
 
         run_dir = Path(run_dir)
         if not (run_dir / WEIGHTS_FILE).exists() or not (run_dir / CFG_FILE).exists():
@@ -268,7 +267,7 @@ class SAE(nn.Module):
 
     @classmethod
     def from_canonical(cls, c: Canonical, device: str | torch.device = "cpu") -> SAE:
-        """Build the SAE a :class:`~sae.interop.canonical.Canonical` describes (``.cfg`` = ``c.cfg``)."""
+        """Build the SAE a :class:`~sae.rundir.canonical.Canonical` describes (``.cfg`` = ``c.cfg``)."""
         from ..errors import NonFiniteError
 
         sae = cls(c.d_in, c.d_sae, c.activation, c.k, device=device)
