@@ -245,7 +245,7 @@ def test_unknown_scoring_is_a_config_error():
     from sae.evaluate.runner import eval_settings
 
     assert eval_settings("unlearning", {"scoring": "letter"}).scoring == "letter"
-    with pytest.raises(ConfigError, match=r"-p scoring='logit' \(unlearning\) is out of range: it must be one of cloze, letter"):
+    with pytest.raises(ConfigError, match=r"scoring='logit' \(unlearning\) is out of range: it must be one of cloze"):
         eval_settings("unlearning", {"scoring": "logit"})
 
 
