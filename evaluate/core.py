@@ -70,12 +70,13 @@ from .common import (
     model_hook_names,
     non_special_mask,
 )
+from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "core"
 DEFAULT_CONTEXT_SIZE = 128
 
-__all__ = ["EVAL_TYPE_ID", "CoreConfig", "CoreReference", "check_compatible", "compute_reference",
-           "metric_categories", "resolve_config", "run_core", "run_core_many"]
+__all__ = ["EVAL_TYPE_ID", "Config", "CoreConfig", "CoreReference", "check_compatible", "compute_reference",
+           "metric_categories", "resolve_config", "result_stem", "run", "run_core", "run_core_many", "run_many"]
 
 
 @dataclass
@@ -111,6 +112,14 @@ class CoreConfig:
     max_cached_logprob_gib: float = 2.0
     """Keep clean log-probs of all scored positions in memory up to this size (saves one forward per
     batch and SAE); above it the clean logits are recomputed for each SAE."""
+    ranges = {"n_eval_tokens": ">=1", "n_bootstrap": ">=0", "batch_size": ">=1", "context_size": ">=2",
+              "split": "{train,test}", "dense_threshold": "[0,1]", "seed": ">=0", "compat": "{ours,saebench}",
+              "max_cached_logprob_gib": ">=0"}
+    """Allowed values of each setting (``params.check_range`` specs), enforced for ``-p core.…``."""
+
+
+Config = CoreConfig
+"""The evaluation contract's name for the settings (:mod:`sae.evaluate.registry`)."""
 
 
 def resolve_config(cfg: CoreConfig, sae_cfg: dict) -> CoreConfig:
@@ -324,6 +333,43 @@ def run_core(sae: SAE, lm: LoadedModel, cfg: CoreConfig | None = None, reference
         ValueError: a ``reference`` computed for another model/hook/config.
     """
     return run_core_many([sae], lm, cfg, reference=reference, quiet=quiet, run_dirs=[run_dir])[0]
+
+
+def result_stem(cfg: CoreConfig) -> str:
+    """The result file's name: ``core`` (ours), ``core_saebench`` (``compat="saebench"``), so the two
+    definitions can sit side by side."""
+    return EVAL_TYPE_ID if cfg.compat == "ours" else f"{EVAL_TYPE_ID}_{cfg.compat}"
+
+
+def run_many(saes: list[SAE], ctxs: list[EvalContext], cfg: CoreConfig) -> list[EvalOutput]:
+    """The evaluation contract (:mod:`sae.evaluate.registry`) for several SAEs at once: the SAEs that
+    share a (model, hook, dataset, context size) share one clean/zero-ablated reference pass and one
+    clean forward per batch (:func:`run_core_many`), freed before the next group.
+
+    ``cfg.dataset``/``cfg.context_size`` left None are taken from each SAE's context
+    (``ctx.dataset``, ``ctx.context_size``: the store's, else the SAE's). Each result equals its own
+    :func:`run_core` call.
+    """
+    resolved = [replace(cfg, dataset=cfg.dataset or ctx.dataset, context_size=cfg.context_size or ctx.context_size)
+                for ctx in ctxs]
+    keys = [reference_key(ctx.lm, ctx.hook_name, c) for ctx, c in zip(ctxs, resolved, strict=True)]
+    outs: list[EvalOutput | None] = [None] * len(saes)
+    for key in dict.fromkeys(keys):
+        group = [i for i, k in enumerate(keys) if k == key]
+        ctx, c = ctxs[group[0]], resolved[group[0]]
+        reference = compute_reference(ctx.lm, ctx.hook_name, c, quiet=ctx.quiet)
+        res = run_core_many([saes[i] for i in group], ctx.lm, c, reference=reference, quiet=ctx.quiet,
+                            run_dirs=[str(ctxs[i].run_dir) for i in group])
+        del reference
+        for i, r in zip(group, res, strict=True):
+            outs[i] = EvalOutput(metrics=r["metric_categories"], details=r["details"], eval_config=r["eval_config"],
+                                 unstructured=r["unstructured"])
+    return outs  # type: ignore[return-value]
+
+
+def run(sae: SAE, ctx: EvalContext, cfg: CoreConfig) -> EvalOutput:
+    """The evaluation contract for one SAE (:func:`run_many` of one)."""
+    return run_many([sae], [ctx], cfg)[0]
 
 
 @torch.no_grad()

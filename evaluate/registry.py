@@ -5,8 +5,16 @@ An evaluation is a module ``sae.evaluate.<name>`` defining:
 * ``EVAL_TYPE_ID: str`` — its name (= the result file ``eval_results/<EVAL_TYPE_ID>.json``);
 * ``Config`` — a dataclass of its settings (defaults = SAEBench's where they exist);
 * ``run(sae, ctx, cfg) -> EvalOutput`` — computes metrics for one SAE;
+* optionally ``run_many(saes, ctxs, cfg) -> list[EvalOutput]`` — several SAEs at once, when they can
+  share work (``core``: one clean/zero-ablated pass per model and hook); without it ``run`` is
+  called per SAE;
 * optionally ``available(ctx) -> str | None`` — ``None`` when it can run, else the reason it
-  cannot (e.g. "no WMDP file"); evaluations that cannot run are skipped with that message.
+  cannot (e.g. "no WMDP file"); evaluations that cannot run are skipped with that message;
+* optionally ``NEEDS_MODEL = False`` (it reads only the SAE and its run directory: no model loads)
+  and ``result_stem(cfg) -> str`` (the result file's name when it is not ``EVAL_TYPE_ID``).
+
+Every evaluation, ``core`` included, follows this contract, so ``sae evaluate -p NAME.SETTING=VALUE``
+works the same for all (each ``Config`` declares the ``ranges`` of its settings).
 
 Model activations that do not depend on the SAE must be computed through ``ctx.cached(key, fn)``
 so that evaluating ten SAEs costs little more than one.
@@ -23,7 +31,7 @@ from typing import Any
 
 from ..model import LoadedModel
 
-# Evaluation modules in their default running order ("core" is handled by evaluate_runs itself).
+# Evaluation modules in their default running order.
 EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry")
 
 

@@ -12,15 +12,10 @@ import torch
 
 from ..rundir.identity import IncompatibleSAEError, canonical_model_id, check_compatible
 from ..rundir.results import get_metric, read_result, write_result
+from ..rundir.sae import SAE
 from .common import model_fingerprints, model_hook_names
-from .core import (
-    EVAL_TYPE_ID,
-    CoreConfig,
-    compute_reference,
-    reference_key,
-    resolve_config,
-    run_core_many,
-)
+from .core import COMPAT_MODES, DEFAULT_CONTEXT_SIZE, EVAL_TYPE_ID, CoreConfig
+from .rates import print_plan, record_rate
 from .registry import EvalContext, available_evals, eval_module
 
 __all__ = ["AVAILABLE_EVALS", "COMPARISON_COLUMNS", "evaluate_runs", "print_comparison"]
@@ -54,8 +49,14 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     ``eval_params``: ``{eval name: {Config field: value}}`` overrides of an evaluation's settings
     (``sae evaluate -p absorption.ranking=l1_probe``), validated before anything loads.
 
-    ``compat="saebench"`` computes the core metrics by SAEBench's / SAELens' definitions (see
-    :class:`~sae.evaluate.core.CoreConfig`); the default is ours.
+    ``n_tokens`` and ``compat`` are the core evaluation's ``n_eval_tokens`` and ``compat`` (``-p core.…``
+    overrides them like any other setting); ``compat="saebench"`` computes the core metrics by
+    SAEBench's / SAELens' definitions (see :class:`~sae.evaluate.core.CoreConfig`).
+
+    Every evaluation follows one contract (:mod:`.registry`): ``run_many(saes, ctxs, cfg)`` when the
+    module has it (core: one shared reference pass per model and hook), else ``run`` per SAE. Before
+    the first one runs, the plan is printed: evaluations, SAEs, and the time each took per SAE the
+    last time on this machine (:mod:`.rates`).
 
     ``store`` (path or URL, with ``storage_options``) must be the very store a run was trained on:
     a different ``content_digest`` than the run's ``cfg.json`` records is refused unless
@@ -67,33 +68,47 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
         ValueError: an unknown eval name. IncompatibleSAEError: a run does not fit the store/model.
         FileNotFoundError: a run directory without an SAE. StoreError: a bad store.
     """
-    from ..errors import ConfigError, SaeError
-    from ..model import LoadedModel, check_device, is_embedded, load_model
-    from ..outputs import check_output_location
-    from ..rundir.sae import SAE
-    from ..store import ActivationStore
+    configs = _settings(evals, n_tokens, device, compat, eval_params)
+    saes, out_dirs = _load_runs([Path(r) for r in run_dirs], results_dir)
+    ctxs = _contexts(saes, out_dirs, store, storage_options, allow_other_store, device, quiet,
+                     needs_model=any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals))
+    if not quiet:
+        print_plan(list(evals), list(saes))
+    written: dict[tuple[str, str], dict] = {}
+    for name in evals:
+        written.update(_run_evaluation(name, configs[name], saes, ctxs, quiet))
+    return [written[(run, name)] for run in saes for name in evals if (run, name) in written]
+
+
+def _settings(evals: Sequence[str], n_tokens: int, device: str, compat: str,
+              eval_params: dict[str, dict[str, str]] | None) -> dict[str, object]:
+    """Every requested evaluation's settings, validated (names, -p values, ranges) before anything loads."""
+    from ..errors import ConfigError
+    from ..model import check_device
 
     if not evals:
         raise ConfigError("--eval is empty: name at least one evaluation")
-    from .core import COMPAT_MODES
-
-    if compat not in COMPAT_MODES:
-        raise ConfigError(f"--compat {compat!r}: choose {' or '.join(COMPAT_MODES)}")
     for e in evals:
         eval_module(e)  # ValueError naming the choices for an unknown evaluation
     for name in eval_params or {}:
-        if name not in evals or name == EVAL_TYPE_ID:
-            others = ", ".join(e for e in evals if e != EVAL_TYPE_ID) or "none"
-            raise ConfigError(f"-p {name}.…: {name!r} is not one of the evaluations run here ({others}; "
-                              "core takes --tokens/--compat)")
-    configs = {name: eval_settings(name, (eval_params or {}).get(name, {})) for name in evals if name != EVAL_TYPE_ID}
+        if name not in evals:
+            raise ConfigError(f"-p {name}.…: {name!r} is not one of the evaluations run here ({', '.join(evals)})")
     if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 1:
         raise ConfigError(f"--tokens {n_tokens!r} must be a positive integer")
+    if compat not in COMPAT_MODES:
+        raise ConfigError(f"--compat {compat!r}: choose {' or '.join(COMPAT_MODES)}")
     check_device(device)
-    run_dirs = [Path(r) for r in run_dirs]
+    bases = {EVAL_TYPE_ID: CoreConfig(n_eval_tokens=n_tokens, device=device, compat=compat)}
+    return {name: eval_settings(name, (eval_params or {}).get(name, {}), base=bases.get(name)) for name in evals}
+
+
+def _load_runs(run_dirs: list[Path], results_dir: str | Path | None) -> tuple[dict[str, SAE], dict[str, Path]]:
+    """Every SAE loaded and validated, and every results location checked writable — before any model."""
+    from ..errors import ConfigError, SaeError
+    from ..outputs import check_output_location
+
     if not run_dirs:
         raise ConfigError("no run directories given")
-    # pass 0: every SAE loads and validates, every results location is writable — before any model
     saes = {str(r): SAE.load(r) for r in run_dirs}
     out_dirs: dict[str, Path] = {}
     for run_dir in run_dirs:
@@ -106,90 +121,94 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
             raise SaeError(f"cannot write {out / 'eval_results'}: it is not writable (a teammate's run?); "
                            "pass --results-dir DIR to write the results elsewhere") from None
         out_dirs[str(run_dir)] = out
-    needs_model = any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals)
+    return saes, out_dirs
+
+
+def _contexts(saes: dict[str, SAE], out_dirs: dict[str, Path], store: str | Path | None,
+              storage_options: dict | None, allow_other_store: bool, device: str, quiet: bool,
+              needs_model: bool) -> dict[str, EvalContext]:
+    """Each run's :class:`EvalContext`: its cfg.json checked against the store (same data, or a grown
+    store whose prefix it trained on) and the model (loaded once per model), before any forward pass."""
+    from ..model import LoadedModel, is_embedded, load_model
+    from ..store import ActivationStore
+
     opened = ActivationStore(store, storage_options=storage_options) if store is not None else None
-    attrs = opened.attrs if opened is not None else None
+    attrs = opened.attrs if opened is not None else {}
     models: dict[tuple[str | None, bool], LoadedModel] = {}
-    # pass 1: every run's cfg.json against the store and its model, before any forward pass
-    plan: list[tuple[Path, LoadedModel | None, CoreConfig, str]] = []
-    for run_dir in run_dirs:
-        sae_cfg = saes[str(run_dir)].cfg
+    shared_cache: dict[tuple, object] = {}
+    ctxs = {}
+    for run, sae in saes.items():
+        sae_cfg = sae.cfg
         if opened is not None and not allow_other_store:
             want, have = sae_cfg.get("content_digest"), opened.content_digest
             if want and have and not opened.accepts_digest(want, sae_cfg.get("hook_name"), sae_cfg.get("hook_digest")):
                 raise IncompatibleSAEError(
-                    f"{run_dir} was trained on a store with content digest {want[:16]}…, but {store} has "
+                    f"{run} was trained on a store with content digest {want[:16]}…, but {store} has "
                     f"{have[:16]}…: pass the store it was trained on ({sae_cfg.get('store_url')}), or "
                     "--allow-other-store to evaluate against this one anyway")
-        if attrs is not None:
-            check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"),
-                             int(attrs["d_model"]), list(attrs["hook_names"]), against="store",
-                             run_dir=run_dir)
+        if opened is not None:
+            check_compatible(sae_cfg, attrs.get("model_id"), attrs.get("model_fingerprint"), int(attrs["d_model"]),
+                             list(attrs["hook_names"]), against="store", run_dir=run)
             model_id, weights = attrs.get("model_id"), attrs.get("model_weights")
         else:
             model_id, weights = sae_cfg.get("model_name"), sae_cfg.get("model_weights")
+        lm = None  # every requested evaluation reads only the SAE (and its run directory)
         if needs_model:
             key = (canonical_model_id(model_id), is_embedded(model_id, weights))
             if key not in models:
                 models[key] = load_model(model_id, device, dtype=torch.float32, model_weights=weights)
             lm = models[key]
             check_compatible(sae_cfg, lm.model_id, model_fingerprints(lm), lm.d_model, model_hook_names(lm),
-                             run_dir=run_dir)
-        else:
-            lm = None  # every requested evaluation reads only the SAE (and its run directory)
-        cfg = resolve_config(CoreConfig(n_eval_tokens=n_tokens, device=device, compat=compat,
-                                        dataset=attrs.get("dataset") if attrs else None,
-                                        context_size=int(attrs["context_size"]) if attrs else None), sae_cfg)
-        plan.append((run_dir, lm, cfg, str(sae_cfg["hook_name"])))
-    # pass 2: core for all runs of one (model, hook, data) together — one shared clean/ablated
-    # reference and one clean forward per batch for all of them (run_core_many), dropped when done
-    keys = [reference_key(lm, hook, cfg) if lm is not None else (str(run_dir),) for run_dir, lm, cfg, hook in plan]
-    core_files: dict[int, tuple[Path, str]] = {}
-    if EVAL_TYPE_ID in evals:
-        stem = EVAL_TYPE_ID if compat == "ours" else f"{EVAL_TYPE_ID}_{compat}"
-        for rkey in dict.fromkeys(keys):
-            group = [i for i, k in enumerate(keys) if k == rkey]
-            _, lm, cfg, hook = plan[group[0]]
-            reference = compute_reference(lm, hook, cfg, quiet=quiet)
-            outs = run_core_many([saes[str(plan[i][0])] for i in group], lm, cfg, reference=reference,
-                                 quiet=quiet, run_dirs=[str(plan[i][0]) for i in group])
-            del reference
-            for i, out in zip(group, outs, strict=True):
-                res_dir = out_dirs[str(plan[i][0])]
-                write_result(res_dir, EVAL_TYPE_ID, out["eval_config"], out["metric_categories"], out["details"],
-                             saes[str(plan[i][0])].cfg, out["unstructured"], file_stem=stem)
-                core_files[i] = (res_dir, stem)
-    shared_cache: dict[tuple, object] = {}
-    results: list[dict] = []
-    for i, (run_dir, lm, cfg, hook) in enumerate(plan):
-        sae = saes[str(run_dir)]
-        res_dir = out_dirs[str(run_dir)]
-        if i in core_files:
-            results.append(read_result(*core_files[i]))
-        ctx = EvalContext(lm=lm, hook_name=hook, layer=int(sae.cfg["hook_layer"]), dataset=str(cfg.dataset),
-                          context_size=int(cfg.context_size), run_dir=run_dir,
-                          store_path=str(store) if store is not None else None, device=device, quiet=quiet,
-                          cache=shared_cache, results_dir=res_dir)
-        for name in evals:
-            if name == EVAL_TYPE_ID:
-                continue
-            mod = eval_module(name)
-            reason = mod.available(ctx) if hasattr(mod, "available") else None
-            if reason:
-                if not quiet:
-                    print(f"skipping {name} for {run_dir}: {reason}")
-                continue
-            t0 = time.perf_counter()
-            out = mod.run(sae, ctx, configs[name])
-            eval_config = {**out.eval_config, "wall_time_s": round(time.perf_counter() - t0, 2)}
-            write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, sae.cfg,
-                         out.unstructured)
-            results.append(read_result(res_dir, mod.EVAL_TYPE_ID))
-    return results
+                             run_dir=run)
+        ctxs[run] = EvalContext(
+            lm=lm, hook_name=str(sae_cfg["hook_name"]), layer=int(sae_cfg["hook_layer"]),
+            dataset=str(attrs.get("dataset") or sae_cfg.get("dataset_path") or "embedded"),
+            context_size=int(attrs.get("context_size") or sae_cfg.get("context_size") or DEFAULT_CONTEXT_SIZE),
+            run_dir=Path(run), store_path=str(store) if store is not None else None, device=device, quiet=quiet,
+            cache=shared_cache, results_dir=out_dirs[run])
+    return ctxs
 
 
-def eval_settings(name: str, params: dict[str, str]) -> object:
-    """``eval_module(name).Config`` with ``params`` (strings, typed by each field's default) applied.
+def _run_evaluation(name: str, cfg: object, saes: dict[str, SAE], ctxs: dict[str, EvalContext],
+                    quiet: bool) -> dict[tuple[str, str], dict]:
+    """One evaluation over every run that it can evaluate: ``run_many`` when the module has one, else
+    ``run`` per SAE; each result written, read back and returned under ``(run, name)``."""
+    mod = eval_module(name)
+    runs = []
+    for run, ctx in ctxs.items():
+        reason = mod.available(ctx) if hasattr(mod, "available") else None
+        if reason:
+            if not quiet:
+                print(f"skipping {name} for {run}: {reason}")
+            continue
+        runs.append(run)
+    if not runs:
+        return {}
+    t0 = time.perf_counter()
+    if hasattr(mod, "run_many"):
+        outs = mod.run_many([saes[r] for r in runs], [ctxs[r] for r in runs], cfg)
+        times = [(time.perf_counter() - t0) / len(runs)] * len(runs)
+    else:
+        outs, times = [], []
+        for r in runs:
+            t1 = time.perf_counter()
+            outs.append(mod.run(saes[r], ctxs[r], cfg))
+            times.append(time.perf_counter() - t1)
+    record_rate(name, (time.perf_counter() - t0) / len(runs))
+    stem = mod.result_stem(cfg) if hasattr(mod, "result_stem") else mod.EVAL_TYPE_ID
+    written = {}
+    for r, out, secs in zip(runs, outs, times, strict=True):
+        res_dir = ctxs[r].results_dir or Path(r)
+        eval_config = {**out.eval_config, "wall_time_s": round(secs, 2)}
+        write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, saes[r].cfg, out.unstructured,
+                     file_stem=stem)
+        written[(r, name)] = read_result(res_dir, stem)
+    return written
+
+
+def eval_settings(name: str, params: dict[str, str], base: object | None = None) -> object:
+    """``eval_module(name).Config`` (or ``base``, an instance of it) with ``params`` (strings, typed by
+    each field's default) applied and checked against the Config's declared ``ranges``.
 
     Raises:
         ConfigError: an unknown field, or a value that does not parse as the field's type.
@@ -199,7 +218,7 @@ def eval_settings(name: str, params: dict[str, str]) -> object:
     from ..errors import ConfigError
 
     cls = eval_module(name).Config
-    base = cls()
+    base = base if base is not None else cls()
     fields = {f.name: f for f in dataclasses.fields(base)}  # (tests may swap Config for a factory)
     typed: dict[str, object] = {}
     for key, raw in params.items():

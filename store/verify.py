@@ -72,27 +72,7 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
     short = [a for a in arrays if store.array(a).shape[0] < n]
     rep.checks.append(("rows", not short, f"{n:,} rows in {n_chunks} chunks of {ct:,}" if not short
                        else f"arrays shorter than {n:,} rows: {', '.join(short)}"))
-    commits: dict[str, list[dict | None]] = {}
-    recorded_crcs: dict[str, list[int | None]] = {a: [None] * n_chunks for a in arrays}
-    if v2:
-        try:
-            recorded_crcs[TOKENS] = list(store.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"])
-        except (OSError, ValueError, KeyError):
-            rep.bad_chunks.append((TOKENS, -1, f"0:{n}", "commits/tokens.json is missing or unreadable"))
-        for h in hooks:
-            commits[h] = []
-            for i in range(n_chunks):
-                try:
-                    rec = store.loc.read_json(COMMITS, h, f"{i}.json")
-                except (OSError, ValueError):
-                    rec = None
-                    start, stop = store.chunk_bounds(i)
-                    rep.bad_chunks.append((h, i, f"{start}:{stop}", "not committed (no commit object)"))
-                commits[h].append(rec)
-                if rec is not None:
-                    recorded_crcs[h][i] = int(rec["crc32c"][0])
-                    if store.codec.has_scale:
-                        recorded_crcs[scale_array_name(h)][i] = int(rec["crc32c"][1])
+    recorded_crcs = _recorded_crcs(store, rep, arrays, n_chunks) if v2 else {a: [None] * n_chunks for a in arrays}
     vocab = store.attrs.get("vocab_size")
     special = np.asarray(store.special_token_ids, dtype=np.int64)
     tokens_by_chunk: list[np.ndarray | None] = [None] * n_chunks
@@ -149,9 +129,47 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
                 sums[array][i] = value
             if task is not None:
                 progress.advance(task)
-    # statistics, reduced in chunk order exactly as the writer does
-    stats = store.attrs.get("stats") or {}
+    _check_statistics(store, rep, sums)  # reduced in chunk order exactly as the writer does
+    if v2:
+        _check_digests(store, rep, arrays, recorded_crcs)
+    else:
+        rep.checks.append(("checksums", True, "format 1: no checksums (convert to format 2 with `sae store convert`)"))
+    bad = {(a, i) for a, i, _, _ in rep.bad_chunks}
+    rep.checks.insert(0, ("chunks", not bad, f"{len(jobs)} chunks read, {len(bad)} bad"))
+    rep.seconds = time.perf_counter() - t0
+    return rep
+
+
+def _recorded_crcs(store: ActivationStore, rep: VerifyReport, arrays: list[str], n_chunks: int
+                   ) -> dict[str, list[int | None]]:
+    """The crc32c each chunk of each array was committed with (format 2); a missing commit object is a
+    bad chunk of the report and leaves None."""
+    n, hooks = store.n_tokens, store.hook_names
+    recorded_crcs: dict[str, list[int | None]] = {a: [None] * n_chunks for a in arrays}
+    try:
+        recorded_crcs[TOKENS] = list(store.loc.read_json(COMMITS, TOKENS_COMMIT)["crc32c"])
+    except (OSError, ValueError, KeyError):
+        rep.bad_chunks.append((TOKENS, -1, f"0:{n}", "commits/tokens.json is missing or unreadable"))
     for h in hooks:
+        for i in range(n_chunks):
+            try:
+                rec = store.loc.read_json(COMMITS, h, f"{i}.json")
+            except (OSError, ValueError):
+                start, stop = store.chunk_bounds(i)
+                rep.bad_chunks.append((h, i, f"{start}:{stop}", "not committed (no commit object)"))
+                continue
+            recorded_crcs[h][i] = int(rec["crc32c"][0])
+            if store.codec.has_scale:
+                recorded_crcs[scale_array_name(h)][i] = int(rec["crc32c"][1])
+    return recorded_crcs
+
+
+def _check_statistics(store: ActivationStore, rep: VerifyReport,
+                      sums: dict[str, list[tuple[np.ndarray, float, int] | None]]) -> None:
+    """Recompute each hook's statistics from the per-chunk sums (in chunk order, as the writer reduces
+    them) and compare with the recorded ones; one check row per hook."""
+    stats = store.attrs.get("stats") or {}
+    for h in store.hook_names:
         parts = sums[h]
         if not stats.get(h):
             rep.checks.append((f"statistics {h}", False, "no recorded statistics (unfinished store?)"))
@@ -171,30 +189,29 @@ def verify_store(store: ActivationStore, workers: int = 4, progress: object | No
                   abs(msq - rec_msq) / (abs(rec_msq) + 1e-30))
         ok = err <= REL_TOL and cnt == int(store.attrs.get("stats_count", cnt))
         rep.checks.append((f"statistics {h}", ok, f"E‖x‖² {msq:,.4g} over {cnt:,} rows (max rel. diff {err:.1e})"))
-    if v2:
-        crcs = recorded_crcs
-        if all(c is not None for a in arrays for c in crcs[a]):
-            digest = content_digest([int(c) for a in arrays for c in crcs[a]])  # type: ignore[arg-type]
-            rec = store.content_digest
-            note = ""
-            if digest != rec:  # stores grown by --into before the digest order became canonical
-                legacy = [TOKENS] + [a for h in hooks for a in array_names([h], store.codec.has_scale)[1:]]
-                if content_digest([int(c) for a in legacy for c in crcs[a]]) == rec:  # type: ignore[arg-type]
-                    digest, note = rec, " (hooks in the order they were added: written before the digest order " \
-                                        "was canonical)"
-            rep.checks.append(("content digest", digest == rec, f"{str(digest)[:16]}…" + note + (
-                "" if digest == rec else f" ≠ recorded {str(rec)[:16]}…")))
-        else:
-            rep.checks.append(("content digest", False, "not computable: chunks are not all committed"))
-        for entry in store.attrs.get("digest_history") or []:
-            if isinstance(entry, dict) and entry.get("crc32c"):
-                rep.checks.append(_prefix_check(store, entry, recorded_crcs))
+
+
+def _check_digests(store: ActivationStore, rep: VerifyReport, arrays: list[str],
+                   recorded_crcs: dict[str, list[int | None]]) -> None:
+    """The content digest from the committed crc32c values, and each prefix digest of the store's history."""
+    hooks = store.hook_names
+    crcs = recorded_crcs
+    if all(c is not None for a in arrays for c in crcs[a]):
+        digest = content_digest([int(c) for a in arrays for c in crcs[a]])  # type: ignore[arg-type]
+        rec = store.content_digest
+        note = ""
+        if digest != rec:  # stores grown by --into before the digest order became canonical
+            legacy = [TOKENS] + [a for h in hooks for a in array_names([h], store.codec.has_scale)[1:]]
+            if content_digest([int(c) for a in legacy for c in crcs[a]]) == rec:  # type: ignore[arg-type]
+                digest, note = rec, " (hooks in the order they were added: written before the digest order " \
+                                    "was canonical)"
+        rep.checks.append(("content digest", digest == rec, f"{str(digest)[:16]}…" + note + (
+            "" if digest == rec else f" ≠ recorded {str(rec)[:16]}…")))
     else:
-        rep.checks.append(("checksums", True, "format 1: no checksums (convert to format 2 with `sae store convert`)"))
-    bad = {(a, i) for a, i, _, _ in rep.bad_chunks}
-    rep.checks.insert(0, ("chunks", not bad, f"{len(jobs)} chunks read, {len(bad)} bad"))
-    rep.seconds = time.perf_counter() - t0
-    return rep
+        rep.checks.append(("content digest", False, "not computable: chunks are not all committed"))
+    for entry in store.attrs.get("digest_history") or []:
+        if isinstance(entry, dict) and entry.get("crc32c"):
+            rep.checks.append(_prefix_check(store, entry, recorded_crcs))
 
 
 def _prefix_check(store: ActivationStore, entry: dict, recorded: dict[str, list[int | None]]

@@ -311,11 +311,12 @@ def test_store_checks(tmp_path, tiny_model_dir, tiny_store):
 
 # -- results files ------------------------------------------------------------------------------------
 def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_store, monkeypatch):
-    import sae.evaluate.runner as ev
     import sae.model
 
     calls = {"load": 0, "reference": 0}
-    real_load, real_ref = sae.model.load_model, ev.compute_reference
+    import sae.evaluate.core as core
+
+    real_load, real_ref = sae.model.load_model, core.compute_reference
 
     def counting_load(*a, **kw):
         calls["load"] += 1
@@ -326,7 +327,7 @@ def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_st
         return real_ref(*a, **kw)
 
     monkeypatch.setattr(sae.model, "load_model", counting_load)
-    monkeypatch.setattr(ev, "compute_reference", counting_ref)
+    monkeypatch.setattr(core, "compute_reference", counting_ref)
     runs = [tmp_path / "identity", tmp_path / "topk"]
     identity_sae(tiny_model_dir).save(runs[0], sae_cfg(tiny_model_dir))
     topk_sae(tiny_model_dir).save(runs[1], sae_cfg(tiny_model_dir, model_fingerprint=tiny_lm.fingerprint))
@@ -555,3 +556,35 @@ def test_kl_by_row_chunks_is_the_definition() -> None:
     for rows in (1, 7, 64, 500):
         assert torch.allclose(_kl(p, q, rows=rows).double(), want, atol=1e-6)
     assert _kl(p[:0], q[:0]).shape == (0,)
+
+
+# -- one contract for every evaluation, core included -------------------------------------------------
+def test_core_settings_are_set_with_p_like_every_evaluation(tmp_path, tiny_model_dir, tiny_store):
+    from sae.errors import ConfigError
+
+    run = tmp_path / "topk"
+    topk_sae(tiny_model_dir).save(run, sae_cfg(tiny_model_dir))
+    res = evaluate_runs([run], store=tiny_store, n_tokens=N_TOKENS, device="cpu", quiet=True,
+                        eval_params={"core": {"n_eval_tokens": "128", "n_bootstrap": "0"}})
+    assert res[0]["eval_config"]["n_eval_tokens"] == 128 and res[0]["eval_config"]["n_bootstrap"] == 0
+    with pytest.raises(ConfigError, match=r"n_eval_tokens=0 \(core\) is out of range: it must be >=1"):
+        evaluate_runs([run], store=tiny_store, device="cpu", quiet=True, eval_params={"core": {"n_eval_tokens": "0"}})
+    with pytest.raises(ConfigError, match=r"compat='theirs' \(core\) is out of range"):
+        evaluate_runs([run], store=tiny_store, device="cpu", quiet=True, eval_params={"core": {"compat": "theirs"}})
+
+
+def test_evaluate_prints_its_plan_with_this_machines_measured_time(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path / "cache"))
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for r in runs:
+        topk_sae(tiny_model_dir).save(r, sae_cfg(tiny_model_dir))
+    evaluate_runs(runs, evals=["geometry"], device="cpu", quiet=False)
+    first = capsys.readouterr().out.splitlines()
+    assert first[0] == "plan: 1 evaluation(s) × 2 SAE(s): geometry"
+    assert first[1] == "  geometry: not yet timed here"
+    rates = json.loads((tmp_path / "cache" / "eval_rates.json").read_text())
+    per = next(iter(rates.values()))["geometry"]["seconds_per_sae"]
+    assert per >= 0
+    evaluate_runs(runs, evals=["geometry"], device="cpu", quiet=False)
+    second = capsys.readouterr().out.splitlines()
+    assert second[1].startswith("  geometry: ~") and "per SAE here last time" in second[1]

@@ -5,6 +5,7 @@ import each other (directly or through a chain), even lazily."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,3 +120,11 @@ def test_report_loads_no_evaluation_at_run_time() -> None:
 def test_no_variant_or_evaluation_reaches_into_the_report() -> None:
     for p in (ROOT / "evaluate").rglob("*.py"):
         assert not any(t.startswith("sae.report") for t in _imports(p)), p
+
+
+def test_the_architecture_doc_lists_every_module() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    listed = set(re.findall(r"^- `([\w/]+\.py)` — ", text.split("## Module list", 1)[1], flags=re.M))
+    tree = {str(p.relative_to(ROOT)) for p in _library_files()}
+    assert listed == tree, (f"in the tree but not in docs/architecture.md: {sorted(tree - listed)}; "
+                            f"listed but gone: {sorted(listed - tree)}")
