@@ -334,12 +334,16 @@ def train(
     storage_option: StorageOptions = None,
     cache: CacheOption = None,
     hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
-    variant: Annotated[str, typer.Option(help="topk | relu | topk_pairs | adaptive | progressive | temporal | "
-                                              "static_ortho | ortsae")] = "topk",
+    variant: Annotated[str, typer.Option(help="Orthogonality penalty: none | topk_pairs | adaptive | progressive | "
+                                              "temporal | static_ortho | ortsae (topk/relu: read as --arch, "
+                                              "with a notice).")] = "none",
     arch: Annotated[str | None, typer.Option(help="SAE architecture: topk | relu | batchtopk | jumprelu | "
-                                              "matryoshka (default topk; relu for --variant relu).")] = None,
-    jumprelu_variant: Annotated[str | None, typer.Option(help="--arch jumprelu: gemma (L0 step penalty) | anthropic "
-                                                               "(tanh sparsity + dead pre-activation loss).")] = None,
+                                              "matryoshka [default: topk].")] = None,
+    jumprelu_sparsity: Annotated[str | None, typer.Option(help="--arch jumprelu: gemma (L0 step penalty) | "
+                                                               "anthropic (tanh sparsity + dead pre-activation loss)."
+                                                          )] = None,
+    jumprelu_variant: Annotated[str | None, typer.Option(hidden=True, help="Old name of --jumprelu-sparsity.")
+    ] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p",
                                                     help="Variant or arch hyperparameter NAME=VALUE (repeatable).")
     ] = None,
@@ -354,7 +358,8 @@ def train(
     batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<variant>).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<variant>, or runs/<arch> "
+                                                  "without a penalty).")] = None,
     log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl records.")] = 10,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
@@ -384,18 +389,23 @@ def train(
                                 save_unit_decoder=save_unit_decoder, variant_params=_parse_params(param or []),
                                 read_workers=read_workers, autocast=autocast)
     if jumprelu_variant is not None:
+        typer.echo("note: --jumprelu-variant is now --jumprelu-sparsity", err=True)
+        jumprelu_sparsity = jumprelu_sparsity or jumprelu_variant
+    if jumprelu_sparsity is not None:
         if (arch or "") != "jumprelu" and config is None:
-            raise ConfigError("--jumprelu-variant needs --arch jumprelu")
-        opts["variant_params"]["variant"] = jumprelu_variant  # routed to arch_params (jumprelu's ``variant``)
+            raise ConfigError("--jumprelu-sparsity needs --arch jumprelu")
+        opts["variant_params"]["sparsity_loss"] = jumprelu_sparsity  # routed to arch_params (jumprelu's)
     cli_names = {"hook": "hook_name", "param": "variant_params", "storage_option": "storage_options",
-                 "jumprelu_variant": "variant_params"}
+                 "jumprelu_variant": "variant_params", "jumprelu_sparsity": "variant_params"}
     if config is not None:
         given = {cli_names.get(n, n) for n in _explicit(ctx, [n for n in ctx.params if n not in ("config", "quiet")])}
         cfg = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
     else:
         cfg = TrainConfig(**{k2: v for k2, v in opts.items() if v is not None or k2 in ("hook_name", "arch", "d_sae")})
+    if cfg.legacy_notice:
+        typer.echo(cfg.legacy_notice, err=True)
     if out is None and (config is None or "out" not in _toml_keys(config)):
-        cfg.out = str(Path("runs") / cfg.variant)
+        cfg.out = str(Path("runs") / (cfg.variant if cfg.variant != "none" else cfg.activation))
     cfg.validate()
     run_dir = run(cfg, quiet=quiet)
     typer.echo(f"saved {run_dir}")
@@ -567,6 +577,8 @@ def sweep(
             raise ConfigError(f"--seeds {seeds!r}: give distinct non-negative integers, e.g. 0,1,2")
         grids.append(f"init_seed={','.join(values)}")
     cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grids), out, tables)
+    for note in dict.fromkeys(c.legacy_notice for c in cfgs if c.legacy_notice):
+        typer.echo(note.replace("--variant", "--variants entry"), err=True)
     run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
     out.mkdir(parents=True, exist_ok=True)
     print_summary(summarize(run_dirs), out)

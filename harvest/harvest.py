@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
@@ -178,6 +179,53 @@ def _positive(option: str, value: object) -> None:
         raise ConfigError(f"{option} {value!r} must be a positive integer")
 
 
+def _resume_plan(cfg: HarvestConfig, loc: StoreLocation) -> tuple[str, HarvestConfig, str | None]:
+    """What ``--resume`` of an existing store of ours finishes: ``("into", cfg)`` for an interrupted
+    ``--into``, ``("extend", cfg)`` for an interrupted ``--extend``, else ``("harvest", cfg,
+    model_weights)`` with the unset identity options filled from the store (given ones checked).
+
+    Raises:
+        StoreError: a format-1 store. ConfigError: an option that differs from the store's.
+    """
+    a = _store_attrs(loc)
+    if a.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"cannot resume {cfg.out}: it is a format-{a.get('format_version')} store; "
+                         "`sae store convert` it or re-harvest with --overwrite")
+    if a.get("pending_hooks"):  # an interrupted --into: --resume finishes it
+        layers = sorted(int(h.split(".")[1]) for h in a["pending_hooks"])
+        return "into", replace(cfg, resume=False, into=cfg.out, layers=layers), None
+    if a.get("pending_growth"):  # an interrupted --extend: --resume finishes it
+        target = int(a["n_tokens_target"])
+        if cfg.tokens is not None and -(-cfg.tokens // int(a["context_size"])) * int(a["context_size"]) != target:
+            raise ConfigError(f"--resume {cfg.out}: an interrupted --extend to {target} tokens is pending; "
+                              f"omit --tokens or pass --tokens {target}")
+        return "extend", replace(cfg, resume=False, extend=True, tokens=target), None
+    cfg = check_identity(cfg, a, "--resume")
+    if cfg.tokens is None:
+        cfg = replace(cfg, tokens=int(a.get("n_tokens_target") or 0) or None)
+    model_weights = None
+    if cfg.model is None:
+        cfg, model_weights = replace(cfg, model=a.get("model_id")), a.get("model_weights")
+    return "harvest", cfg, model_weights
+
+
+def _open_corpus(cfg: HarvestConfig) -> Iterator:
+    """The corpus's documents, after checking (before any model loads) that it yields a non-empty one.
+
+    Raises:
+        ConfigError: an unreadable dataset, or one without documents in ``cfg.split``.
+    """
+    docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
+    try:
+        first_doc = next((d for d in docs_iter if d.text), None)  # empty texts add no tokens
+    except (KeyError, OSError, ValueError) as e:
+        raise ConfigError(f"--dataset {cfg.dataset!r}: cannot read it ({e.__class__.__name__}: {e})") from e
+    if first_doc is None:
+        raise ConfigError(f"--dataset {cfg.dataset!r} has no documents in split {cfg.split!r}: "
+                          "pick another dataset or --split")
+    return itertools.chain([first_doc], docs_iter)
+
+
 def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool = False) -> str:
     """Run the harvest described by ``cfg`` and return the store path or URL.
 
@@ -223,35 +271,14 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         if cfg.resume and loc.local:
             check_writable_dir(loc.path, "--resume")
         if cfg.resume:
-            a = _store_attrs(loc)
-            if a.get("format_version") != FORMAT_VERSION:
-                raise StoreError(f"cannot resume {cfg.out}: it is a format-{a.get('format_version')} store; "
-                                 "`sae store convert` it or re-harvest with --overwrite")
-            if a.get("pending_hooks"):  # an interrupted --into: --resume finishes it
-                layers = sorted(int(h.split(".")[1]) for h in a["pending_hooks"])
-                return _harvest_into(replace(cfg, resume=False, into=cfg.out, layers=layers), loaded, quiet)
-            if a.get("pending_growth"):  # an interrupted --extend: --resume finishes it
-                target = int(a["n_tokens_target"])
-                if cfg.tokens is not None and -(-cfg.tokens // int(a["context_size"])) * int(a["context_size"]) \
-                        != target:
-                    raise ConfigError(f"--resume {cfg.out}: an interrupted --extend to {target} tokens is pending; "
-                                      f"omit --tokens or pass --tokens {target}")
-                return _harvest_extend(replace(cfg, resume=False, extend=True, tokens=target), loaded, quiet)
-            cfg = check_identity(cfg, a, "--resume")
-            if cfg.tokens is None:
-                cfg = replace(cfg, tokens=int(a.get("n_tokens_target") or 0) or None)
-            if cfg.model is None:
-                cfg, model_weights = replace(cfg, model=a.get("model_id")), a.get("model_weights")
+            how, cfg, model_weights = _resume_plan(cfg, loc)
+            if how == "into":
+                return _harvest_into(cfg, loaded, quiet)
+            if how == "extend":
+                return _harvest_extend(cfg, loaded, quiet)
     cfg = cfg.resolved()
     cfg.validate()
-    docs_iter = iter_documents(cfg.dataset, cfg.split, cfg.seed, cfg.text_column)
-    try:
-        first_doc = next((d for d in docs_iter if d.text), None)  # empty texts add no tokens
-    except (KeyError, OSError, ValueError) as e:
-        raise ConfigError(f"--dataset {cfg.dataset!r}: cannot read it ({e.__class__.__name__}: {e})") from e
-    if first_doc is None:
-        raise ConfigError(f"--dataset {cfg.dataset!r} has no documents in split {cfg.split!r}: "
-                          "pick another dataset or --split")
+    docs = _open_corpus(cfg)
     _check_scheduler(cfg)
     lm = loaded or load_model(cfg.model, cfg.device, model_weights=model_weights)
     try:
@@ -260,7 +287,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
         raise ConfigError(str(e)) from e
     layers = sorted(set(cfg.layers))
     hooks = [hook_name_for(L) for L in layers]
-    seqs = pack_sequences((d.text for d in itertools.chain([first_doc], docs_iter)), lm.tokenizer,
+    seqs = pack_sequences((d.text for d in docs), lm.tokenizer,
                           cfg.context_size, lm.bos_token_id)
     first_seq = next(seqs, None)
     if first_seq is None:

@@ -60,7 +60,8 @@ class RunInfo:
 
     @property
     def variant(self) -> str:
-        return str(self.cfg.get("variant") or self.cfg.get("architecture") or "?")
+        v = self.cfg.get("variant")
+        return str(v) if v and v != "none" else self.arch  # no penalty: the base architecture names it
 
     @property
     def arch(self) -> str:

@@ -82,17 +82,9 @@ def normalised_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def to_canonical(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str,
-                 activation_scale: float | None = None) -> Canonical:
-    """Convert one SAELens-layout SAE (``cfg`` = its ``cfg.json``, ``tensors`` = its safetensors).
-
-    ``activation_scale`` is the factor an ``expected_average_only_in`` SAE expects its inputs to be
-    multiplied by (SAELens keeps it outside the file); it is folded into the weights.
-
-    Raises:
-        SAELoadError: an architecture or option we cannot run (one line naming it and why), a
-            missing tensor, or shapes that disagree with ``d_in``/``d_sae``.
-    """
+def _checked_header(cfg: dict[str, Any], where: str, activation_scale: float | None) -> tuple[str, int, int, str]:
+    """``(architecture, d_in, d_sae, normalize_activations)`` of a ``cfg.json``, after refusing what we
+    cannot run (see :func:`to_canonical`)."""
     arch = architecture(cfg)
     if arch in UNSUPPORTED:
         raise SAELoadError(f"{where}: SAELens architecture {arch!r} cannot be run here ({UNSUPPORTED[arch]})")
@@ -116,6 +108,53 @@ def to_canonical(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
         raise SAELoadError(f"{where}: normalize_activations='expected_average_only_in' needs the norm scaling "
                            "factor SAELens keeps outside the file: `sae import DIR --from saelens "
                            "--activation-scale FACTOR --out RUN`")
+    return arch, d_in, d_sae, norm
+
+
+def _activation_and_threshold(arch: str, tensors: dict[str, torch.Tensor], d_sae: int, where: str,
+                              folds: list[str]) -> tuple[str, torch.Tensor | None]:
+    """Our activation for a non-gated SAELens architecture and its per-latent threshold ``[d_sae]``
+    (None for relu/topk); a fold it needed is appended to ``folds``."""
+    threshold = None
+    if arch == "standard":
+        activation = "relu"
+    elif arch == "topk":
+        activation = "topk"
+    elif arch == "jumprelu":
+        activation = "jumprelu"
+        if "threshold" in tensors:
+            threshold = need(tensors, "threshold", (d_sae,), where)
+        elif "log_threshold" in tensors:  # a JumpReLUTrainingSAE's own file
+            threshold = need(tensors, "log_threshold", (d_sae,), where).exp()
+            folds.append("log_threshold")
+        else:
+            need(tensors, "threshold", (d_sae,), where)
+    else:  # batchtopk / matryoshka(_batchtopk) as a training SAE saved it
+        activation = "jumprelu"
+        if "threshold" in tensors:
+            threshold = need(tensors, "threshold", (d_sae,), where)
+        else:
+            tau = need(tensors, "topk_threshold", tuple(tensors.get("topk_threshold", torch.zeros(())).shape),
+                       where).reshape(-1)
+            if tau.numel() != 1:
+                raise SAELoadError(f"{where}: topk_threshold should be one number, it has {tau.numel()}")
+            threshold = tau.expand(d_sae).clone()
+            folds.append("topk_threshold→threshold")
+    return activation, threshold
+
+
+def to_canonical(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: str,
+                 activation_scale: float | None = None) -> Canonical:
+    """Convert one SAELens-layout SAE (``cfg`` = its ``cfg.json``, ``tensors`` = its safetensors).
+
+    ``activation_scale`` is the factor an ``expected_average_only_in`` SAE expects its inputs to be
+    multiplied by (SAELens keeps it outside the file); it is folded into the weights.
+
+    Raises:
+        SAELoadError: an architecture or option we cannot run (one line naming it and why), a
+            missing tensor, or shapes that disagree with ``d_in``/``d_sae``.
+    """
+    arch, d_in, d_sae, norm = _checked_header(cfg, where, activation_scale)
     folds: list[str] = []
     b_dec = need(tensors, "b_dec", (d_in,), where)
     W_dec = need(tensors, "W_dec", (d_sae, d_in), where)
@@ -140,30 +179,7 @@ def to_canonical(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
         if cfg.get("rescale_acts_by_decoder_norm"):
             W_enc, b_enc, W_dec = fold_decoder_norm(W_enc, b_enc, W_dec)
             folds.append("rescale_acts_by_decoder_norm")
-        if arch == "standard":
-            activation = "relu"
-        elif arch == "topk":
-            activation = "topk"
-        elif arch == "jumprelu":
-            activation = "jumprelu"
-            if "threshold" in tensors:
-                threshold = need(tensors, "threshold", (d_sae,), where)
-            elif "log_threshold" in tensors:  # a JumpReLUTrainingSAE's own file
-                threshold = need(tensors, "log_threshold", (d_sae,), where).exp()
-                folds.append("log_threshold")
-            else:
-                need(tensors, "threshold", (d_sae,), where)
-        else:  # batchtopk / matryoshka(_batchtopk) as a training SAE saved it
-            activation = "jumprelu"
-            if "threshold" in tensors:
-                threshold = need(tensors, "threshold", (d_sae,), where)
-            else:
-                tau = need(tensors, "topk_threshold", tuple(tensors.get("topk_threshold", torch.zeros(())).shape),
-                           where).reshape(-1)
-                if tau.numel() != 1:
-                    raise SAELoadError(f"{where}: topk_threshold should be one number, it has {tau.numel()}")
-                threshold = tau.expand(d_sae).clone()
-                folds.append("topk_threshold→threshold")
+        activation, threshold = _activation_and_threshold(arch, tensors, d_sae, where, folds)
     if cfg.get("finetuning_scaling_factor") and "scaling_factor" in tensors:
         W_dec = W_dec * need(tensors, "scaling_factor", (d_sae,), where)[:, None]  # pre-6: x̂ = (f·s) W_dec + b_dec
         folds.append("finetuning_scaling_factor")

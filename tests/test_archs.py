@@ -179,7 +179,7 @@ def test_jumprelu_anthropic_tanh_and_dead_preact_losses_match_a_dense_reference(
     B, d, F, eps, lam, c, lp = 48, 8, 24, 0.3, 0.02, 4.0, 0.5
     x = torch.randn(B, d, generator=g) * 2
     cfg = TrainConfig(arch="jumprelu", k=4, d_sae=F, arch_params={
-        "variant": "anthropic", "bandwidth": eps, "l0_coefficient": lam, "tanh_scale": c,
+        "sparsity_loss": "anthropic", "bandwidth": eps, "l0_coefficient": lam, "tanh_scale": c,
         "pre_act_coefficient": lp, "init_threshold": 0.5})
     sae = SAE(d, F, "relu")
     sae.init_weights(torch.Generator().manual_seed(3), x.mean(0))
@@ -330,11 +330,15 @@ def _invoke(args: list[str]):
 def test_cli_arch_choices_aliases_and_errors(store, tmp_path) -> None:
     common = ["--store", str(store), "--d-sae", "64", "--k", "4", "--tokens", "1024", "--batch-size", "256",
               "--device", "cpu", "--quiet"]
-    r = _invoke(["train", "--arch", "jumprelu", "--jumprelu-variant", "anthropic", "--out", str(tmp_path / "j"),
+    r = _invoke(["train", "--arch", "jumprelu", "--jumprelu-sparsity", "anthropic", "--out", str(tmp_path / "j"),
                  *common])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "j" / "cfg.json").read_text())
-    assert (cfg["architecture"], cfg["jumprelu_variant"], cfg["variant"]) == ("jumprelu", "anthropic", "topk")
+    assert (cfg["architecture"], cfg["jumprelu_sparsity_loss"], cfg["variant"]) == ("jumprelu", "anthropic", "none")
+    r = _invoke(["train", "--arch", "jumprelu", "--jumprelu-variant", "anthropic", "--out", str(tmp_path / "j2"),
+                 *common])  # the old spelling keeps working, with a notice
+    assert r.exit_code == 0 and "note: --jumprelu-variant is now --jumprelu-sparsity" in r.output, r.output
+    assert json.loads((tmp_path / "j2" / "cfg.json").read_text())["jumprelu_sparsity_loss"] == "anthropic"
     r = _invoke(["train", "--variant", "ortsae", "--arch", "matryoshka", "-p", "groups=16,32", "--out",
                  str(tmp_path / "m"), *common])
     assert r.exit_code == 0, r.output
@@ -345,7 +349,7 @@ def test_cli_arch_choices_aliases_and_errors(store, tmp_path) -> None:
                       (["--arch", "gated"], "--arch 'gated': choose one of topk, relu, batchtopk"),
                       (["--arch", "jumprelu", "-p", "bandwidth=-1"], "bandwidth=-1.0 (arch 'jumprelu') is out of"),
                       (["--arch", "batchtopk", "-p", "groups=4"], "has no parameter 'groups'"),
-                      (["--jumprelu-variant", "anthropic"], "--jumprelu-variant needs --arch jumprelu")]:
+                      (["--jumprelu-sparsity", "anthropic"], "--jumprelu-sparsity needs --arch jumprelu")]:
         r = _invoke(["train", *args, "--out", str(tmp_path / "bad"), *common])
         assert r.exit_code != 0 and msg in r.output and "Traceback" not in r.output, (args, r.output)
         assert not (tmp_path / "bad").exists()
@@ -456,3 +460,19 @@ def test_save_unit_decoder_scales_codes_and_keeps_reconstructions(store, tmp_pat
         torch.testing.assert_close(fa, fb * n, rtol=1e-5, atol=1e-6)
         ra, rb = a(x), b(x)
         assert float((ra - rb).norm() / rb.norm()) < 1e-6
+
+
+def test_a_base_architecture_given_as_variant_is_read_as_arch_with_a_notice(store, tmp_path) -> None:
+    common = ["--store", str(store), "--d-sae", "64", "--k", "4", "--tokens", "1024", "--batch-size", "256",
+              "--device", "cpu", "--quiet"]
+    for old, arch in (("topk", "topk"), ("relu", "relu")):
+        r = _invoke(["train", "--variant", old, "--out", str(tmp_path / old), *common])
+        assert r.exit_code == 0, r.output
+        assert f"note: --variant {old} names a base architecture; read as --variant none --arch {arch}" in r.output
+        cfg = json.loads((tmp_path / old / "cfg.json").read_text())
+        assert (cfg["variant"], cfg["trained_architecture"]) == ("none", arch)
+        r = _invoke(["train", "--arch", arch, "--out", str(tmp_path / f"new-{old}"), *common])
+        assert r.exit_code == 0 and "note:" not in r.output, r.output
+        new = json.loads((tmp_path / f"new-{old}" / "cfg.json").read_text())
+        assert new["run_settings"] == cfg["run_settings"]            # the same run, spelled two ways
+    assert TrainConfig(variant="topk", arch="batchtopk").activation == "batchtopk"

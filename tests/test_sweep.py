@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -22,7 +24,8 @@ def test_parse_and_expand_grid(tmp_path) -> None:
     assert g == {"topk": {"k": ["2", "3"]}, "*": {"lr": ["1e-3", "3e-4"]}}
     base = TrainConfig(store="s", tokens=1000)
     cfgs = expand(base, ["topk", "relu"], parse_grid(["lr=1e-3,3e-4"]), tmp_path)
-    assert [c.variant for c in cfgs] == ["topk", "topk", "relu", "relu"]
+    assert [(c.variant, c.activation) for c in cfgs] == [("none", "topk")] * 2 + [("none", "relu")] * 2
+    assert [Path(c.out).name for c in expand(base, ["none", "ortsae"], {}, tmp_path)] == ["topk", "ortsae"]
     assert [c.lr for c in cfgs] == [1e-3, 3e-4, 1e-3, 3e-4]
     assert cfgs[1].out.endswith("topk-lr=3e-4")
     with pytest.raises(ValueError, match="unknown variant 'nope'"):

@@ -16,6 +16,11 @@ NON_RUN_KEYS = ("store", "storage_options", "cache", "hook_name", "device", "out
                 "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder", "read_workers")
 
 
+LEGACY_VARIANTS = {"topk": "topk", "relu": "relu"}
+"""Old ``--variant`` spellings that named a base architecture, and the ``--arch`` each means (the
+penalty is then ``none``). They keep working, with a one-line notice."""
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one SAE training run.
@@ -32,12 +37,12 @@ class TrainConfig:
     """Local directory caching a remote store's chunk objects (fsspec ``simplecache``)."""
     hook_name: str | None = None
     """Store array to train on; None = the store's only hook."""
-    variant: str = "topk"
-    """none | topk | relu (no penalty; ``relu`` also means ``--arch relu``) | an orthogonality
-    penalty (topk_pairs, adaptive, progressive, temporal, static_ortho, ortsae)."""
+    variant: str = "none"
+    """The orthogonality penalty: none | topk_pairs | adaptive | progressive | temporal | static_ortho |
+    ortsae. (``topk`` and ``relu``, which named a base architecture, are read as ``none`` with that
+    ``arch``, with a notice: see :data:`LEGACY_VARIANTS`.)"""
     arch: str | None = None
-    """SAE architecture: topk | relu | batchtopk | jumprelu | matryoshka. None = relu for
-    variant 'relu', else topk."""
+    """SAE architecture: topk | relu | batchtopk | jumprelu | matryoshka. None = topk."""
     variant_params: dict[str, Any] = field(default_factory=dict)
     """Penalty hyperparameters (see the variant's Config); unspecified ones take defaults."""
     arch_params: dict[str, Any] = field(default_factory=dict)
@@ -94,10 +99,19 @@ class TrainConfig:
 
     @property
     def activation(self) -> str:
-        """The resolved architecture name (``arch``, or relu for variant 'relu', else topk)."""
-        return self.arch or ("relu" if self.variant == "relu" else "topk")
+        """The resolved architecture name (``arch``, else topk)."""
+        return self.arch or "topk"
 
     def __post_init__(self) -> None:
+        self.legacy_notice: str | None = None
+        if self.variant in LEGACY_VARIANTS:
+            old = self.variant
+            if old == "relu" and self.arch not in (None, "relu"):
+                raise ConfigError(f"--variant relu means --arch relu, not --arch {self.arch}: use --arch {self.arch} "
+                                  "for a plain SAE of that architecture")
+            self.variant, self.arch = "none", self.arch or LEGACY_VARIANTS[old]
+            self.legacy_notice = (f"note: --variant {old} names a base architecture; read as --variant none "
+                                  f"--arch {self.arch} (spell it that way to silence this note)")
         self.route_params()
 
     def route_params(self) -> None:
@@ -110,6 +124,10 @@ class TrainConfig:
         from .variants import variant_names
         from .variants.base import BASELINES, penalty_class
 
+        if self.activation == "jumprelu" and "variant" in self.variant_params:  # JumpReLU's old name
+            params = dict(self.variant_params)
+            params.setdefault("sparsity_loss", params.pop("variant"))
+            self.variant_params = params
         if self.activation not in arch_names() or self.variant not in variant_names() or not self.variant_params:
             return
         own = set() if self.variant in BASELINES else {
@@ -155,9 +173,6 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite are exclusive: pick one")
         if self.arch is not None and self.arch not in arch_names():
             raise ConfigError(f"--arch {self.arch!r}: choose one of {', '.join(arch_names())}")
-        if self.variant == "relu" and self.arch not in (None, "relu"):
-            raise ConfigError(f"--variant relu means --arch relu, not --arch {self.arch}: use --variant none "
-                              f"--arch {self.arch} for a plain {self.arch} SAE")
         self.route_params()
         make_config(self.variant, self.variant_params)  # unknown variant / parameter, type, range
         make_arch_config(self.activation, self.arch_params)
@@ -227,7 +242,7 @@ class TrainConfig:
         data, _tables = read_toml(path, overrides.get("variant"))
         params = dict(data.pop("variant_params", {}))
         arch_params = dict(data.pop("arch_params", {}))
-        variant = overrides.get("variant") or data.get("variant", "topk")
+        variant = overrides.get("variant") or data.get("variant", "none")
         own = data.get(variant)
         if isinstance(own, dict):
             params.update(own)

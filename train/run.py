@@ -49,6 +49,12 @@ def run_settings(cfg: TrainConfig, store: ActivationStore, hook: str) -> dict[st
 
 
 def _first_difference(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    if old.get("variant") in ("topk", "relu"):  # checkpoints written when the base architecture was a variant
+        old = {**old, "variant": "none"}
+    if isinstance(old.get("arch_params"), dict) and "variant" in old["arch_params"]:  # JumpReLU's old field name
+        ap = dict(old["arch_params"])
+        ap["sparsity_loss"] = ap.pop("variant")
+        old = {**old, "arch_params": {k: ap[k] for k in new.get("arch_params", ap) if k in ap}}
     for key in new:
         if key in old and json.dumps(old[key], sort_keys=True) != json.dumps(new[key], sort_keys=True):
             return key
@@ -231,18 +237,11 @@ def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: flo
     }
 
 
-def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train") -> list[Path]:
-    """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
-
-    All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
-    normalisation, device). Every config, the store and every run directory are checked before
-    anything is created. SIGTERM/SIGINT checkpoint every run and raise :class:`Interrupted`; a run
-    whose loss or weights become non-finite stops (its last good checkpoint kept) while the others
-    finish, then :class:`NonFiniteError` is raised. Returns the run directories.
+def _check_shareable(cfgs: list[TrainConfig]) -> None:
+    """Every config valid, all agreeing on :data:`DATA_KEYS`, each with its own ``--out``.
 
     Raises:
-        ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
-        RunDirError: existing, foreign or mismatching run dir. NonFiniteError, Interrupted.
+        ConfigError: naming the first problem.
     """
     if not cfgs:
         raise ConfigError("nothing to train: no configurations")
@@ -256,6 +255,23 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     outs = [str(Path(c.out).resolve()) for c in cfgs]
     if len(set(outs)) != len(outs):
         raise ConfigError("two configurations share one --out directory: give each its own")
+
+
+def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train") -> list[Path]:
+    """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
+
+    All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
+    normalisation, device). Every config, the store and every run directory are checked before
+    anything is created. SIGTERM/SIGINT checkpoint every run and raise :class:`Interrupted`; a run
+    whose loss or weights become non-finite stops (its last good checkpoint kept) while the others
+    finish, then :class:`NonFiniteError` is raised. Returns the run directories.
+
+    Raises:
+        ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
+        RunDirError: existing, foreign or mismatching run dir. NonFiniteError, Interrupted.
+    """
+    _check_shareable(cfgs)
+    first = cfgs[0]
     store = ActivationStore(first.store, storage_options=first.storage_options, cache=first.cache)
     hook = store.default_hook(first.hook_name)
     if store.n_tokens == 0:

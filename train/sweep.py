@@ -69,7 +69,8 @@ def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, lis
     """One :class:`TrainConfig` per (variant × its grid × global grid), run dirs under ``out``.
 
     ``tables``: per-variant parameters (a ``--config`` file's ``[<variant>]`` tables), below the grid.
-    Run directory names: ``<variant>`` plus ``-<param>=<value>`` for every gridded parameter.
+    Run directory names: ``<variant>`` (``none``: the base architecture, e.g. ``topk``, unless ``arch`` is
+    gridded) plus ``-<param>=<value>`` for every gridded parameter.
     """
     if not variants:
         raise ConfigError("--variants is empty: name at least one variant")
@@ -95,7 +96,9 @@ def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, lis
                 else:
                     overrides[key] = _typed(base, key, value)
             make_config(v, params)  # validate
-            name = "-".join([v, *tags])
+            # no penalty: named after the base architecture (as `--variants topk` always was), unless gridded
+            head = (base.arch or "topk") if v == "none" and "arch" not in overrides else v
+            name = "-".join([head, *tags])
             cfgs.append(dataclasses.replace(base, variant=v, variant_params=params, out=str(Path(out) / name),
                                             **overrides))
     return cfgs

@@ -137,7 +137,10 @@ def arch_class(name: str) -> type[Arch]:
 
 
 def make_arch_config(name: str, params: dict[str, Any] | None = None) -> Any:
-    """``name``'s config dataclass from its defaults overridden by ``params`` (checked)."""
+    """``name``'s config dataclass from its defaults overridden by ``params`` (checked). JumpReLU's
+    old ``variant`` parameter is read as ``sparsity_loss``."""
+    if name == "jumprelu" and params and "variant" in params:
+        params = {("sparsity_loss" if k == "variant" else k): v for k, v in params.items()}
     return build_params(arch_class(name).Config, f"arch {name!r}", params)
 
 

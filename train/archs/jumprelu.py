@@ -1,4 +1,4 @@
-"""JumpReLU (Rajamanoharan et al. 2024, arXiv 2407.14435), with Anthropic's 2025 variant.
+"""JumpReLU (Rajamanoharan et al. 2024, arXiv 2407.14435), with Anthropic's 2025 sparsity loss.
 
     f_i = pre_i · H(pre_i − θ_i),    θ = exp(log_threshold)  (learned, one per latent)
 
@@ -9,7 +9,7 @@ pseudo-derivatives (rectangle kernel K(u) = 1[|u| < ½], bandwidth ε), exactly 
     ∂f_i/∂pre_i = H(pre_i − θ_i)                  ∂f_i/∂θ_i = −(θ_i/ε) K((pre_i − θ_i)/ε)
     ∂H(pre_i − θ_i)/∂pre_i = 0                     ∂H(pre_i − θ_i)/∂θ_i = −(1/ε) K((pre_i − θ_i)/ε)
 
-Sparsity term (``variant``):
+Sparsity term (``sparsity_loss``):
 
 * ``gemma`` (the paper, Gemma Scope): with ``L0 = mean_b Σ_i H(pre_bi − θ_i)``,
   ``λ(t) · (L0/target_l0 − 1)²`` (dictionary_learning's target-L0 form, the default, so the run
@@ -89,12 +89,12 @@ class JumpReLU(Arch):
 
     @dataclass
     class Config:
-        variant: str = "gemma"
+        sparsity_loss: str = "gemma"
         """gemma (step L0, the paper) | anthropic (tanh sparsity + pre-activation loss)."""
         bandwidth: float = 0.05
         """ε of the rectangle kernel, in pre-activation units (SAELens' default)."""
         l0_coefficient: float = -1.0
-        """λ of the sparsity term; −1 = the variant's default (gemma 1.0, anthropic 1e-3)."""
+        """λ of the sparsity term; −1 = the sparsity loss's default (gemma 1.0, anthropic 1e-3)."""
         target_l0: float = -1.0
         """gemma: L0 the penalty steers to (−1 = --k; 0 = the paper's plain λ·L0)."""
         l0_warmup_frac: float = 0.05
@@ -104,7 +104,7 @@ class JumpReLU(Arch):
         """anthropic: c in tanh(c·f·‖W_dec‖)."""
         pre_act_coefficient: float = 3e-4
         """anthropic: λ_p of the dead-latent pre-activation loss (0 disables it)."""
-        ranges = {"variant": "{gemma,anthropic}", "bandwidth": ">0", "l0_coefficient": "=-1|>=0",
+        ranges = {"sparsity_loss": "{gemma,anthropic}", "bandwidth": ">0", "l0_coefficient": "=-1|>=0",
                   "target_l0": "=-1|>=0", "l0_warmup_frac": "[0,1]", "init_threshold": ">=0", "tanh_scale": ">0",
                   "pre_act_coefficient": ">=0"}
 
@@ -130,7 +130,7 @@ class JumpReLU(Arch):
         """λ(t): the coefficient warmed up linearly over ``l0_warmup_frac`` of the run."""
         lam = self.config.l0_coefficient
         if lam < 0:
-            lam = DEFAULT_L0_COEFFICIENT[self.config.variant]
+            lam = DEFAULT_L0_COEFFICIENT[self.config.sparsity_loss]
         return warmed_up(lam, step, total_steps, self.config.l0_warmup_frac)
 
     def encode(self, sae: SAE, x_c: torch.Tensor, step: int, total_steps: int, dead: torch.Tensor) -> Encoded:
@@ -153,7 +153,7 @@ class JumpReLU(Arch):
         B = x_c.shape[0]
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, Any] = {"l0_coefficient": coef, "threshold_mean": theta.detach().mean()}
-        if cfg.variant == "gemma":
+        if cfg.sparsity_loss == "gemma":
             l0 = StepFn.apply(p.detach(), t, eps).sum() / B
             target = self.k if cfg.target_l0 < 0 else cfg.target_l0
             losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
@@ -173,4 +173,5 @@ class JumpReLU(Arch):
 
     def inference(self) -> Inference:
         return Inference("jumprelu", threshold=self.threshold.detach().float().cpu().clone(),
-                         cfg={"jumprelu_variant": self.config.variant, "jumprelu_bandwidth": self.config.bandwidth})
+                         cfg={"jumprelu_sparsity_loss": self.config.sparsity_loss,
+                              "jumprelu_bandwidth": self.config.bandwidth})
