@@ -16,18 +16,34 @@ from typing import Annotated, Any
 
 import typer
 
+from .harvest.harvest import DEFAULT_TOKENS, IDENTITY_DEFAULTS, HarvestConfig
+from .params import field_defaults, field_docs
 from .store.location import parse_storage_options
+from .train.config import TrainConfig
 
 # typer ≥ 0.22 vendors click (``typer._click``), older typer uses the ``click`` package: take the
 # exception classes from typer's own public ones so both work.
 _ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 # Options shared by several commands (one definition each).
-StoreOption = Annotated[str, typer.Option("--store", help="Activation store (path or URL) written by `sae harvest`.")]
+_T = field_defaults(TrainConfig)
+"""Training defaults: the CLI takes them (and its help texts, ``_TH``) from :class:`TrainConfig`, so a
+default is written once (``tests/test_cli_defaults.py`` checks every option against its field)."""
+_TH = field_docs(TrainConfig)
+StoreOption = Annotated[str, typer.Option("--store", help=_TH["store"])]
 StorageOptions = Annotated[list[str] | None, typer.Option(
     "--storage-option", help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 "
                              "(repeatable).")]
-CacheOption = Annotated[str | None, typer.Option("--cache", help="Local directory caching a remote store's chunks.")]
+CacheOption = Annotated[str | None, typer.Option("--cache", help=_TH["cache"])]
+
+_H = field_defaults(HarvestConfig)
+_HH = field_docs(HarvestConfig)
+
+
+def _ident(name: str) -> str:
+    """Help of a store-identity option: its field's doc and the default of a new harvest (growing a
+    store, the store's value is the default)."""
+    return f"{_HH[name]} (default: {IDENTITY_DEFAULTS[name]}; growing a store: the store's)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harvest LM activations into a Zarr store; train and evaluate SAEs from it.")
@@ -90,40 +106,27 @@ def _explicit(ctx: typer.Context, names: list[str]) -> set[str]:
 @app.command()
 @_guard
 def harvest(
-    layer: Annotated[list[int], typer.Option("--layer", help="Block whose resid_post to store (repeatable).")],
-    model: Annotated[str | None, typer.Option(help="HF model id or directory (default: embedded Gemma 3 270M).")
-    ] = None,
-    dataset: Annotated[str | None, typer.Option(help="embedded[:source] | path to .txt/.jsonl/.parquet | hf:NAME "
-                                                     "[default: embedded; growing a store: the store's]")] = None,
-    split: Annotated[str | None, typer.Option(help="Document split: train | test | all [default: train].")] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text field of jsonl/parquet/HF rows [default: text].")
-    ] = None,
-    tokens: Annotated[int | None, typer.Option(help="Tokens to harvest, rounded up to whole sequences [default: "
-                                                    "500000]; with --extend the new total.")] = None,
-    context_size: Annotated[int | None, typer.Option(help="Tokens per sequence, BOS included [default: 128].")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 32,
-    dtype: Annotated[str | None, typer.Option(help="Storage dtype: bfloat16 | float16 | float32 [default: bfloat16]."
-                                              )] = None,
-    codec: Annotated[str | None, typer.Option(help="zstd | none | bitround:K | int8 | fp8 (docs/store-format.md) "
-                                                   "[default: zstd].")] = None,
-    chunk_tokens: Annotated[int | None, typer.Option(help="Rows per Zarr chunk, a multiple of the context size "
-                                                          "[default: 16384].")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int | None, typer.Option(help="Document order seed [default: 0].")] = None,
-    out: Annotated[str, typer.Option(help="Output store: a path or a URL (s3://, gs://, file://...).")
-    ] = "acts.zarr",
+    layer: Annotated[list[int], typer.Option("--layer", help=_HH["layers"] + " (repeatable)")],
+    model: Annotated[str | None, typer.Option(help=_HH["model"])] = _H["model"],
+    dataset: Annotated[str | None, typer.Option(help=_ident("dataset"))] = None,
+    split: Annotated[str | None, typer.Option(help=_ident("split"))] = None,
+    text_column: Annotated[str | None, typer.Option(help=_ident("text_column"))] = None,
+    tokens: Annotated[int | None, typer.Option(help=f"{_HH['tokens']} (default: {DEFAULT_TOKENS})")] = None,
+    context_size: Annotated[int | None, typer.Option(help=_ident("context_size"))] = None,
+    batch_size: Annotated[int, typer.Option(help=_HH["batch_size"])] = _H["batch_size"],
+    dtype: Annotated[str | None, typer.Option(help=_ident("dtype"))] = None,
+    codec: Annotated[str | None, typer.Option(help=_ident("codec"))] = None,
+    chunk_tokens: Annotated[int | None, typer.Option(help=_ident("chunk_tokens"))] = None,
+    device: Annotated[str, typer.Option(help=_HH["device"])] = _H["device"],
+    seed: Annotated[int | None, typer.Option(help=_ident("seed"))] = None,
+    out: Annotated[str, typer.Option(help=_HH["out"])] = _H["out"],
     storage_option: StorageOptions = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted harvest.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing store of ours (atomically).")] = False,
-    extend: Annotated[bool, typer.Option(help="Grow the complete store at --out to --tokens, continuing its corpus "
-                                              "stream (rows already there stay byte-identical).")] = False,
-    into: Annotated[str | None, typer.Option(help="Add --layer(s) to this existing store, over its own tokens "
-                                               "(the store's model by default).")] = None,
-    workers: Annotated[str | None, typer.Option(help="Dask worker processes on this machine (a LocalCluster); "
-                                                     "auto = one per visible GPU.")] = None,
-    scheduler: Annotated[str | None, typer.Option(help="Address of a running dask scheduler (tcp://host:8786) "
-                                                       "whose workers compute the chunks.")] = None,
+    resume: Annotated[bool, typer.Option(help=_HH["resume"])] = _H["resume"],
+    overwrite: Annotated[bool, typer.Option(help=_HH["overwrite"])] = _H["overwrite"],
+    extend: Annotated[bool, typer.Option(help=_HH["extend"])] = _H["extend"],
+    into: Annotated[str | None, typer.Option(help=_HH["into"])] = _H["into"],
+    workers: Annotated[str | None, typer.Option(help=_HH["workers"])] = None,
+    scheduler: Annotated[str | None, typer.Option(help=_HH["scheduler"])] = _H["scheduler"],
 ) -> None:
     """Run the model once over a corpus and write resid_post activations to a Zarr store.
 
@@ -330,15 +333,12 @@ def _parse_params(items: list[str]) -> dict[str, str]:
 @_guard
 def train(
     ctx: typer.Context,
-    store: StoreOption = "acts.zarr",
+    store: StoreOption = _T["store"],
     storage_option: StorageOptions = None,
     cache: CacheOption = None,
-    hook: Annotated[str | None, typer.Option(help="Hook array to train on (default: the store's only one).")] = None,
-    variant: Annotated[str, typer.Option(help="Orthogonality penalty: none | topk_pairs | adaptive | progressive | "
-                                              "temporal | static_ortho | ortsae (topk/relu: read as --arch, "
-                                              "with a notice).")] = "none",
-    arch: Annotated[str | None, typer.Option(help="SAE architecture: topk | relu | batchtopk | jumprelu | "
-                                              "matryoshka [default: topk].")] = None,
+    hook: Annotated[str | None, typer.Option(help=_TH["hook_name"])] = None,
+    variant: Annotated[str, typer.Option(help=_TH["variant"])] = _T["variant"],
+    arch: Annotated[str | None, typer.Option(help=_TH["arch"])] = _T["arch"],
     jumprelu_sparsity: Annotated[str | None, typer.Option(help="--arch jumprelu: gemma (L0 step penalty) | "
                                                                "anthropic (tanh sparsity + dead pre-activation loss)."
                                                           )] = None,
@@ -349,30 +349,25 @@ def train(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file of training options ([variant_params] table). "
                                                      "Options given on the command line win over the file.")] = None,
-    d_sae: Annotated[int | None, typer.Option(help="Latents (default: expansion × d_in).")] = None,
-    expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
-    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
-    l1_coefficient: Annotated[float, typer.Option(help="L1 coefficient (relu), in FVU units.")] = 0.02,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    tokens: Annotated[int, typer.Option(help="Training tokens (steps = tokens / batch size).")] = 1_000_000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    d_sae: Annotated[int | None, typer.Option(help=_TH["d_sae"])] = _T["d_sae"],
+    expansion: Annotated[int, typer.Option(help=_TH["expansion"])] = _T["expansion"],
+    k: Annotated[int, typer.Option(help=_TH["k"])] = _T["k"],
+    l1_coefficient: Annotated[float, typer.Option(help=_TH["l1_coefficient"])] = _T["l1_coefficient"],
+    lr: Annotated[float, typer.Option(help=_TH["lr"])] = _T["lr"],
+    tokens: Annotated[int, typer.Option(help=_TH["tokens"])] = _T["tokens"],
+    batch_size: Annotated[int, typer.Option(help=_TH["batch_size"])] = _T["batch_size"],
+    seed: Annotated[int, typer.Option(help=_TH["seed"])] = _T["seed"],
+    device: Annotated[str, typer.Option(help=_TH["device"])] = _T["device"],
     out: Annotated[Path | None, typer.Option(help="Run directory (default runs/<variant>, or runs/<arch> "
                                                   "without a penalty).")] = None,
-    log_every: Annotated[int, typer.Option(help="Steps between metrics.jsonl records.")] = 10,
-    checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
-    resume: Annotated[bool, typer.Option(help="Continue a killed run from its checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run directory of ours (atomically).")
-    ] = False,
-    save_unit_decoder: Annotated[bool, typer.Option(
-        help="Save unit-norm decoder rows (scale moved into the encoder and the codes: SAELens' fold_W_dec_norm "
-             "convention). Reconstructions are identical either way.")] = True,
-    read_workers: Annotated[int, typer.Option(help="Store decode threads (0 = one per CPU core); never changes "
-                                                   "the batches.")] = 0,
-    autocast: Annotated[str, typer.Option(help="none | bf16: the dense encoder GEMM in bfloat16 (parameters and "
-                                               "Adam state stay float32).")] = "none",
+    log_every: Annotated[int, typer.Option(help=_TH["log_every"])] = _T["log_every"],
+    checkpoint_every: Annotated[int, typer.Option(help=_TH["checkpoint_every"])] = _T["checkpoint_every"],
+    checkpoint_minutes: Annotated[float, typer.Option(help=_TH["checkpoint_minutes"])] = _T["checkpoint_minutes"],
+    resume: Annotated[bool, typer.Option(help=_TH["resume"])] = _T["resume"],
+    overwrite: Annotated[bool, typer.Option(help=_TH["overwrite"])] = _T["overwrite"],
+    save_unit_decoder: Annotated[bool, typer.Option(help=_TH["save_unit_decoder"])] = _T["save_unit_decoder"],
+    read_workers: Annotated[int, typer.Option(help=_TH["read_workers"])] = _T["read_workers"],
+    autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
@@ -515,35 +510,35 @@ def report(
 @_guard
 def sweep(
     ctx: typer.Context,
-    store: StoreOption = "acts.zarr",
+    store: StoreOption = _T["store"],
     storage_option: StorageOptions = None,
     cache: CacheOption = None,
-    variants: Annotated[str, typer.Option(help="Comma-separated variants to train.")] = (
-        "topk,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
+    variants: Annotated[str, typer.Option(help="Comma-separated orthogonality penalties to train (none: the base "
+                                               "architecture alone).")] = (
+        "none,topk_pairs,adaptive,progressive,temporal,static_ortho,ortsae"),
     grid: Annotated[list[str] | None, typer.Option(help="VARIANT.PARAM=V1,V2 or OPTION=V1,V2 (repeatable).")] = None,
-    hook: Annotated[str | None, typer.Option(help="Hook array (default: the store's only one).")] = None,
-    arch: Annotated[str | None, typer.Option(help="SAE architecture of every run: topk | relu | batchtopk | "
-                                              "jumprelu | matryoshka (or --grid arch=...).")] = None,
+    hook: Annotated[str | None, typer.Option(help=_TH["hook_name"])] = None,
+    arch: Annotated[str | None, typer.Option(help=_TH["arch"] + " (or --grid arch=...)")] = _T["arch"],
     config: Annotated[Path | None, typer.Option(help="TOML file of shared training options and [<variant>] tables. "
                                                      "Options given on the command line win over the file.")] = None,
-    expansion: Annotated[int, typer.Option(help="d_sae = expansion × d_in.")] = 8,
-    k: Annotated[int, typer.Option(help="Active latents per token (topk).")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-    tokens: Annotated[int, typer.Option(help="Training tokens per SAE.")] = 1_000_000,
-    batch_size: Annotated[int, typer.Option(help="Tokens per step.")] = 4096,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation and data order.")] = 0,
+    expansion: Annotated[int, typer.Option(help=_TH["expansion"])] = _T["expansion"],
+    k: Annotated[int, typer.Option(help=_TH["k"])] = _T["k"],
+    lr: Annotated[float, typer.Option(help=_TH["lr"])] = _T["lr"],
+    tokens: Annotated[int, typer.Option(help=_TH["tokens"] + " (per SAE)")] = _T["tokens"],
+    batch_size: Annotated[int, typer.Option(help=_TH["batch_size"])] = _T["batch_size"],
+    seed: Annotated[int, typer.Option(help=_TH["seed"])] = _T["seed"],
     seeds: Annotated[str | None, typer.Option(help="Comma-separated initialisation seeds: every configuration is "
                                                    "trained once per seed, all in the same pass (same data order, "
                                                    "--seed).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Annotated[str, typer.Option(help=_TH["device"])] = _T["device"],
     out: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs/sweep"),
     workers: Annotated[int, typer.Option(help="Spread config groups over N local dask worker processes.")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask.distributed scheduler.")] = None,
-    checkpoint_minutes: Annotated[float, typer.Option(help="Also checkpoint after this many minutes.")] = 10.0,
-    resume: Annotated[bool, typer.Option(help="Continue killed runs from their checkpoints.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace existing run directories of ours (atomically).")] = False,
-    read_workers: Annotated[int, typer.Option(help="Store decode threads (0 = one per CPU core).")] = 0,
-    autocast: Annotated[str, typer.Option(help="none | bf16 (see `sae train --help`).")] = "none",
+    checkpoint_minutes: Annotated[float, typer.Option(help=_TH["checkpoint_minutes"])] = _T["checkpoint_minutes"],
+    resume: Annotated[bool, typer.Option(help=_TH["resume"])] = _T["resume"],
+    overwrite: Annotated[bool, typer.Option(help=_TH["overwrite"])] = _T["overwrite"],
+    read_workers: Annotated[int, typer.Option(help=_TH["read_workers"])] = _T["read_workers"],
+    autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train many configurations from ONE pass over the store, then print a summary table."""

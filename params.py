@@ -14,6 +14,39 @@ from typing import Any
 from .errors import ConfigError
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass's fields (the string literal after each field), as
+    one-line text: ``{field name: doc}``; fields without one are absent. This is how the CLI takes
+    its help texts from the config classes, so each is written once."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):  # base classes first, so a subclass's doc wins
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for a, b in zip(body, body[1:], strict=False):
+            if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                    and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+                docs[a.target.id] = " ".join(b.value.value.split()).replace("``", "`")
+    return docs
+
+
+def field_defaults(cls: type) -> dict[str, Any]:
+    """``{field name: default}`` of a dataclass (factories called; fields without a default absent)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def convert_param(owner: str, key: str, value: Any, default: Any) -> Any:
     """``value`` (a CLI string or a TOML value) as the type of the field's ``default``.
 

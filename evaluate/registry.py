@@ -22,7 +22,6 @@ so that evaluating ten SAEs costs little more than one.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from ..model import LoadedModel
+from ..registry import Registry
 
 # Evaluation modules in their default running order.
 EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry")
@@ -84,25 +84,20 @@ class EvalOutput:
     unstructured: Any = None
 
 
+EVALUATIONS: Registry[ModuleType] = Registry("evaluation", "--eval", __package__ or "sae.evaluate", EVAL_MODULES,
+                                             entries_are_modules=True)
+"""The evaluations: each is its module (the contract above), imported when first asked for."""
+
+
 def eval_module(name: str) -> ModuleType:
-    """Import ``sae.evaluate.<name>``; ``ValueError`` naming the choices if unknown/unwritten."""
-    if name not in EVAL_MODULES:
-        raise ValueError(f"unknown evaluation {name!r}: choose from {', '.join(EVAL_MODULES)}")
-    try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.{name}":
-            raise ValueError(f"evaluation {name!r} is not available in this version") from e
-        raise
+    """The module of evaluation ``name``.
+
+    Raises:
+        ConfigError (a ``ValueError``): an unknown name, naming the choices.
+    """
+    return EVALUATIONS.get(name)
 
 
 def available_evals() -> list[str]:
-    """Evaluations whose module exists."""
-    out = []
-    for name in EVAL_MODULES:
-        try:
-            eval_module(name)
-            out.append(name)
-        except ValueError:
-            continue
-    return out
+    """Every evaluation, in running order."""
+    return EVALUATIONS.names()

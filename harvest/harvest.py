@@ -37,6 +37,8 @@ IDENTITY_DEFAULTS: dict[str, object] = {
     "dataset": "embedded", "split": "train", "text_column": "text", "seed": 0, "context_size": 128,
     "chunk_tokens": 16_384, "dtype": "bfloat16", "codec": "zstd",
 }
+DEFAULT_TOKENS = 500_000
+"""Tokens a new harvest writes when ``--tokens`` is not given."""
 
 
 @dataclass
@@ -49,32 +51,37 @@ class HarvestConfig:
     """
 
     layers: list[int] = field(default_factory=lambda: [6])
+    """Blocks whose resid_post to store."""
     model: str | None = None
-    """HF id or local directory; None = the embedded Gemma 3 270M (or, growing a store, the store's model)."""
+    """HF model id or directory; None = the embedded Gemma 3 270M (growing a store: the store's model)."""
     dataset: str | None = None
-    """Corpus spec (default ``embedded``)."""
+    """Corpus: embedded[:source] | a .txt/.jsonl/.parquet file or folder | hf:NAME[:CONFIG]."""
     split: str | None = None
-    """train | test | all (default train)."""
+    """Document split: train | test | all."""
     text_column: str | None = None
-    """Text field of jsonl/parquet/HF rows (default ``text``)."""
+    """Text field of jsonl/parquet/HF rows."""
     tokens: int | None = None
-    """Tokens to harvest (default 500 000); with ``extend``, the new total (required)."""
+    """Tokens to harvest, rounded up to whole sequences; with ``--extend`` the new total."""
     context_size: int | None = None
-    """Tokens per sequence, BOS included (default 128)."""
+    """Tokens per sequence, BOS included."""
     batch_size: int = 32
     """Sequences per forward pass."""
     dtype: str | None = None
-    """Storage dtype of the activations (default bfloat16)."""
+    """Storage dtype of the activations: bfloat16 | float16 | float32."""
     codec: str | None = None
-    """Compressor/quantiser (default zstd)."""
+    """Compressor or quantiser: zstd | none | bitround:K | int8 | fp8 (docs/store-format.md)."""
     chunk_tokens: int | None = None
-    """Rows per chunk, a multiple of ``context_size`` (default 16 384)."""
+    """Rows per Zarr chunk, a multiple of the context size."""
     device: str = "auto"
+    """auto | cpu | cuda (auto: CUDA when available)."""
     seed: int | None = None
-    """Document-order seed (default 0)."""
+    """Document-order seed."""
     out: str = "acts.zarr"
+    """Output store: a path or a URL (s3://, gs://, file://...)."""
     resume: bool = False
+    """Continue an interrupted harvest (or an interrupted --into / --extend)."""
     overwrite: bool = False
+    """Replace an existing store of ours (built beside it, swapped in atomically)."""
     storage_options: dict = field(default_factory=dict)
     """fsspec options for a remote ``out`` (never written into the store)."""
     extend: bool = False
@@ -96,7 +103,7 @@ class HarvestConfig:
     def resolved(self, defaults: dict[str, object] | None = None) -> HarvestConfig:
         """A copy with every unset identity option filled from ``defaults`` (a store's values) or
         :data:`IDENTITY_DEFAULTS`, and ``tokens`` from ``defaults['tokens']`` or 500 000."""
-        fill = {**IDENTITY_DEFAULTS, "tokens": 500_000, **(defaults or {})}
+        fill = {**IDENTITY_DEFAULTS, "tokens": DEFAULT_TOKENS, **(defaults or {})}
         return replace(self, **{k: fill[k] for k in (*IDENTITY_DEFAULTS, "tokens") if getattr(self, k) is None})
 
     def validate(self) -> None:

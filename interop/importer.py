@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,11 +22,11 @@ from .. import __version__
 from ..errors import ConfigError, SAELoadError
 from ..model import EMBEDDED_ALIASES, EMBEDDED_MODEL_ID, EMBEDDED_WEIGHTS, layer_of_hook
 from ..outputs import RUN_MARKER, build_output, check_output_location, is_empty_dir, is_sae_run
+from ..registry import Registry
 from ..rundir import saelens
 from ..rundir.canonical import Canonical
 from . import dictionary_learning, sparsify
 
-FORMATS = ("saelens", "sparsify", "dictionary_learning")
 _DROP = ("metadata", "sae_lens_version", "sae_lens_training_version", "source_cfg", "activation_fn",
          "activation_fn_str", "activation_fn_kwargs", "architecture", "rescale_acts_by_decoder_norm")
 
@@ -38,22 +39,8 @@ class Imported:
     warnings: list[str] = field(default_factory=list)
 
 
-def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = None) -> Canonical:
-    """Read ``src`` as ``fmt`` (one of :data:`FORMATS`) into a :class:`Canonical`.
-
-    Raises:
-        ConfigError: an unknown format. FileNotFoundError: ``src`` missing.
-        SAELoadError: a file of another layout, or an SAE we cannot run.
-    """
-    if fmt not in FORMATS:
-        raise ConfigError(f"--from {fmt!r} is not a format we read: choose {', '.join(FORMATS)}")
-    p = Path(src)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist: pass the directory the library saved the SAE in")
-    if fmt == "sparsify":
-        return sparsify.read(p)
-    if fmt == "dictionary_learning":
-        return dictionary_learning.read(p)
+def _read_saelens(p: Path, activation_scale: float | None = None) -> Canonical:
+    """A SAELens save (``cfg.json`` + ``sae_weights.safetensors``, any SAELens layout)."""
     cfg_path, weights = p / "cfg.json", p / "sae_weights.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise SAELoadError(f"{p} is not a SAELens save: it needs cfg.json and sae_weights.safetensors")
@@ -64,6 +51,27 @@ def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = Non
     except Exception as e:  # noqa: BLE001
         raise SAELoadError(f"{weights} is not a readable safetensors file ({e.__class__.__name__})") from None
     return saelens.to_canonical(read_cfg(p), tensors, str(weights), activation_scale)
+
+
+FORMATS: Registry[Callable[..., Canonical]] = Registry("import format", "--from", __package__ or "sae.interop", ())
+"""``sae import --from NAME``: each format's reader, ``read(path[, activation_scale]) -> Canonical``."""
+FORMATS.register_as("saelens")(_read_saelens)
+FORMATS.register_as("sparsify")(lambda p, activation_scale=None: sparsify.read(p))
+FORMATS.register_as("dictionary_learning")(lambda p, activation_scale=None: dictionary_learning.read(p))
+
+
+def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = None) -> Canonical:
+    """Read ``src`` as ``fmt`` (one of :data:`FORMATS`) into a :class:`Canonical`.
+
+    Raises:
+        ConfigError: an unknown format. FileNotFoundError: ``src`` missing.
+        SAELoadError: a file of another layout, or an SAE we cannot run.
+    """
+    reader = FORMATS.get(fmt)
+    p = Path(src)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist: pass the directory the library saved the SAE in")
+    return reader(p, activation_scale)
 
 
 def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None = None,

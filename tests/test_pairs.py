@@ -75,7 +75,9 @@ def test_no_variant_imports_another_variant() -> None:
     import ast
     from pathlib import Path
 
-    from sae.train.variants._load_all import VARIANT_MODULES
+    from sae.train.variants import VARIANTS
+
+    VARIANT_MODULES = VARIANTS.modules
 
     root = Path(__file__).resolve().parents[1] / "train" / "variants"
     for name in VARIANT_MODULES:

@@ -286,12 +286,9 @@ def _registry_configs() -> list[tuple[str, type]]:
     import importlib
 
     from sae.evaluate.registry import EVAL_MODULES
-    from sae.train.archs.base import REGISTRY as ARCHS
-    from sae.train.archs.base import arch_names
-    from sae.train.variants.base import REGISTRY as VARIANTS
-    from sae.train.variants.base import variant_names
+    from sae.train.archs import ARCHS
+    from sae.train.variants import VARIANTS
 
-    variant_names(), arch_names()  # fill the registries
     configs = [(f"variant {n}", c.Config) for n, c in VARIANTS.items() if hasattr(c, "Config")]
     configs += [(f"arch {n}", c.Config) for n, c in ARCHS.items() if hasattr(c, "Config")]
     for name in EVAL_MODULES:

@@ -30,11 +30,12 @@ class TrainConfig:
     """
 
     store: str = "acts.zarr"
-    """Store path or URL (``s3://``, ``gs://``, ``http(s)://``, ``hf://``, ``file://``, ``memory://``)."""
+    """Activation store written by ``sae harvest``: a path or URL (``s3://``, ``gs://``, ``http(s)://``,
+    ``hf://``, ``file://``, ``memory://``)."""
     storage_options: dict[str, Any] = field(default_factory=dict)
     """fsspec options of a remote store (e.g. ``endpoint_url``); never written to ``cfg.json``."""
     cache: str | None = None
-    """Local directory caching a remote store's chunk objects (fsspec ``simplecache``)."""
+    """Local directory caching a remote store's chunk objects (fsspec ``simplecache``), shared by readers."""
     hook_name: str | None = None
     """Store array to train on; None = the store's only hook."""
     variant: str = "none"
@@ -48,13 +49,16 @@ class TrainConfig:
     arch_params: dict[str, Any] = field(default_factory=dict)
     """Architecture hyperparameters (see the arch's Config, e.g. matryoshka ``groups``)."""
     d_sae: int | None = None
+    """Latents; None = expansion × d_in."""
     expansion: int = 8
     """d_sae = expansion · d_in when d_sae is None."""
     k: int = 32
+    """Active latents per token (TopK; the mean per token for BatchTopK and Matryoshka)."""
     l1_coefficient: float = 0.02
     """ReLU only: λ of λ·mean_b Σ_i f_bi‖W_dec,i‖ (in units of the FVU loss)."""
     l1_warmup_frac: float = 0.05
     lr: float = 1e-3
+    """Adam learning rate."""
     lr_warmup_steps: int = 20
     lr_decay_frac: float = 0.2
     """Linear decay to 0 over this final fraction of steps."""
@@ -62,6 +66,7 @@ class TrainConfig:
     tokens: int = 1_000_000
     """Training tokens (token-updates); steps = tokens // batch_size."""
     batch_size: int = 4096
+    """Tokens per step."""
     aux_k_coefficient: float = 1 / 32
     aux_k: int | None = None
     """Latents in the AuxK reconstruction; None = d_in // 2."""
@@ -76,19 +81,26 @@ class TrainConfig:
     normalize: bool = True
     """Scale inputs so that E‖x‖² = d_in (store statistics); folded into the saved weights."""
     seed: int = 0
+    """Seed of the data order, and of the initialisation unless ``init_seed`` is given."""
     init_seed: int | None = None
     """Seed of the SAE's initialisation and per-step randomness (AuxK, penalty sampling); None = ``seed``.
     ``seed`` alone fixes the data order, so runs differing only in ``init_seed`` share one pass
     (``sae sweep --seeds``)."""
     device: str = "auto"
+    """auto | cpu | cuda (auto: CUDA when available)."""
     out: str = "runs/sae"
+    """Run directory."""
     resume: bool = False
+    """Continue a killed run from its checkpoint (refused if a setting that changes the weights differs)."""
     overwrite: bool = False
+    """Replace an existing run directory of ours (built beside it, swapped in atomically)."""
     save_unit_decoder: bool = True
     """Save unit-norm decoder rows, the scale moved into the encoder and the codes (SAELens'
     ``fold_W_dec_norm`` convention); reconstructions are unchanged. False keeps ‖W_dec,i‖ = 1/s."""
     log_every: int = 10
+    """Steps between ``metrics.jsonl`` records."""
     checkpoint_every: int = 50
+    """Steps between checkpoints."""
     checkpoint_minutes: float = 10.0
     """Also checkpoint when this many minutes passed since the last checkpoint (besides SIGTERM/SIGINT)."""
 

@@ -7,7 +7,7 @@ architecture: the penalty only sees the sparse codes and the decoder.
 """
 
 from .base import (
-    REGISTRY,
+    ARCHS,
     Arch,
     Encoded,
     Inference,
@@ -19,5 +19,5 @@ from .base import (
     register,
 )
 
-__all__ = ["REGISTRY", "Arch", "Encoded", "Inference", "arch_class", "arch_names", "arch_param_names",
+__all__ = ["ARCHS", "Arch", "Encoded", "Inference", "arch_class", "arch_names", "arch_param_names",
            "build_arch", "make_arch_config", "register"]

@@ -23,6 +23,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...params import build_params
+from ...registry import Registry
 from ...rundir.sae import SAE, SparseCodes
 
 
@@ -111,29 +112,22 @@ def warmed_up(value: float, step: int, total_steps: int, frac: float) -> float:
     return value * min(1.0, (step + 1) / max(total_steps * frac, 1))
 
 
-REGISTRY: dict[str, type[Arch]] = {}
-
-
-def register(cls: type[Arch]) -> type[Arch]:
-    """Class decorator adding an architecture to :data:`REGISTRY` under ``cls.name``."""
-    REGISTRY[cls.name] = cls
-    return cls
+ARCHS: Registry[type[Arch]] = Registry("architecture", "--arch", __package__ or "sae.train.archs",
+                                       ("topk", "relu", "batchtopk", "jumprelu", "matryoshka"))
+"""The base architectures (one module each, in the order ``--arch`` lists them)."""
+register = ARCHS.register
 
 
 def arch_names() -> list[str]:
     """All names ``--arch`` accepts."""
-    from ._load_all import ARCH_MODULES  # imports every architecture module
-
-    order = {n: i for i, n in enumerate(ARCH_MODULES)}
-    return sorted(REGISTRY, key=lambda n: order.get(n, len(order)))
+    return ARCHS.names()
 
 
 def arch_class(name: str) -> type[Arch]:
     """The class of architecture ``name``. Raises ``ConfigError`` for an unknown one."""
-    names = arch_names()
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown --arch {name!r}: choose one of {', '.join(names)}")
-    return REGISTRY[name]
+    if name not in ARCHS:
+        raise ConfigError(f"unknown --arch {name!r}: choose one of {', '.join(arch_names())}")
+    return ARCHS.get(name)
 
 
 def make_arch_config(name: str, params: dict[str, Any] | None = None) -> Any:

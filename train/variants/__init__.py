@@ -2,7 +2,7 @@
 
 from .base import (
     BASELINES,
-    REGISTRY,
+    VARIANTS,
     NoPenalty,
     Penalty,
     PenaltyContext,
@@ -13,5 +13,5 @@ from .base import (
     variant_names,
 )
 
-__all__ = ["BASELINES", "REGISTRY", "NoPenalty", "Penalty", "PenaltyContext", "build_penalty", "make_config",
+__all__ = ["BASELINES", "VARIANTS", "NoPenalty", "Penalty", "PenaltyContext", "build_penalty", "make_config",
            "penalty_class", "register", "variant_names"]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...errors import ConfigError
 from ...params import build_params
+from ...registry import Registry
 from ...rundir.sae import SparseCodes
 
 
@@ -85,21 +86,18 @@ class NoPenalty(Penalty):
         return ctx.W_dec.new_zeros(()), {}
 
 
-REGISTRY: dict[str, type[Penalty]] = {}
+VARIANTS: Registry[type[Penalty]] = Registry(
+    "variant", "--variant", __package__ or "sae.train.variants",
+    ("topk_pairs", "adaptive", "progressive", "temporal", "static_ortho", "ortsae"))
+"""The orthogonality penalties (one module each; add a new one's module name here)."""
+register = VARIANTS.register
 BASELINES = ("none", "topk", "relu")
-
-
-def register(cls: type[Penalty]) -> type[Penalty]:
-    """Class decorator adding a penalty to :data:`REGISTRY` under ``cls.name``."""
-    REGISTRY[cls.name] = cls
-    return cls
+"""Names without a penalty: ``none``, and the old spellings ``topk``/``relu`` of ``--arch``."""
 
 
 def variant_names() -> list[str]:
-    """All names ``--variant`` accepts: the two baselines, then the penalties."""
-    from . import _load_all  # noqa: F401  (imports every variant module, filling the registry)
-
-    return [*BASELINES, *sorted(REGISTRY)]
+    """All names ``--variant`` accepts: the baselines, then the penalties in module order."""
+    return [*BASELINES, *VARIANTS.names()]
 
 
 def make_config(variant: str, params: dict[str, Any] | None = None) -> Any:
@@ -118,10 +116,9 @@ def penalty_class(variant: str) -> type[Penalty]:
     """The penalty class for ``variant`` (``NoPenalty`` for the baselines)."""
     if variant in BASELINES:
         return NoPenalty
-    variant_names()
-    if variant not in REGISTRY:
+    if variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}: choose one of {', '.join(variant_names())}")
-    return REGISTRY[variant]
+    return VARIANTS.get(variant)
 
 
 def build_penalty(variant: str, d_sae: int, d_in: int, params: dict[str, Any] | None = None) -> Penalty:
