@@ -23,7 +23,7 @@ from .train.config import TrainConfig
 
 # typer ≥ 0.22 vendors click (``typer._click``), older typer uses the ``click`` package: take the
 # exception classes from typer's own public ones so both work.
-_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+_ClickException: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 # Options shared by several commands (one definition each).
 _T = field_defaults(TrainConfig)
@@ -83,7 +83,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _debug():
                 raise
             _fail(e)
-        except Exception as e:  # noqa: BLE001 - the last line of defence
+        except Exception as e:
             if _debug():
                 raise
             typer.secho(f"error: unexpected {e.__class__.__name__}: {_one_line(str(e))} "
@@ -502,7 +502,7 @@ def report(
 
     if latents < 0:
         raise ConfigError(f"--latents {latents} must be >= 0")
-    index = build_report(run_dirs, out, store, latents)
+    index = build_report(run_dirs, out, Path(store) if store else None, latents)
     typer.echo(f"wrote {index}")
 
 

@@ -51,7 +51,7 @@ def is_sae_store(path: str | Path) -> bool:
 def pid_alive(pid: object) -> bool:
     """Whether process ``pid`` of this host still runs (True when it cannot be told)."""
     try:
-        os.kill(int(pid), 0)  # type: ignore[arg-type]
+        os.kill(int(pid), 0)  # type: ignore[call-overload]
     except ProcessLookupError:
         return False
     except (PermissionError, TypeError, ValueError, OverflowError):
@@ -65,7 +65,7 @@ def is_sae_run(path: str | Path) -> bool:
     if (p / RUN_MARKER).is_file():
         return True
     cfg = _read_json(p / "cfg.json")
-    return bool(cfg) and "sae_version" in cfg and "train_config" in cfg
+    return cfg is not None and "sae_version" in cfg and "train_config" in cfg
 
 
 REPORT_MARKER = ".sae_report"

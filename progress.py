@@ -45,19 +45,19 @@ class _Progress(Progress):
     every :data:`PLAIN_INTERVAL_S` seconds or :data:`PLAIN_STEP` of the total, and at the end:
     ``harvest: 49,152/524,288 tok (9.4 %), 1,905 tok/s since this loop started, ETA 4m09s``."""
 
-    def __init__(self, *columns, plain: bool, unit: str, **kw) -> None:  # noqa: ANN002
+    def __init__(self, *columns, plain: bool, unit: str, **kw) -> None:
         super().__init__(*columns, **kw)
         self.plain, self.unit = plain, unit
         self._marks: dict[TaskID, tuple[float, float, float, float]] = {}  # start t, start done, last t, last frac
 
-    def add_task(self, description: str, *args, **kw) -> TaskID:  # noqa: ANN002
+    def add_task(self, description: str, *args, **kw) -> TaskID:
         tid = super().add_task(description, *args, **kw)
         if self.plain:
             now = time.monotonic()
             self._marks[tid] = (now, float(kw.get("completed", 0) or 0), now, -1.0)
         return tid
 
-    def update(self, task_id: TaskID, *args, **kw) -> None:  # noqa: ANN002
+    def update(self, task_id: TaskID, *args, **kw) -> None:
         super().update(task_id, *args, **kw)
         if self.plain:
             self._line(task_id)

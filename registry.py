@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 
@@ -99,6 +99,3 @@ class Registry(Generic[T]):
         return [(n, self._entries[n]) for n in self.names()]
 
 
-def lazy_attribute(registry: Registry[Any], attr: str) -> Callable[[str], Any]:
-    """``name → registry.get(name).<attr>`` (e.g. a format's reader function)."""
-    return lambda name: getattr(registry.get(name), attr)

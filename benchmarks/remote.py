@@ -38,7 +38,7 @@ from sae.store.convert import convert_store
 from sae.store.location import StoreLocation
 from sae.train.config import TrainConfig
 from sae.train.trainer import Trainer
-from tests.remote_servers import http_server, s3_server  # noqa: E402
+from tests.remote_servers import http_server, s3_server
 
 
 def read_rate(store: ActivationStore, batches: int, batch: int = 4096, read_workers: int | None = None) -> float:

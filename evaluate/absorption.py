@@ -685,7 +685,7 @@ def _data_key(cfg: Config) -> tuple:
 def available(ctx: EvalContext) -> str | None:
     """None when the tokenizer has alphabetic word tokens for at least 2 letters, else the reason."""
     words = ctx.cached(("absorption", "vocab", Config.min_word_len),
-                       lambda: alphabetic_words(ctx.lm.tokenizer, Config.min_word_len))
+                       lambda: alphabetic_words(ctx.model.tokenizer, Config.min_word_len))
     if len({w.strip()[0].lower() for _, w in words}) < 2:
         return "the tokenizer has too few alphabetic word tokens for the first-letter task"
     return None
@@ -695,7 +695,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """Absorption of one SAE (module doc): cached word activations and probes, then
     :func:`compute_absorption` on the SAE's codes."""
     key = _data_key(cfg)
-    data: WordActivations = ctx.cached(key, lambda: word_activations(ctx.lm, ctx.layer, cfg, ctx.quiet))
+    data: WordActivations = ctx.cached(key, lambda: word_activations(ctx.model, ctx.layer, cfg, ctx.quiet))
     tr, te = data.is_train, ~data.is_train
     x_train, x_test = data.acts[tr], data.acts[te]
     y_train, y_test = data.letters[tr], data.letters[te]
@@ -705,9 +705,9 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     res = compute_absorption(x_train, y_train, x_test, y_test, encode_dense(sae, x_train), encode_dense(sae, x_test),
                              sae.W_dec.detach().float().cpu(), cfg, probes=probes, test_words=test_words)
     n_eval = int(res.metrics["n_letters_evaluated"] or 0)
-    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name}
+    eval_config = {**asdict(cfg), "model_name": ctx.model.model_id, "hook_name": ctx.hook_name}
     unstructured = {
-        "run_dir": str(ctx.run_dir), "model_id": ctx.lm.model_id, "hook_name": ctx.hook_name,
+        "run_dir": str(ctx.run_dir), "model_id": ctx.model.model_id, "hook_name": ctx.hook_name,
         "enough_letters": n_eval >= cfg.min_letters_for_eval,
         "note": (None if n_eval >= cfg.min_letters_for_eval else
                  f"only {n_eval} letters have a ground-truth probe F1 >= {cfg.min_gt_probe_f1} "

@@ -141,11 +141,6 @@ def load_eval_set(tokenizer: object, bos_token_id: int, dataset: str, context_si
     return out
 
 
-def load_eval_tokens(tokenizer: object, bos_token_id: int, dataset: str, context_size: int, n_tokens: int,
-                     split: str = "test", seed: int = 0) -> torch.Tensor:
-    """``load_eval_set(...).tokens`` (a copy): ``[n_seq, context_size]`` int64, rows starting with BOS."""
-    return load_eval_set(tokenizer, bos_token_id, dataset, context_size, n_tokens, split, seed).tokens.clone()
-
 
 _TOKEN_CACHE: dict[tuple, tuple[weakref.ref, EvalSet]] = {}
 

@@ -352,13 +352,13 @@ def run_many(saes: list[SAE], ctxs: list[EvalContext], cfg: CoreConfig) -> list[
     """
     resolved = [replace(cfg, dataset=cfg.dataset or ctx.dataset, context_size=cfg.context_size or ctx.context_size)
                 for ctx in ctxs]
-    keys = [reference_key(ctx.lm, ctx.hook_name, c) for ctx, c in zip(ctxs, resolved, strict=True)]
+    keys = [reference_key(ctx.model, ctx.hook_name, c) for ctx, c in zip(ctxs, resolved, strict=True)]
     outs: list[EvalOutput | None] = [None] * len(saes)
     for key in dict.fromkeys(keys):
         group = [i for i, k in enumerate(keys) if k == key]
         ctx, c = ctxs[group[0]], resolved[group[0]]
-        reference = compute_reference(ctx.lm, ctx.hook_name, c, quiet=ctx.quiet)
-        res = run_core_many([saes[i] for i in group], ctx.lm, c, reference=reference, quiet=ctx.quiet,
+        reference = compute_reference(ctx.model, ctx.hook_name, c, quiet=ctx.quiet)
+        res = run_core_many([saes[i] for i in group], ctx.model, c, reference=reference, quiet=ctx.quiet,
                             run_dirs=[str(ctxs[i].run_dir) for i in group])
         del reference
         for i, r in zip(group, res, strict=True):

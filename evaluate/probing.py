@@ -122,10 +122,6 @@ class TextActs:
     def n_texts(self) -> int:
         return len(self.offsets) - 1
 
-    def text_index(self) -> torch.Tensor:
-        """``[N_tok]`` long: the text each token row belongs to."""
-        counts = self.offsets[1:] - self.offsets[:-1]
-        return torch.repeat_interleave(torch.arange(self.n_texts), counts)
 
     @classmethod
     def from_token_lists(cls, per_text: Sequence[torch.Tensor], keys: list[tuple] | None = None) -> TextActs:
@@ -156,7 +152,7 @@ def llm_text_acts(ctx: EvalContext, texts: Sequence[str], context_length: int = 
     memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = ctx.cached(("probing_text_acts", ctx_len, store_dtype), dict)
     missing = [t for t in dict.fromkeys(texts) if t not in memo]
     if missing:
-        lm = ctx.lm
+        lm = ctx.model
         special = lm.special_token_ids
         pad = lm.tokenizer.pad_token_id  # type: ignore[attr-defined]
         pad = int(pad) if pad is not None else lm.bos_token_id
@@ -180,7 +176,7 @@ def llm_text_acts(ctx: EvalContext, texts: Sequence[str], context_length: int = 
                     pooled = x.mean(0) if len(x) else torch.zeros(acts.shape[-1])
                     memo[missing[i]] = (x.to(_DTYPES[store_dtype]), pooled)
                 bar.update(task, advance=len(idx))
-    prefix = (ctx.lm.fingerprint, ctx.hook_name, ctx_len, store_dtype)
+    prefix = (ctx.model.fingerprint, ctx.hook_name, ctx_len, store_dtype)
     per = [memo[t] for t in texts]
     lens = torch.tensor([len(p[0]) for p in per], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])

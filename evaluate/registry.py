@@ -62,9 +62,20 @@ class EvalContext:
     cache: dict[tuple, Any] = field(default_factory=dict)
     results_dir: Path | None = None
 
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model, for evaluations that need one (``NEEDS_MODEL`` is not False).
+
+        Raises:
+            RuntimeError: no model was loaded (the evaluation declared ``NEEDS_MODEL = False``).
+        """
+        if self.lm is None:
+            raise RuntimeError("this evaluation needs the model, but none was loaded (NEEDS_MODEL = False?)")
+        return self.lm
+
     def cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
         """``fn()`` memoised under ``(model fingerprint, hook, *key)``."""
-        full = (self.lm.fingerprint, self.hook_name, *key)
+        full = (self.lm.fingerprint if self.lm is not None else None, self.hook_name, *key)
         if full not in self.cache:
             self.cache[full] = fn()
         return self.cache[full]

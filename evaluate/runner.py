@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -206,7 +207,7 @@ def _run_evaluation(name: str, cfg: object, saes: dict[str, SAE], ctxs: dict[str
     return written
 
 
-def eval_settings(name: str, params: dict[str, str], base: object | None = None) -> object:
+def eval_settings(name: str, params: dict[str, str], base: Any = None) -> Any:
     """``eval_module(name).Config`` (or ``base``, an instance of it) with ``params`` (strings, typed by
     each field's default) applied and checked against the Config's declared ``ranges``.
 
@@ -258,7 +259,7 @@ def _label(result: dict, i: int) -> str:
     return Path(run).name if run else str(result.get("sae_cfg_dict", {}).get("run_name", f"run {i}"))
 
 
-def print_comparison(results: Sequence[dict], console: object | None = None) -> None:
+def print_comparison(results: Sequence[dict], console: Any = None) -> None:
     """Print one rich table per evaluation: a row per run. Core uses :data:`COMPARISON_COLUMNS`;
     other evaluations show their scalar metrics (``category.metric``), missing → "–"."""
     import sys

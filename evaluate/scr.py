@@ -205,7 +205,7 @@ def _finite_mean(values: list[float]) -> float:
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """SCR of ``sae`` on every configured attribute pair (module doc)."""
-    sae = sae.to(ctx.lm.device)
+    sae = sae.to(ctx.model.device)
     datasets = [T.confounded_dataset(tuple(a), tuple(b), cfg.train_set_size,  # type: ignore[arg-type]
                                      cfg.test_set_size, cfg.seed, cfg.test_fraction, cfg.min_chars, cfg.max_chars,
                                      cfg.split_by)
@@ -228,7 +228,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
         unstructured["pairs"][ds.name] = extra
     names = [k for k in details[0] if k.startswith("scr_")]
     means = {k: _finite_mean([d[k] for d in details]) for k in names}
-    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
+    eval_config = {**asdict(cfg), "model_name": ctx.model.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_values_effective": [min(n, sae.d_sae) for n in cfg.n_values]}
     intervals = scr_bootstrap_ci(boot, list(cfg.n_values), cfg.n_bootstrap, cfg.seed)

@@ -93,7 +93,7 @@ def score_task(x_train: np.ndarray, y_train: list[int], x_test: np.ndarray, y_te
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """Sparse probing of ``sae`` on every configured task (module doc)."""
-    sae = sae.to(ctx.lm.device)
+    sae = sae.to(ctx.model.device)
     task_sets = build_tasks(cfg)
     texts = [t for ds in task_sets for t in ds.train_texts + ds.test_texts]
     pooled = pooled_texts(ctx, sae, texts, cfg.context_length, cfg.llm_batch_size, cfg.sae_batch_tokens,
@@ -120,7 +120,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     metrics = {"llm": {k: v for k, v in means.items() if k.startswith("llm_")},
                "sae": {k: v for k, v in means.items() if k.startswith("sae_")},
                "confidence_intervals": intervals}
-    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
+    eval_config = {**asdict(cfg), "model_name": ctx.model.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_tasks": len(task_sets)}
     unstructured = {"run_dir": str(ctx.run_dir), "task_descriptions": {ds.name: ds.description for ds in task_sets},

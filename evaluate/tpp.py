@@ -147,7 +147,7 @@ def tpp_bootstrap_ci(hits: dict, classes: Sequence[str], n_values: Sequence[int]
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """TPP of ``sae`` on the configured classes (module doc)."""
-    sae = sae.to(ctx.lm.device)
+    sae = sae.to(ctx.model.device)
     if cfg.hf_dataset:
         ds = T.hf_multiclass_dataset(cfg.hf_dataset, cfg.n_train, cfg.n_test, cfg.hf_max_classes, cfg.seed)
     else:
@@ -165,7 +165,7 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
                               cfg.seed, cfg.top_latents_reported)
     details = [{"dataset_name": ds.name, **means, "n_classes": len(ds.classes),
                 "n_train_per_class": len(ds.train[ds.classes[0]]), "n_test_per_class": len(ds.test[ds.classes[0]])}]
-    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name,
+    eval_config = {**asdict(cfg), "model_name": ctx.model.model_id, "hook_name": ctx.hook_name,
                    "effective_context_length": min(cfg.context_length, ctx.context_size),
                    "n_values_effective": [min(n, sae.d_sae) for n in cfg.n_values]}
     hits = extra.pop("_hits")

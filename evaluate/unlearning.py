@@ -214,7 +214,10 @@ def build_prompts(lm: LoadedModel, mcqs: Sequence[MCQ], subject: str, scoring: s
     for qi, q in enumerate(mcqs):
         if scoring == "letter":
             ids = [lm.bos_token_id, *enc(format_prompt(q, subject))]
-            seqs.append(ids), question.append(qi), choice.append(-1), start.append(len(ids))
+            seqs.append(ids)
+            question.append(qi)
+            choice.append(-1)
+            start.append(len(ids))
             continue
         prefix, conts = cloze_texts(q)
         head = [lm.bos_token_id, *enc(prefix)]
@@ -222,7 +225,10 @@ def build_prompts(lm: LoadedModel, mcqs: Sequence[MCQ], subject: str, scoring: s
             tail = enc(cont)
             if not tail:
                 raise ValueError(f"MCQ {qi}: choice {ci} tokenises to nothing")
-            seqs.append(head + tail), question.append(qi), choice.append(ci), start.append(len(head))
+            seqs.append(head + tail)
+            question.append(qi)
+            choice.append(ci)
+            start.append(len(head))
     return MCQPrompts(seqs, question, choice, start, len(mcqs), scoring)
 
 
@@ -511,7 +517,7 @@ def available(ctx: EvalContext) -> str | None:
             return f"MCQ file {p} does not exist"
     if cfg.scoring == "letter":
         try:
-            answer_token_ids(ctx.lm.tokenizer)
+            answer_token_ids(ctx.model.tokenizer)
         except ValueError as e:
             return str(e)
     return None
@@ -526,7 +532,7 @@ class _Sets:
 
 
 def _sets(ctx: EvalContext, cfg: Config) -> _Sets:
-    lm, layer, bs = ctx.lm, ctx.layer, cfg.llm_batch_size
+    lm, layer, bs = ctx.model, ctx.layer, cfg.llm_batch_size
 
     def baseline(path: str | None, builtin: str, subject: str) -> MCQBaseline:
         mcqs, src = load_mcqs(path, builtin, cfg)
@@ -550,7 +556,7 @@ def _sets(ctx: EvalContext, cfg: Config) -> _Sets:
 
 def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """Unlearning score of one SAE (module doc)."""
-    sae = sae.to(ctx.lm.device)
+    sae = sae.to(ctx.model.device)
     sets = _sets(ctx, cfg)
     ff = feature_frequencies(sae, sets.forget_acts)
     rf = feature_frequencies(sae, sets.retain_acts)
@@ -564,9 +570,9 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
             for m in cfg.multipliers:
                 key = (tuple(latents), float(m))
                 if key not in memo:
-                    fa, nf = setting_accuracy(ctx.lm, ctx.layer, sae, sets.forget, fires_f, latents, m,
+                    fa, nf = setting_accuracy(ctx.model, ctx.layer, sae, sets.forget, fires_f, latents, m,
                                               cfg.llm_batch_size)
-                    ra, nr = setting_accuracy(ctx.lm, ctx.layer, sae, sets.retain, fires_r, latents, m,
+                    ra, nr = setting_accuracy(ctx.model, ctx.layer, sae, sets.retain, fires_r, latents, m,
                                               cfg.llm_batch_size)
                     memo[key] = (fa, nf, ra, nr)
                 fa, nf, ra, nr = memo[key]
@@ -618,9 +624,9 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
                 f"{int(sets.forget.correct.sum())}/{len(sets.forget.correct)}, p = {p_forget:.2g}; retain "
                 f"{int(sets.retain.correct.sum())}/{len(sets.retain.correct)}, p = {p_retain:.2g}; "
                 f"needs p < {cfg.measurable_p}); no score is reported")
-    eval_config = {**asdict(cfg), "model_name": ctx.lm.model_id, "hook_name": ctx.hook_name}
+    eval_config = {**asdict(cfg), "model_name": ctx.model.model_id, "hook_name": ctx.hook_name}
     unstructured = {
-        "run_dir": str(ctx.run_dir), "model_id": ctx.lm.model_id, "hook_name": ctx.hook_name,
+        "run_dir": str(ctx.run_dir), "model_id": ctx.model.model_id, "hook_name": ctx.hook_name,
         "forget_source": sets.forget.source, "retain_source": sets.retain.source,
         "n_forget_corpus_tokens": len(sets.forget_acts), "n_retain_corpus_tokens": len(sets.retain_acts),
         "note": note,

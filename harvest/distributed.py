@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -153,7 +154,7 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator[object]:
         cluster.close()
 
 
-def run_chunks(client: object, job: ChunkJob, todo: list[int], bar: object, task: object) -> int:
+def run_chunks(client: Any, job: ChunkJob, todo: list[int], bar: Any, task: Any) -> int:
     """Submit every chunk of ``todo``; advance ``bar`` as each commits. Returns the rows committed.
 
     A task that raises is retried twice elsewhere; a worker that dies has its tasks rescheduled by

@@ -500,7 +500,7 @@ def _vocab_size(lm: LoadedModel) -> int | None:
 
 
 def _run_harvest(cfg: HarvestConfig, writer: StoreWriter, lm: LoadedModel, layers: list[int], seqs, quiet: bool
-                 ) -> None:  # noqa: ANN001
+                 ) -> None:
     """Tokens first (unless already committed), then every missing chunk: forward, encode, write,
     commit; then finalize (statistics reduced in chunk order, content digest, status)."""
     if writer.group.attrs.get("status") == "complete" and not writer.growing:
@@ -567,7 +567,7 @@ class _Writer:
     def __init__(self, workers: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-write") if workers else None
 
-    def submit(self, fn, *args) -> Future:  # noqa: ANN001
+    def submit(self, fn, *args) -> Future:
         if self.pool is not None:
             return self.pool.submit(fn, *args)
         fut: Future = Future()

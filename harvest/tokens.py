@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
 
-def pack_sequences(texts: Iterable[str], tokenizer: object, context_size: int,
+def pack_sequences(texts: Iterable[str], tokenizer: Any, context_size: int,
                    bos_token_id: int) -> Iterator[np.ndarray]:
     """Yield int32 sequences ``[context_size]``: ``BOS`` + the next ``context_size - 1`` tokens.
 

@@ -41,7 +41,7 @@ class SparseCodes:
         ``latents [n]`` long, ``vals [n]`` (0 = an inactive entry kept for its gradient, e.g.
         JumpReLU's kernel band); a token appears at most once per latent."""
         c = cls.__new__(cls)
-        c._vals = c._idx = c._live = None
+        c._vals = c._idx = c._live = None  # type: ignore[assignment]  (the ragged form has no padded tensors)
         c._entries = (rows, latents, vals)
         c.batch = int(batch)
         c.ragged_form = True

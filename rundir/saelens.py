@@ -188,7 +188,7 @@ def to_canonical(cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: s
         raise SAELoadError(f"{where}: a TopK SAE needs k in 1..d_sae={d_sae} (cfg.json says k={k})")
     out_cfg = normalised_cfg(cfg)
     if norm == "expected_average_only_in":
-        s = float(activation_scale)  # SAE trained on s·x: f(x) = f_s(s·x), x̂ = x̂_s(s·x)/s
+        s = float(activation_scale or 1.0)  # SAE trained on s·x (scale checked above): f(x) = f_s(s·x)
         W_enc, W_dec, b_dec = W_enc * s, W_dec / s, b_dec / s
         folds.append(f"activation_scale={s:g}")
         out_cfg["normalize_activations"] = "none"

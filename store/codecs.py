@@ -110,8 +110,9 @@ class CodecSpec:
     def dequantize(self, raw: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``raw`` (from :meth:`as_tensors`, on any device) → float32 ``[rows, d]`` on that device.
         Elementwise, so the result is bit-identical on CPU and GPU and commutes with a row shuffle."""
-        if self.name == "int8":
-            return raw.float() * scale[:, None]
-        if self.name == "fp8":
-            return raw.view(torch.float8_e4m3fn).float() * scale[:, None]
+        if self.name in ("int8", "fp8"):
+            if scale is None:
+                raise ValueError(f"{self.name} rows need their per-row scale")
+            x = raw.float() if self.name == "int8" else raw.view(torch.float8_e4m3fn).float()
+            return x * scale[:, None]
         return raw.float()

@@ -215,7 +215,7 @@ class ShuffledBatches:
                         break
                     except queue.Full:
                         continue
-        except BaseException as e:  # forward errors (e.g. a corrupt chunk) to the consumer
+        except BaseException as e:  # noqa: BLE001 - forward errors (e.g. a corrupt chunk) to the consumer
             q.put(e)
         finally:
             for _, _, futs in pending:

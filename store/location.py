@@ -31,9 +31,6 @@ def scheme_of(url: str) -> str:
     return head.lower() if sep else "file"
 
 
-def is_local(url: str) -> bool:
-    return scheme_of(url) == "file"
-
 
 def local_path(url: str) -> Path:
     """The filesystem path of a local URL (``file://`` stripped)."""

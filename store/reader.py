@@ -57,7 +57,7 @@ class ActivationStore:
             self.group = zarr.open_group(store=self.loc.zarr_store(read_only=True), mode="r", zarr_format=3)
         except (SaeError, ImportError):
             raise
-        except Exception as e:  # zarr/fsspec raise several types for "not a group" / "not there"
+        except Exception as e:  # noqa: BLE001 - zarr/fsspec raise several types for "not a group" / "not there"
             raise StoreError(f"{self.path} is not a Zarr activation store ({e.__class__.__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}); check the path or URL") from None
         self.attrs: dict = dict(self.group.attrs)
@@ -296,7 +296,7 @@ class ActivationStore:
         except (StoreError, CommitMismatch) as e:
             raise StoreError(f"{self.path}: {e}; run `sae store verify {self.path}`, then restore or re-harvest "
                              "the store") from None
-        except Exception as e:  # FileNotFoundError included: every chunk of ours is stored
+        except Exception as e:  # noqa: BLE001 - FileNotFoundError included: every chunk of ours is stored
             chunk = start // self.chunk_tokens
             raise StoreError(f"corrupt chunk {chunk} of {self.path}/{hook_name} (rows {start}:{stop}; "
                              f"{e.__class__.__name__}): run `sae store verify {self.path}`, then restore or "

@@ -267,7 +267,7 @@ class TrainConfig:
         return cls(**kw)
 
 
-def _line_of(text: str, key: str, table: str | None = None) -> int:
+def _line_of(text: str, key: str | None, table: str | None = None) -> int:
     """1-based line where ``key`` (or the header of ``table`` when key is None) is defined; 0 if not found."""
     lines = text.splitlines()
     start = 0
@@ -277,7 +277,7 @@ def _line_of(text: str, key: str, table: str | None = None) -> int:
         if key is None:
             return start + 1
         start = max(start + 1, 0)
-    pat = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    pat = re.compile(rf"^\s*[\"']?{re.escape(str(key))}[\"']?\s*=")
     for i in range(start, len(lines)):
         if table is None and lines[i].lstrip().startswith("["):
             break

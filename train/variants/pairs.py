@@ -11,7 +11,7 @@
   active decoder rows (batched matmul, ``O(B·K²·d)``, one ``[chunk, K, d]`` gather at a time),
   spreading each pair's weight over its occurrences — cheaper when most co-firing pairs are used.
   :func:`cofiring_penalty` picks the cheaper of the two.
-* sorted-key utilities (:func:`pair_keys`, :func:`sort_unique`, :func:`merge_sparse`,
+* sorted-key utilities (:func:`pair_keys`, :func:`merge_sparse`,
   :func:`jaccard`) and :class:`SparseStatePenalty`, a penalty base whose sparse buffers change size.
 
 No function here forms an ``F×F`` matrix. Tested against dense references in ``tests/test_pairs.py``.
@@ -89,11 +89,6 @@ def group_keys(keys: Tensor, runs: bool = False) -> Groups:
     counts = torch.diff(starts, append=torch.tensor([n], device=sk.device))
     return Groups(sk[starts], perm, grp, starts, counts)
 
-
-def sort_unique(keys: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(unique sorted keys [U], inverse [n], counts [U])`` of an int64 vector."""
-    g = group_keys(keys)
-    return g.keys, g.inverse(), g.counts
 
 
 def merge_sparse(keys_a: Tensor, vals_a: Tensor, keys_b: Tensor, vals_b: Tensor,
