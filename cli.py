@@ -431,6 +431,11 @@ def evaluate(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="EVAL.SETTING=VALUE for an evaluation's "
                                                                         "Config, e.g. absorption.ranking=l1_probe "
                                                                         "(repeatable).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the model-only work (absorption's word "
+                                                              "activations and probes, unlearning's corpus "
+                                                              "activations) instead of reusing "
+                                                              "$SAE_CACHE_DIR/artifacts (default ~/.cache/sae).")
+    ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
@@ -440,7 +445,7 @@ def evaluate(
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
                                allow_other_store=allow_other_store, compat=compat,
-                               eval_params=_eval_params(param or []))
+                               eval_params=_eval_params(param or []), use_cache=not no_cache)
     ev.print_comparison(results)
 
 

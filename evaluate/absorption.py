@@ -171,8 +171,8 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mu, torch.where(sd < 1e-8, torch.ones_like(sd), sd)
 
 
-def fit_logistic(z: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 500
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_logistic(z: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int = 500,
+                 on_eval: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``P`` independent class-balanced L2 logistic regressions on the same inputs, fitted jointly.
 
     ``z [n, d]`` inputs, ``y [n, P]`` bool targets → ``(W [d, P], b [P])`` (float64) minimising, per
@@ -180,6 +180,7 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int
     ``s_i = n / (2·n_pos)`` for positives and ``n / (2·n_neg)`` for negatives (scikit-learn's
     ``LogisticRegression(C=c, class_weight="balanced")`` objective; SAEBench's probes use BCE with
     ``pos_weight = n_neg / n_pos``, the same up to a constant factor). Full-batch L-BFGS (strong Wolfe).
+    ``on_eval`` is called after each loss evaluation (progress).
     """
     z = z.double()
     yd = y.double()
@@ -196,6 +197,8 @@ def fit_logistic(z: torch.Tensor, y: torch.Tensor, c: float = 1.0, max_iter: int
         bce = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, yd, reduction="none")
         loss = c * (weights * bce).sum() + 0.5 * (w * w).sum()
         loss.backward()
+        if on_eval is not None:
+            on_eval()
         return loss
 
     with torch.enable_grad():
@@ -211,14 +214,15 @@ def _f1(y_true: torch.Tensor, y_pred: torch.Tensor) -> float:
 
 
 def train_ground_truth_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
-                              y_test: torch.Tensor, c: float = 1.0) -> GroundTruthProbes:
+                              y_test: torch.Tensor, c: float = 1.0, quiet: bool = True) -> GroundTruthProbes:
     """Fit a one-vs-rest probe per letter on ``x_train [n, d]`` (labels ``y_train [n]`` in 0..25) and
     score it on ``x_test [m, d]`` / ``y_test [m]`` (step 1 of the module doc).
 
     A probe is fitted only for letters with ≥ 2 train words, ≥ 1 train word of another letter and
     ≥ 1 held-out word. Inputs are centred and divided by one scalar σ (RMS per dimension of the train
     words: an isotropic rescaling, so the L2 penalty keeps the raw geometry of SAEBench's probe on raw
-    activations); a fit ``z·c + b`` maps back to ``w = c / σ``, ``b_raw = b − c·μ / σ``.
+    activations); a fit ``z·c + b`` maps back to ``w = c / σ``, ``b_raw = b − c·μ / σ``. Unless
+    ``quiet``, a progress bar counts the L-BFGS loss evaluations (minutes at SAEBench strength on a CPU).
     """
     xtr, xte = x_train.double().cpu(), x_test.double().cpu()
     ytr, yte = y_train.cpu(), y_test.cpu()
@@ -232,7 +236,10 @@ def train_ground_truth_probes(x_train: torch.Tensor, y_train: torch.Tensor, x_te
     bias = torch.zeros(26, dtype=torch.float64)
     cols = torch.nonzero(fit_ok).flatten()
     if len(cols):
-        coef, icpt = fit_logistic((xtr - mu) / sigma, pos_tr[:, cols], c)
+        with progress_bar(quiet, unit="eval") as bar:
+            task = bar.add_task(f"absorption: fitting {len(cols)} letter probes (L-BFGS)", total=500)
+            coef, icpt = fit_logistic((xtr - mu) / sigma, pos_tr[:, cols], c,
+                                      on_eval=lambda: bar.update(task, advance=1))
         weights[cols] = (coef / sigma).T
         bias[cols] = icpt - (mu / sigma) @ coef
     scores = torch.full((len(xte), 26), -math.inf, dtype=torch.float64)
@@ -695,12 +702,13 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
     """Absorption of one SAE (module doc): cached word activations and probes, then
     :func:`compute_absorption` on the SAE's codes."""
     key = _data_key(cfg)
-    data: WordActivations = ctx.cached(key, lambda: word_activations(ctx.model, ctx.layer, cfg, ctx.quiet))
+    data: WordActivations = ctx.cached(key, lambda: word_activations(ctx.model, ctx.layer, cfg, ctx.quiet),
+                                       persist=True)
     tr, te = data.is_train, ~data.is_train
     x_train, x_test = data.acts[tr], data.acts[te]
     y_train, y_test = data.letters[tr], data.letters[te]
     probes: GroundTruthProbes = ctx.cached(key + ("probes", cfg.probe_c), lambda: train_ground_truth_probes(
-        x_train, y_train, x_test, y_test, cfg.probe_c))
+        x_train, y_train, x_test, y_test, cfg.probe_c, quiet=ctx.quiet), persist=True)
     test_words = [w for w, t in zip(data.words, te.tolist(), strict=True) if t]
     res = compute_absorption(x_train, y_train, x_test, y_test, encode_dense(sae, x_train), encode_dense(sae, x_test),
                              sae.W_dec.detach().float().cpu(), cfg, probes=probes, test_words=test_words)

@@ -61,6 +61,9 @@ class EvalContext:
     quiet: bool = True
     cache: dict[tuple, Any] = field(default_factory=dict)
     results_dir: Path | None = None
+    disk_cache: Path | None = None
+    """Folder for work worth keeping between ``sae evaluate`` calls (``cached(..., persist=True)``);
+    None (``--no-cache``) keeps everything in memory only."""
 
     @property
     def model(self) -> LoadedModel:
@@ -73,12 +76,63 @@ class EvalContext:
             raise RuntimeError("this evaluation needs the model, but none was loaded (NEEDS_MODEL = False?)")
         return self.lm
 
-    def cached(self, key: tuple, fn: Callable[[], Any]) -> Any:
-        """``fn()`` memoised under ``(model fingerprint, hook, *key)``."""
+    def cached(self, key: tuple, fn: Callable[[], Any], persist: bool = False) -> Any:
+        """``fn()`` memoised under ``(model fingerprint, hook, *key)`` for this ``evaluate_runs`` call.
+
+        ``persist=True`` also keeps it on disk in ``disk_cache/artifacts/`` (file name: a hash of the
+        package version and the full key), so later calls reuse it, as SAEBench keeps its artifacts.
+        ``key`` must then name everything the value depends on besides the model and hook. A cache
+        file that cannot be read is recomputed and rewritten; one that cannot be written is skipped.
+        The files are pickles (``torch.save``): keep the folder private.
+        """
         full = (self.lm.fingerprint if self.lm is not None else None, self.hook_name, *key)
-        if full not in self.cache:
-            self.cache[full] = fn()
-        return self.cache[full]
+        if full in self.cache:
+            return self.cache[full]
+        path = _artifact_path(self.disk_cache, full) if persist and self.disk_cache is not None else None
+        value = _load_artifact(path) if path is not None else None
+        if value is None:
+            value = fn()
+            if path is not None:
+                _save_artifact(path, value)
+        self.cache[full] = value
+        return value
+
+
+ARTIFACT_FORMAT = 1
+"""Bumped when a cached artifact's layout changes (old files are then ignored)."""
+
+
+def _artifact_path(folder: Path, key: tuple) -> Path:
+    import hashlib
+
+    from .. import __version__
+
+    digest = hashlib.sha256(repr((ARTIFACT_FORMAT, __version__, key)).encode()).hexdigest()[:32]
+    return Path(folder) / "artifacts" / f"{key[2] if len(key) > 2 else 'eval'}-{digest}.pt"
+
+
+def _load_artifact(path: Path) -> Any:
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - a truncated or foreign file: recompute it
+        return None
+
+
+def _save_artifact(path: Path, value: Any) -> None:
+    import contextlib
+    import os
+
+    import torch
+
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..rundir.results import get_metric, read_result, write_result
 from ..rundir.sae import SAE
 from .common import model_fingerprints, model_hook_names
 from .core import COMPAT_MODES, DEFAULT_CONTEXT_SIZE, EVAL_TYPE_ID, CoreConfig
-from .rates import print_plan, record_rate
+from .rates import cache_dir, print_plan, record_rate
 from .registry import EvalContext, available_evals, eval_module
 
 __all__ = ["AVAILABLE_EVALS", "COMPARISON_COLUMNS", "evaluate_runs", "print_comparison"]
@@ -30,7 +30,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
                   evals: Sequence[str] = ("core",), n_tokens: int = 16384, device: str = "auto",
                   quiet: bool = False, results_dir: str | Path | None = None,
                   storage_options: dict | None = None, allow_other_store: bool = False,
-                  compat: str = "ours", eval_params: dict[str, dict[str, str]] | None = None) -> list[dict]:
+                  compat: str = "ours", eval_params: dict[str, dict[str, str]] | None = None,
+                  use_cache: bool = True) -> list[dict]:
     """Evaluate each SAE run directory; write ``eval_results/<eval>.json`` there; return the result dicts.
 
     The model id is the store's ``model_id`` when ``store`` is given, else the run's ``model_name``
@@ -59,6 +60,11 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     the first one runs, the plan is printed: evaluations, SAEs, and the time each took per SAE the
     last time on this machine (:mod:`.rates`).
 
+    Work that depends only on the model, the hook and an evaluation's settings (absorption's word
+    activations and ground-truth probes, unlearning's corpus activations) is kept in
+    ``<cache>/artifacts/`` (:func:`.rates.cache_dir`) and reused by later calls; ``use_cache=False``
+    (``--no-cache``) computes everything afresh and writes nothing there.
+
     ``store`` (path or URL, with ``storage_options``) must be the very store a run was trained on:
     a different ``content_digest`` than the run's ``cfg.json`` records is refused unless
     ``allow_other_store`` (e.g. a re-encoded copy of it).
@@ -72,7 +78,8 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     configs = _settings(evals, n_tokens, device, compat, eval_params)
     saes, out_dirs = _load_runs([Path(r) for r in run_dirs], results_dir)
     ctxs = _contexts(saes, out_dirs, store, storage_options, allow_other_store, device, quiet,
-                     needs_model=any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals))
+                     needs_model=any(getattr(eval_module(e), "NEEDS_MODEL", True) for e in evals),
+                     disk_cache=cache_dir() if use_cache else None)
     if not quiet:
         print_plan(list(evals), list(saes))
     written: dict[tuple[str, str], dict] = {}
@@ -127,7 +134,7 @@ def _load_runs(run_dirs: list[Path], results_dir: str | Path | None) -> tuple[di
 
 def _contexts(saes: dict[str, SAE], out_dirs: dict[str, Path], store: str | Path | None,
               storage_options: dict | None, allow_other_store: bool, device: str, quiet: bool,
-              needs_model: bool) -> dict[str, EvalContext]:
+              needs_model: bool, disk_cache: Path | None = None) -> dict[str, EvalContext]:
     """Each run's :class:`EvalContext`: its cfg.json checked against the store (same data, or a grown
     store whose prefix it trained on) and the model (loaded once per model), before any forward pass."""
     from ..model import LoadedModel, is_embedded, load_model
@@ -166,7 +173,7 @@ def _contexts(saes: dict[str, SAE], out_dirs: dict[str, Path], store: str | Path
             dataset=str(attrs.get("dataset") or sae_cfg.get("dataset_path") or "embedded"),
             context_size=int(attrs.get("context_size") or sae_cfg.get("context_size") or DEFAULT_CONTEXT_SIZE),
             run_dir=Path(run), store_path=str(store) if store is not None else None, device=device, quiet=quiet,
-            cache=shared_cache, results_dir=out_dirs[run])
+            cache=shared_cache, results_dir=out_dirs[run], disk_cache=disk_cache)
     return ctxs
 
 

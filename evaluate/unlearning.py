@@ -549,7 +549,7 @@ def _sets(ctx: EvalContext, cfg: Config) -> _Sets:
         return ctx.cached(("unlearning", "corpus", tuple(specs), cfg.corpus_split, cfg.n_corpus_tokens,
                            cfg.corpus_context_size),
                           lambda: corpus_activations(lm, layer, specs, cfg.corpus_split, cfg.n_corpus_tokens,
-                                                     cfg.corpus_context_size, bs))
+                                                     cfg.corpus_context_size, bs), persist=True)
 
     return _Sets(f, r, corpus(tuple(cfg.forget_corpus)), corpus(tuple(cfg.retain_corpus)))
 

@@ -368,7 +368,7 @@ def test_evaluate_runs_writes_results(tmp_path, tiny_model_dir, tiny_lm, tiny_st
 
 
 def test_unknown_eval_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="unknown evaluation 'nope': choose from core"):
+    with pytest.raises(ValueError, match=r"unknown evaluation 'nope' \(--eval\): choose one of core"):
         evaluate_runs([tmp_path], evals=("nope",), quiet=True)
 
 
