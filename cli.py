@@ -431,9 +431,9 @@ def evaluate(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="EVAL.SETTING=VALUE for an evaluation's "
                                                                         "Config, e.g. absorption.ranking=l1_probe "
                                                                         "(repeatable).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the model-only work (absorption's word "
-                                                              "activations and probes, unlearning's corpus "
-                                                              "activations) instead of reusing "
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the model-only work (core's clean pass, "
+                                                              "probing, absorption and unlearning activations) "
+                                                              "instead of reusing "
                                                               "$SAE_CACHE_DIR/artifacts (default ~/.cache/sae).")
     ] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,

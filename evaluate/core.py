@@ -357,7 +357,9 @@ def run_many(saes: list[SAE], ctxs: list[EvalContext], cfg: CoreConfig) -> list[
     for key in dict.fromkeys(keys):
         group = [i for i, k in enumerate(keys) if k == key]
         ctx, c = ctxs[group[0]], resolved[group[0]]
-        reference = compute_reference(ctx.model, ctx.hook_name, c, quiet=ctx.quiet)
+        reference = ctx.cached(("core_reference", *key),
+                               lambda ctx=ctx, c=c: compute_reference(ctx.model, ctx.hook_name, c, quiet=ctx.quiet),
+                               persist=True, memory=False)  # freed after its group
         res = run_core_many([saes[i] for i in group], ctx.model, c, reference=reference, quiet=ctx.quiet,
                             run_dirs=[str(ctxs[i].run_dir) for i in group])
         del reference

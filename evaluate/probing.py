@@ -149,7 +149,8 @@ def llm_text_acts(ctx: EvalContext, texts: Sequence[str], context_length: int = 
     if store_dtype not in _DTYPES:
         raise ValueError(f"store_dtype must be one of {', '.join(_DTYPES)}, got {store_dtype!r}")
     ctx_len = max(2, min(int(context_length), int(ctx.context_size)))
-    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = ctx.cached(("probing_text_acts", ctx_len, store_dtype), dict)
+    key = ("probing_text_acts", ctx_len, store_dtype)
+    memo: dict[str, tuple[torch.Tensor, torch.Tensor]] = ctx.cached(key, dict, persist=True)
     missing = [t for t in dict.fromkeys(texts) if t not in memo]
     if missing:
         lm = ctx.model
@@ -176,6 +177,7 @@ def llm_text_acts(ctx: EvalContext, texts: Sequence[str], context_length: int = 
                     pooled = x.mean(0) if len(x) else torch.zeros(acts.shape[-1])
                     memo[missing[i]] = (x.to(_DTYPES[store_dtype]), pooled)
                 bar.update(task, advance=len(idx))
+        ctx.persist(key)  # the grown memo, for later `sae evaluate` calls
     prefix = (ctx.model.fingerprint, ctx.hook_name, ctx_len, store_dtype)
     per = [memo[t] for t in texts]
     lens = torch.tensor([len(p[0]) for p in per], dtype=torch.long)

@@ -76,14 +76,15 @@ class EvalContext:
             raise RuntimeError("this evaluation needs the model, but none was loaded (NEEDS_MODEL = False?)")
         return self.lm
 
-    def cached(self, key: tuple, fn: Callable[[], Any], persist: bool = False) -> Any:
+    def cached(self, key: tuple, fn: Callable[[], Any], persist: bool = False, memory: bool = True) -> Any:
         """``fn()`` memoised under ``(model fingerprint, hook, *key)`` for this ``evaluate_runs`` call.
 
         ``persist=True`` also keeps it on disk in ``disk_cache/artifacts/`` (file name: a hash of the
         package version and the full key), so later calls reuse it, as SAEBench keeps its artifacts.
         ``key`` must then name everything the value depends on besides the model and hook. A cache
         file that cannot be read is recomputed and rewritten; one that cannot be written is skipped.
-        The files are pickles (``torch.save``): keep the folder private.
+        The files are pickles (``torch.save``): keep the folder private. ``memory=False`` does not
+        keep the value in this call's memory (a large value the caller frees itself).
         """
         full = (self.lm.fingerprint if self.lm is not None else None, self.hook_name, *key)
         if full in self.cache:
@@ -94,8 +95,16 @@ class EvalContext:
             value = fn()
             if path is not None:
                 _save_artifact(path, value)
-        self.cache[full] = value
+        if memory:
+            self.cache[full] = value
         return value
+
+    def persist(self, key: tuple) -> None:
+        """Write the current value of ``cached(key, ...)`` to disk again (after the caller grew it, e.g.
+        a memo of per-text activations); nothing without a disk cache."""
+        full = (self.lm.fingerprint if self.lm is not None else None, self.hook_name, *key)
+        if self.disk_cache is not None and full in self.cache:
+            _save_artifact(_artifact_path(self.disk_cache, full), self.cache[full])
 
 
 ARTIFACT_FORMAT = 1

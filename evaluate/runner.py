@@ -60,8 +60,9 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     the first one runs, the plan is printed: evaluations, SAEs, and the time each took per SAE the
     last time on this machine (:mod:`.rates`).
 
-    Work that depends only on the model, the hook and an evaluation's settings (absorption's word
-    activations and ground-truth probes, unlearning's corpus activations) is kept in
+    Work that depends only on the model, the hook and an evaluation's settings (core's reference
+    pass, probing's per-text activations, absorption's word activations and ground-truth probes,
+    unlearning's corpus activations) is kept in
     ``<cache>/artifacts/`` (:func:`.rates.cache_dir`) and reused by later calls; ``use_cache=False``
     (``--no-cache``) computes everything afresh and writes nothing there.
 

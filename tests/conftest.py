@@ -13,10 +13,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """``sae evaluate`` records its timings in a cache folder: the tests use their own."""
-    os.environ["SAE_CACHE_DIR"] = str(tmp_path_factory.mktemp("sae-cache"))
+@pytest.fixture(autouse=True)
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sae evaluate`` keeps timings and model-only work in a cache folder: each test gets an empty one
+    (so no test reuses another's work)."""
+    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path_factory.mktemp("sae-cache")))
 
 TINY_LAYERS = 4
 TINY_D_MODEL = 64

@@ -369,11 +369,18 @@ def test_evaluate_runs_end_to_end(tmp_path: Path, tiny_model_dir, tiny_lm, monke
                        "dataset_path": "embedded", "context_size": CTX, "d_in": 64})
         runs.append(run)
     evals = ["sparse_probing", "scr", "tpp"]
-    one = evaluate_runs(runs[:1], evals=evals, n_tokens=256, device="cpu", quiet=True)
+    one = evaluate_runs(runs[:1], evals=evals, n_tokens=256, device="cpu", quiet=True, use_cache=False)
     n_one = sum(forwarded)
     forwarded.clear()
-    both = evaluate_runs(runs, evals=evals, n_tokens=256, device="cpu", quiet=True)
+    both = evaluate_runs(runs, evals=evals, n_tokens=256, device="cpu", quiet=True, use_cache=False)
     assert sum(forwarded) == n_one > 0  # the second SAE reuses every cached LLM activation
+    forwarded.clear()
+    evaluate_runs(runs[:1], evals=evals, n_tokens=256, device="cpu", quiet=True)  # fills the disk cache
+    assert sum(forwarded) == n_one
+    forwarded.clear()
+    again = evaluate_runs(runs[:1], evals=evals, n_tokens=256, device="cpu", quiet=True)  # a later call
+    assert sum(forwarded) == 0 and [r["eval_result_metrics"] for r in again] == [
+        r["eval_result_metrics"] for r in one]
     assert len(one) == 3 and len(both) == 6
     for run in runs:
         res = {e: read_result(run, e) for e in evals}

@@ -588,3 +588,27 @@ def test_evaluate_prints_its_plan_with_this_machines_measured_time(tmp_path, tin
     evaluate_runs(runs, evals=["geometry"], device="cpu", quiet=False)
     second = capsys.readouterr().out.splitlines()
     assert second[1].startswith("  geometry: ~") and "per SAE here last time" in second[1]
+
+
+def test_the_core_reference_is_kept_on_disk_and_reused_with_identical_results(tmp_path, tiny_model_dir, tiny_store,
+                                                                              monkeypatch):
+    import sae.evaluate.core as core
+
+    calls = {"n": 0}
+    real = core.compute_reference
+
+    def counting(*a, **kw):
+        calls["n"] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(core, "compute_reference", counting)
+    run = tmp_path / "topk"
+    topk_sae(tiny_model_dir).save(run, sae_cfg(tiny_model_dir))
+    kw = dict(store=tiny_store, n_tokens=N_TOKENS, device="cpu", quiet=True)
+    first = evaluate_runs([run], **kw)[0]
+    second = evaluate_runs([run], **kw)[0]                       # a later `sae evaluate`: read from disk
+    assert calls["n"] == 1 and first["eval_result_metrics"] == second["eval_result_metrics"]
+    evaluate_runs([run], use_cache=False, **kw)                  # --no-cache
+    assert calls["n"] == 2
+    evaluate_runs([run], eval_params={"core": {"n_eval_tokens": str(N_TOKENS // 2)}}, **kw)  # another setting
+    assert calls["n"] == 3
