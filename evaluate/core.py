@@ -49,6 +49,7 @@ computed once per (model, hook, dataset, context size, token count) and shared b
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -357,9 +358,8 @@ def run_many(saes: list[SAE], ctxs: list[EvalContext], cfg: CoreConfig) -> list[
     for key in dict.fromkeys(keys):
         group = [i for i, k in enumerate(keys) if k == key]
         ctx, c = ctxs[group[0]], resolved[group[0]]
-        reference = ctx.cached(("core_reference", *key),
-                               lambda ctx=ctx, c=c: compute_reference(ctx.model, ctx.hook_name, c, quiet=ctx.quiet),
-                               persist=True, memory=False)  # freed after its group
+        reference = ctx.cached(("core_reference", *key), functools.partial(
+            compute_reference, ctx.model, ctx.hook_name, c, quiet=ctx.quiet), persist=True, memory=False)
         res = run_core_many([saes[i] for i in group], ctx.model, c, reference=reference, quiet=ctx.quiet,
                             run_dirs=[str(ctxs[i].run_dir) for i in group])
         del reference
