@@ -19,6 +19,7 @@ import typer
 from .harvest.harvest import DEFAULT_TOKENS, IDENTITY_DEFAULTS, HarvestConfig
 from .params import field_defaults, field_docs
 from .store.location import parse_storage_options
+from .synth.config import SynthConfig
 from .train.config import TrainConfig
 
 # typer ≥ 0.22 vendors click (``typer._click``), older typer uses the ``click`` package: take the
@@ -36,6 +37,8 @@ StorageOptions = Annotated[list[str] | None, typer.Option(
                              "(repeatable).")]
 CacheOption = Annotated[str | None, typer.Option("--cache", help=_TH["cache"])]
 
+_S = field_defaults(SynthConfig)
+_SH = field_docs(SynthConfig)
 _H = field_defaults(HarvestConfig)
 _HH = field_docs(HarvestConfig)
 
@@ -223,6 +226,39 @@ def store_verify(
         typer.secho(f"error: {path} is corrupt ({len(rep.bad_chunks)} bad chunks): restore it from a copy "
                     "or re-harvest", fg="red", err=True)
         raise typer.Exit(1)
+
+
+@store_app.command("synth")
+@_guard
+def store_synth(
+    config: Annotated[str, typer.Argument(help=_SH["config"])] = _S["config"],
+    tokens: Annotated[int, typer.Option(help=_SH["tokens"])] = _S["tokens"],
+    out: Annotated[str, typer.Option(help=_SH["out"])] = _S["out"],
+    seed: Annotated[int, typer.Option(help=_SH["seed"])] = _S["seed"],
+    dtype: Annotated[str, typer.Option(help=_SH["dtype"])] = _S["dtype"],
+    codec: Annotated[str, typer.Option(help=_SH["codec"])] = _S["codec"],
+    chunk_tokens: Annotated[int, typer.Option(help=_SH["chunk_tokens"])] = _S["chunk_tokens"],
+    context_size: Annotated[int, typer.Option(help=_SH["context_size"])] = _S["context_size"],
+    device: Annotated[str, typer.Option(help=_SH["device"])] = _S["device"],
+    resume: Annotated[bool, typer.Option(help=_SH["resume"])] = _S["resume"],
+    overwrite: Annotated[bool, typer.Option(help=_SH["overwrite"])] = _S["overwrite"],
+    storage_option: StorageOptions = None,
+    print_config: Annotated[bool, typer.Option(help="Print CONFIG as TOML (a file to edit) and exit.")] = False,
+) -> None:
+    """Write a synthetic store with known ground truth (SynthSAEBench, arXiv 2602.14687; SAELens'
+    generator): every command reads it, and `sae evaluate --eval ground_truth` scores SAEs against it."""
+    from .synth.store import SynthConfig, write_synthetic_store
+    from .synth.store import print_config as to_toml
+
+    if print_config:
+        typer.echo(to_toml(config), nl=False)
+        return
+    cfg = SynthConfig(config=config, tokens=tokens, out=out, seed=seed, dtype=dtype, codec=codec,
+                      chunk_tokens=chunk_tokens, context_size=context_size, device=device, resume=resume,
+                      overwrite=overwrite, storage_options=parse_storage_options(storage_option))
+    cfg.validate()
+    write_synthetic_store(cfg)
+    store_info(out, storage_option)
 
 
 @store_app.command("ls")
@@ -421,7 +457,8 @@ def evaluate(
     storage_option: StorageOptions = None,
     allow_other_store: Annotated[bool, typer.Option(help="Accept a --store whose content digest differs from "
                                                          "the one the SAE was trained on.")] = False,
-    eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all available).")] = "",
+    eval: Annotated[str, typer.Option("--eval", help="Comma-separated evaluations (default: all that apply; on a "
+                                                       "synthetic store ground_truth,geometry).")] = "",
     tokens: Annotated[int, typer.Option(help="Held-out tokens for the core evaluation.")] = 16384,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     results_dir: Annotated[Path | None, typer.Option(help="Write DIR/<run>/eval_results/ instead of into the run "
@@ -441,7 +478,7 @@ def evaluate(
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
     from . import evaluate as ev
 
-    evals = [e.strip() for e in eval.split(",") if e.strip()] or list(ev.AVAILABLE_EVALS)
+    evals = [e.strip() for e in eval.split(",") if e.strip()] or None  # None: all that apply to the store
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
                                allow_other_store=allow_other_store, compat=compat,

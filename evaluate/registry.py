@@ -32,7 +32,7 @@ from ..model import LoadedModel
 from ..registry import Registry
 
 # Evaluation modules in their default running order.
-EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry")
+EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry", "ground_truth")
 
 
 @dataclass

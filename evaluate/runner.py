@@ -27,7 +27,7 @@ COMPARISON_COLUMNS = ("l0", "explained_variance", "mse", "cossim", "l2_ratio", "
 
 
 def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = None,
-                  evals: Sequence[str] = ("core",), n_tokens: int = 16384, device: str = "auto",
+                  evals: Sequence[str] | None = ("core",), n_tokens: int = 16384, device: str = "auto",
                   quiet: bool = False, results_dir: str | Path | None = None,
                   storage_options: dict | None = None, allow_other_store: bool = False,
                   compat: str = "ours", eval_params: dict[str, dict[str, str]] | None = None,
@@ -70,12 +70,17 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     a different ``content_digest`` than the run's ``cfg.json`` records is refused unless
     ``allow_other_store`` (e.g. a re-encoded copy of it).
 
+    ``evals=None``: every evaluation that applies — on a synthetic store (``sae store synth``) those
+    that need no language model (``ground_truth``, ``geometry``), elsewhere all but ``ground_truth``.
+    A language-model evaluation asked for on a synthetic store is refused (it has no model or text).
+
     Returns one SAEBench-shaped result dict per (run, eval), in order.
 
     Raises:
         ValueError: an unknown eval name. IncompatibleSAEError: a run does not fit the store/model.
         FileNotFoundError: a run directory without an SAE. StoreError: a bad store.
     """
+    evals = _applicable(evals, store, storage_options)
     configs = _settings(evals, n_tokens, device, compat, eval_params)
     saes, out_dirs = _load_runs([Path(r) for r in run_dirs], results_dir)
     ctxs = _contexts(saes, out_dirs, store, storage_options, allow_other_store, device, quiet,
@@ -87,6 +92,24 @@ def evaluate_runs(run_dirs: Sequence[str | Path], store: str | Path | None = Non
     for name in evals:
         written.update(_run_evaluation(name, configs[name], saes, ctxs, quiet))
     return [written[(run, name)] for run in saes for name in evals if (run, name) in written]
+
+
+def _applicable(evals: Sequence[str] | None, store: str | Path | None, storage_options: dict | None) -> list[str]:
+    """The evaluations to run: ``evals``, or the default for this store (see :func:`evaluate_runs`)."""
+    from ..errors import ConfigError
+    from ..store import ActivationStore
+    from ..synth.store import is_synthetic
+
+    synthetic = store is not None and is_synthetic(ActivationStore(store, storage_options=storage_options).attrs)
+    if evals is None:
+        if synthetic:
+            return [e for e in AVAILABLE_EVALS if not getattr(eval_module(e), "NEEDS_MODEL", True)]
+        return [e for e in AVAILABLE_EVALS if e != "ground_truth"]
+    needs = [e for e in evals if synthetic and getattr(eval_module(e), "NEEDS_MODEL", True)]
+    if needs:
+        raise ConfigError(f"--eval {','.join(needs)}: {store} is a synthetic store (no language model or text); "
+                          "evaluate it with --eval ground_truth,geometry")
+    return list(evals)
 
 
 def _settings(evals: Sequence[str], n_tokens: int, device: str, compat: str,

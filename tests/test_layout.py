@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("harvest", "store", "rundir", "train", "interop", "evaluate", "report")
+PACKAGES = ("harvest", "synth", "store", "rundir", "train", "interop", "evaluate", "report")
 LEVELS = {
     # root modules: everyone may import them; among themselves only ``errors``
     "sae": 0, "errors": 0, "outputs": 0, "progress": 0, "params": 0, "model": 0, "registry": 0,
     "store": 1, "rundir": 1,                               # the two artefacts
-    "harvest": 2, "train": 2, "interop": 2, "latents": 2,  # stages that write or convert them
+    "harvest": 2, "synth": 2, "train": 2, "interop": 2, "latents": 2,  # stages that write or convert them
     "evaluate": 3,
     "report": 4,
     "cli": 5, "__main__": 6,
@@ -43,11 +43,11 @@ def _imports(path: Path) -> set[str]:
                 target = ".".join([*base, node.module] if node.module else base)
             else:
                 target = node.module or ""
-            if target.startswith("sae"):
+            if target == "sae" or target.startswith("sae."):  # not sae_lens
                 out.add(target)
                 out.update(f"{target}.{a.name}" for a in node.names)  # `from . import tasks`
         elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("sae"))
+            out.update(a.name for a in node.names if a.name == "sae" or a.name.startswith("sae."))
     return out
 
 
