@@ -179,6 +179,11 @@ def store_info(
     for h in s.hook_names:
         if (a.get("stats") or {}).get(h):
             rows.append((f"E‖x‖² {h}", f"{s.mean_sq_norm(h):,.1f}"))
+    syn = a.get("synthetic")
+    if isinstance(syn, dict):
+        c = syn.get("config") or {}
+        rows.append(("ground truth", f"{syn.get('name')}: {c.get('num_features'):,} features in {c.get('hidden_dim')} "
+                                     f"dims, seed {c.get('seed')} ({syn.get('generator')}); `--eval ground_truth`"))
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)

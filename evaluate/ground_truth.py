@@ -255,7 +255,8 @@ def evaluate_samples(sae: SAE, features: torch.Tensor, samples: list[tuple[torch
     pairs = [(p, kids) for p, kids in pairs if kids]
     parents, children = [p for p, _ in pairs], [k for _, k in pairs]
     flat = [(k, p, c) for k, (p, kids) in enumerate(pairs) for c in kids]
-    pair_arrays = tuple(np.asarray([t[i] for t in flat], dtype=np.int64) for i in range(3))
+    pair_arrays = (np.asarray([t[0] for t in flat], dtype=np.int64), np.asarray([t[1] for t in flat], dtype=np.int64),
+                   np.asarray([t[2] for t in flat], dtype=np.int64))
     blocks = _Blocks.empty()
     for x, a in _rechunk(samples, cfg.bootstrap_block):
         for s in range(0, len(x), cfg.batch_size):  # a block larger than a batch: one block, several batches

@@ -219,12 +219,15 @@ def _write_report(runs: list[RunInfo], out: Path, store: Path | None, n_browse_l
     paths = [r.path for r in runs]
     if any(len(g) > 1 for g in grouped(paths).values()):  # seeds of one configuration: mean ± 95 % t
         (out / "seeds.md").write_text(
-            "Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from topk "
-            "excludes 0.\n\n" + seed_table_markdown(paths) + "\nDifferences from topk (95 % Welch; * = "
+            "Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from the "
+            "configuration's base (the architecture a penalty is added to, else topk) excludes 0.\n\n"
+            + seed_table_markdown(paths) + "\nDifferences from the base (95 % Welch; * = "
             "excludes 0):\n\n" + difference_table_markdown(paths))
         for x, y, name in (("mean max cos", "expl. var.", "seeds_maxcos_ev.png"),
                            ("expl. var.", "absorption", "seeds_ev_absorption.png"),
-                           ("mean max cos", "CE score", "seeds_maxcos_ce.png")):
+                           ("mean max cos", "CE score", "seeds_maxcos_ce.png"),
+                           ("GT L0", "GT F1", "seeds_gt_f1_l0.png"),
+                           ("GT expl. var.", "GT absorption", "seeds_gt_absorption_ev.png")):
             plot_seed_means(paths, out, x, y, name)
     sections.append(("metrics", "All evaluation metrics",
                      all_html + '<p class="note">Also in <a href="metrics.csv">metrics.csv</a>.</p>'))

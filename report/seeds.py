@@ -37,6 +37,14 @@ METRICS: tuple[tuple[str, str, str | None, str], ...] = (
     ("SCR (thr 20)", "scr", None, "scr_metric_threshold_20"),
     ("TPP (thr 20)", "tpp", None, "tpp_threshold_20_total_metric"),
     ("unlearning", "unlearning", "unlearning", "unlearning_score"),
+    # ground truth on a synthetic store (sae store synth; evaluate/ground_truth.py)
+    ("GT L0", "ground_truth", "sparsity", "sae_l0"),
+    ("GT F1", "ground_truth", "classification", "f1_score"),
+    ("GT MCC", "ground_truth", "recovery", "mcc"),
+    ("GT uniqueness", "ground_truth", "recovery", "uniqueness"),
+    ("GT expl. var.", "ground_truth", "reconstruction", "explained_variance"),
+    ("GT absorption", "ground_truth", "absorption", "absorption_rate"),
+    ("GT dead", "ground_truth", "sparsity", "dead_latents"),
 )
 
 
@@ -88,6 +96,14 @@ def grouped(run_dirs: Sequence[str | Path]) -> dict[str, list[RunInfo]]:
     return out
 
 
+def baseline_of(label: str, labels: Sequence[str], default: str = "topk") -> str:
+    """The configuration ``label`` is compared with: the longest other label it starts with followed by
+    ``-`` (``batchtopk-ortsae`` → ``batchtopk``; a sweep's penalty-free run is named after its
+    architecture), else ``default``."""
+    prefixes = [b for b in labels if b != label and label.startswith(b + "-")]
+    return max(prefixes, key=len) if prefixes else default
+
+
 def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", digits: int = 4) -> str:
     """A markdown table: one row per configuration, ``mean ± half-width`` (95 % t over seeds) per
     metric, ``▲``/``▼`` where the Welch interval of the difference from ``baseline`` excludes 0.
@@ -95,10 +111,11 @@ def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", 
     groups = grouped(run_dirs)
     cols = [(title, e, c, n) for title, e, c, n in METRICS
             if any(_value(r, e, c, n) is not None for runs in groups.values() for r in runs)]
-    base = groups.get(baseline)
     header = ["configuration", "seeds", *[c[0] for c in cols]]
     lines = ["| " + " | ".join(header) + " |", "| --- | ---: |" + " ---: |" * len(cols)]
     for label, runs in groups.items():
+        ref = baseline_of(label, list(groups), baseline)
+        base = groups.get(ref)
         cells = [label, str(len(runs))]
         for _title, e, c, n in cols:
             vals = [v for v in (_value(r, e, c, n) for r in runs) if v is not None]
@@ -109,7 +126,7 @@ def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", 
             cell = f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
             if len(vals) < len(runs):
                 cell += f" (n={len(vals)})"
-            if base is not None and label != baseline:
+            if base is not None and label != ref:
                 bvals = [v for v in (_value(r, e, c, n) for r in base) if v is not None]
                 if bvals:
                     d, h = welch_interval(vals, bvals)
@@ -121,21 +138,21 @@ def seed_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", 
 
 
 def difference_table_markdown(run_dirs: Sequence[str | Path], baseline: str = "topk", digits: int = 4) -> str:
-    """Each configuration's difference from ``baseline``: ``Δ ± half-width`` (95 % Welch), per metric."""
+    """Each configuration's difference from its baseline (:func:`baseline_of`: the architecture it adds a
+    penalty to, else ``baseline``): ``Δ ± half-width`` (95 % Welch), per metric."""
     groups = grouped(run_dirs)
-    base = groups.get(baseline)
-    if base is None:
-        return ""
+    refs = {label: baseline_of(label, list(groups), baseline) for label in groups}
     cols = [(title, e, c, n) for title, e, c, n in METRICS
-            if any(_value(r, e, c, n) is not None for r in base)]
+            if any(_value(r, e, c, n) is not None for ref in set(refs.values()) for r in groups.get(ref, []))]
     if not cols:
         return ""
-    lines = ["| configuration | " + " | ".join(f"Δ {c[0]}" for c in cols) + " |",
-             "| --- |" + " ---: |" * len(cols)]
+    lines = ["| configuration | vs | " + " | ".join(f"Δ {c[0]}" for c in cols) + " |",
+             "| --- | --- |" + " ---: |" * len(cols)]
     for label, runs in groups.items():
-        if label == baseline:
+        base = groups.get(refs[label])
+        if label == refs[label] or base is None:
             continue
-        cells = [label]
+        cells = [label, refs[label]]
         for _title, e, c, n in cols:
             vals = [v for v in (_value(r, e, c, n) for r in runs) if v is not None]
             bvals = [v for v in (_value(r, e, c, n) for r in base) if v is not None]

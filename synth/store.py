@@ -220,7 +220,7 @@ def write_synthetic_store(cfg: SynthConfig, quiet: bool = False) -> str:
     args = (meta, [HOOK], model_cfg.hidden_dim, cfg.context_size, cfg.tokens, codec, cfg.chunk_tokens)
     writers: list[StoreWriter] = []
 
-    def write(target: object, mode: str) -> None:
+    def write(target: Any, mode: str) -> None:
         writers.append(StoreWriter(target, *args, mode=mode, storage_options=cfg.storage_options))
         try:
             _fill(writers[-1], model, gt, cfg.seed, quiet)
@@ -271,7 +271,7 @@ def _check_resumable(loc: Any, name: str, model_cfg: Any, cfg: SynthConfig) -> N
 
 def _fill(writer: StoreWriter, model: Any, gt: dict[str, np.ndarray], seed: int, quiet: bool) -> None:
     sub = writer.group.get(GROUP)
-    if sub is None or "feature_vectors" not in sub:
+    if sub is None or "feature_vectors" not in sub:  # type: ignore[operator]
         _write_ground_truth(writer.group, gt)
     if not writer.tokens_committed():
         writer.write_tokens(np.zeros(writer.n_target, dtype=np.int32))
