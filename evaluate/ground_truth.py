@@ -363,4 +363,6 @@ def run(sae: SAE, ctx: EvalContext, cfg: Config) -> EvalOutput:
 
         raise ConfigError(f"the SAE has d_in {sae.W_dec.shape[1]}, the synthetic store's features "
                           f"{features.shape[1]}: evaluate it on the store it was trained on")
-    return evaluate_samples(sae, features, samples, hierarchy, cfg)
+    out = evaluate_samples(sae, features, samples, hierarchy, cfg)
+    out.unstructured["run_dir"] = str(ctx.run_dir)
+    return out
