@@ -45,6 +45,7 @@ def run_theirs(model, arch: str, seed: int, a) -> tuple[object, float]:
                                                                                a.k, a.widths),
                                    training_samples=a.samples, batch_size=a.batch_size, lr=a.lr, device="cpu",
                                    output_path=None, checkpoint_path=None, eval_samples=0, run_final_eval=False,
+                                   dead_feature_window=a.dead_window,
                                    logger=LoggingConfig(log_to_wandb=False))
     runner = SyntheticSAERunner(cfg, override_synthetic_model=model)
     t0 = time.perf_counter()
@@ -116,10 +117,15 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--eval-samples", type=int, default=50_000)
+    ap.add_argument("--dead-window", type=int, default=None,
+                    help="SAELens dead_feature_window in steps (default: ours, 200 000 samples / batch; the "
+                         "runner's own default is 1000 steps, longer than short runs, so AuxK never engages)")
     ap.add_argument("--json", type=Path, default=Path("vs_saelens.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_saelens"))
     a = ap.parse_args()
     a.widths = [int(w) for w in a.widths.split(",")]
+    if a.dead_window is None:
+        a.dead_window = -(-200_000 // a.batch_size)  # our TrainConfig.dead_tokens, in steps
     from sae.store import ActivationStore
     from sae.synth.store import load_synthetic_model
 
@@ -139,7 +145,8 @@ def main() -> None:
                 results[key] = {**score(sae, model, a.eval_samples), "seconds": dt, "samples": a.samples}
                 print(key, json.dumps(results[key]), flush=True)
                 a.json.write_text(json.dumps(results, indent=1))
-    print(f"\n{a.samples} samples, batch {a.batch_size}, lr {a.lr} (constant), d_sae {a.d_sae}, k {a.k}; "
+    print(f"\n{a.samples} samples, batch {a.batch_size}, lr {a.lr} (constant), d_sae {a.d_sae}, k {a.k}, "
+          f"SAELens dead_feature_window {a.dead_window} steps; "
           f"{a.eval_samples} held-out samples scored by sae_lens eval_sae_on_synthetic_data")
     print("| arch | F1 ours | F1 SAELens | Δ F1 (Welch) | MCC ours | MCC SAELens | Δ MCC (Welch) | L0 ours "
           "| L0 SAELens | samples/s ours | samples/s SAELens | ratio |")
