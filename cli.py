@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -579,8 +580,12 @@ def sweep(
                                                    "--seed).")] = None,
     device: Annotated[str, typer.Option(help=_TH["device"])] = _T["device"],
     out: Annotated[Path, typer.Option(help="Parent directory of the run directories.")] = Path("runs/sweep"),
-    workers: Annotated[int, typer.Option(help="Spread config groups over N local dask worker processes.")] = 0,
-    scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask.distributed scheduler.")] = None,
+    workers: Annotated[str | None, typer.Option(help="Spread the configurations over N local dask worker processes, "
+                                                     "or auto: one per visible GPU, each pinned to its GPU.")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Address of an existing dask.distributed scheduler "
+                                                       "(its workers must reach --out and the store).")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Configurations per dask task (one store pass each); "
+                                                        "default: spread over the workers, capped by memory.")] = None,
     checkpoint_minutes: Annotated[float, typer.Option(help=_TH["checkpoint_minutes"])] = _T["checkpoint_minutes"],
     resume: Annotated[bool, typer.Option(help=_TH["resume"])] = _T["resume"],
     overwrite: Annotated[bool, typer.Option(help=_TH["overwrite"])] = _T["overwrite"],
@@ -589,15 +594,21 @@ def sweep(
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train many configurations from ONE pass over the store, then print a summary table."""
+    from .cluster import resolve_workers
     from .errors import ConfigError
     from .outputs import check_output_location
     from .train.config import TrainConfig, read_toml
     from .train.sweep import expand, parse_grid, print_summary, run_sweep, summarize
 
-    if workers < 0:
-        raise ConfigError(f"--workers {workers} must be >= 0")
-    if workers and scheduler:
+    if workers in ("0", 0):
+        workers = None  # the old default: no dask
+    resolve_workers(workers)
+    if workers is not None and scheduler:
         raise ConfigError("--workers and --scheduler are exclusive: start a local cluster or use an existing one")
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", str(out)):
+        raise ConfigError(f"--out {out}: run directories are written to a filesystem path (a shared mount that "
+                          "every worker reaches, for a distributed sweep), not a URL; publish runs to a bucket "
+                          "afterwards with your usual copy tool")
     check_output_location(out, "--out")
     opts: dict[str, Any] = dict(store=store, storage_options=parse_storage_options(storage_option), cache=cache,
                                 hook_name=hook, arch=arch, expansion=expansion, k=k, lr=lr,
@@ -621,7 +632,7 @@ def sweep(
     cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grids), out, tables)
     for note in dict.fromkeys(c.legacy_notice for c in cfgs if c.legacy_notice):
         typer.echo(note.replace("--variant", "--variants entry"), err=True)
-    run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet)
+    run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet, group_size=group_size)
     out.mkdir(parents=True, exist_ok=True)
     print_summary(summarize(run_dirs), out)
 

@@ -24,16 +24,17 @@ import torch
 ARCHS = ("topk", "batchtopk", "jumprelu", "matryoshka")
 
 
-def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, widths: list[int]):
+def saelens_cfg(arch: str, d_in: int, d_sae: int, k: int, widths: list[int], extra: dict | None = None):
     import sae_lens
 
+    kw = {"d_in": d_in, "d_sae": d_sae, **(extra or {})}
     if arch == "topk":
-        return sae_lens.TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
+        return sae_lens.TopKTrainingSAEConfig(k=k, **kw)
     if arch == "batchtopk":
-        return sae_lens.BatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
+        return sae_lens.BatchTopKTrainingSAEConfig(k=k, **kw)
     if arch == "jumprelu":
-        return sae_lens.JumpReLUTrainingSAEConfig(d_in=d_in, d_sae=d_sae, target_l0=k)
-    return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=widths)
+        return sae_lens.JumpReLUTrainingSAEConfig(target_l0=k, **kw)
+    return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=k, matryoshka_widths=widths, **kw)
 
 
 def run_theirs(model, arch: str, seed: int, a) -> tuple[object, float]:
@@ -42,7 +43,7 @@ def run_theirs(model, arch: str, seed: int, a) -> tuple[object, float]:
 
     torch.manual_seed(seed)
     cfg = SyntheticSAERunnerConfig(synthetic_model=model.cfg, sae=saelens_cfg(arch, model.cfg.hidden_dim, a.d_sae,
-                                                                               a.k, a.widths),
+                                                                               a.k, a.widths, a.theirs),
                                    training_samples=a.samples, batch_size=a.batch_size, lr=a.lr, device="cpu",
                                    output_path=None, checkpoint_path=None, eval_samples=0, run_final_eval=False,
                                    dead_feature_window=a.dead_window,
@@ -62,7 +63,8 @@ def run_ours(store: str, arch: str, seed: int, a, out: Path) -> tuple[object, fl
     params = {"groups": ",".join(map(str, a.widths))} if arch == "matryoshka" else {}
     cfg = TrainConfig(store=store, arch=arch, variant="none", d_sae=a.d_sae, k=a.k, batch_size=a.batch_size,
                       tokens=a.samples, lr=a.lr, lr_warmup_steps=0, lr_decay_frac=0.0, normalize=False,
-                      init_seed=seed, seed=seed, device="cpu", out=str(out), overwrite=True, variant_params=params)
+                      init_seed=seed, seed=seed, device="cpu", out=str(out), overwrite=True, variant_params=params,
+                      **a.ours)
     t0 = time.perf_counter()
     run = train(cfg, quiet=True)
     dt = time.perf_counter() - t0
@@ -120,6 +122,11 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=None,
                     help="SAELens dead_feature_window in steps (default: ours, 200 000 samples / batch; the "
                          "runner's own default is 1000 steps, longer than short runs, so AuxK never engages)")
+    ap.add_argument("--theirs", type=json.loads, default={},
+                    help="extra SAELens training-SAE config fields as JSON, e.g. '{\"decoder_init_norm\": 1.0}'")
+    ap.add_argument("--ours", type=json.loads, default={},
+                    help="extra TrainConfig fields as JSON, e.g. '{\"aux_k_coefficient\": 1.0}'")
+    ap.add_argument("--tag", default="", help="suffix of the result keys, so that variants sit beside the defaults")
     ap.add_argument("--json", type=Path, default=Path("vs_saelens.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_saelens"))
     a = ap.parse_args()
@@ -135,7 +142,7 @@ def main() -> None:
     for arch in a.archs.split(","):
         for seed in map(int, a.seeds.split(",")):
             for lib in ("ours", "saelens"):
-                key = f"{lib}/{arch}/{seed}"
+                key = f"{lib}{a.tag}/{arch}/{seed}"
                 if key in results:
                     continue
                 if lib == "ours":
@@ -146,14 +153,15 @@ def main() -> None:
                 print(key, json.dumps(results[key]), flush=True)
                 a.json.write_text(json.dumps(results, indent=1))
     print(f"\n{a.samples} samples, batch {a.batch_size}, lr {a.lr} (constant), d_sae {a.d_sae}, k {a.k}, "
-          f"SAELens dead_feature_window {a.dead_window} steps; "
+          f"SAELens dead_feature_window {a.dead_window} steps; ours {a.ours or 'defaults'}, SAELens "
+          f"{a.theirs or 'defaults'}; "
           f"{a.eval_samples} held-out samples scored by sae_lens eval_sae_on_synthetic_data")
     print("| arch | F1 ours | F1 SAELens | Δ F1 (Welch) | MCC ours | MCC SAELens | Δ MCC (Welch) | L0 ours "
           "| L0 SAELens | samples/s ours | samples/s SAELens | ratio |")
     print("| --- |" + " ---: |" * 11)
     for arch in a.archs.split(","):
-        row = {lib: [results[f"{lib}/{arch}/{s}"] for s in a.seeds.split(",") if f"{lib}/{arch}/{s}" in results]
-               for lib in ("ours", "saelens")}
+        row = {lib: [results[f"{lib}{a.tag}/{arch}/{s}"] for s in a.seeds.split(",")
+                     if f"{lib}{a.tag}/{arch}/{s}" in results] for lib in ("ours", "saelens")}
         if not row["ours"] or not row["saelens"]:
             continue
         cells = [arch]

@@ -15,17 +15,15 @@ single-process harvest, bit for bit on the same hardware and dtype.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..cluster import worker_device
 from ..model import LoadedModel, hook_name_for, load_model
 from ..store import ChunkWriter, StoreError
 from .forward import forward_chunk
@@ -51,28 +49,13 @@ class ChunkJob:
     storage_options: dict = field(default_factory=dict, hash=False, compare=False)
 
 
-_SPAWN_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MALLOC_TRIM_THRESHOLD_")
 _MODELS: dict[tuple, LoadedModel] = {}
 """The model of this worker process (loaded by its first task, reused by every later one)."""
 
 
-def _worker_device(device: str) -> str:
-    """``auto``/``cuda`` with several GPUs: worker ``i`` of a LocalCluster uses ``cuda:i mod count``."""
-    import torch
-
-    if device in ("auto", "cuda") and torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        with contextlib.suppress(ImportError, ValueError):
-            from distributed import get_worker
-
-            name = get_worker().name
-            index = int(name) if str(name).isdigit() else abs(hash(name))
-            return f"cuda:{index % torch.cuda.device_count()}"
-    return device
-
-
 def worker_model(job: ChunkJob) -> LoadedModel:
     """This process's model for ``job``, loaded once. Raises ``StoreError`` if its weights are not the store's."""
-    device = _worker_device(job.device)
+    device = worker_device(job.device)
     key = (job.model_id, job.model_weights, device)
     if key not in _MODELS:
         _MODELS.clear()  # one model per process
@@ -96,62 +79,6 @@ def harvest_chunk(job: ChunkJob, i: int) -> int:
     valid = ~np.isin(flat, np.asarray(job.special_token_ids, dtype=np.int64))
     writer.write_chunk(i, {hook_name_for(L): acts[L] for L in job.layers}, valid)
     return len(flat)
-
-
-def resolve_workers(workers: int | str | None) -> int | None:
-    """``--workers``: a positive int, ``auto`` (one per visible GPU; 1 without CUDA), or None (no dask).
-
-    Raises:
-        ConfigError: anything else.
-    """
-    if workers is None:
-        return None
-    if isinstance(workers, str) and workers.strip().lower() == "auto":
-        import torch
-
-        return max(torch.cuda.device_count(), 1) if torch.cuda.is_available() else 1
-    try:
-        n = int(workers)
-    except (TypeError, ValueError):
-        n = 0
-    if isinstance(workers, bool) or n < 1:
-        raise ConfigError(f"--workers {workers!r}: give a positive number of worker processes, or auto")
-    return n
-
-
-@contextlib.contextmanager
-def dask_client(workers: int | None, scheduler: str | None) -> Iterator[object]:
-    """A ``distributed.Client`` on ``scheduler`` (an existing cluster), or on a new
-    ``LocalCluster`` of ``workers`` single-threaded processes on 127.0.0.1 (closed afterwards)."""
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        try:
-            client = Client(scheduler, timeout=30)
-        except OSError as e:
-            raise ConfigError(f"--scheduler {scheduler}: cannot connect ({e.__class__.__name__}: {e}); start "
-                              "`dask scheduler` there, or use --workers N for a local cluster") from None
-        try:
-            yield client
-        finally:
-            client.close()
-        return
-    saved = {k: os.environ.get(k) for k in _SPAWN_ENV}
-    try:
-        cluster = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                               dashboard_address=None)
-    finally:  # distributed writes its worker settings (OMP_NUM_THREADS=1...) into this process's environment
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    client = Client(cluster)
-    try:
-        yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 def run_chunks(client: Any, job: ChunkJob, todo: list[int], bar: Any, task: Any) -> int:

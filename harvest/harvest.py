@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
+from ..cluster import check_scheduler, dask_client, resolve_workers
 from ..errors import ConfigError
 from ..model import LoadedModel, check_device, check_layers, hook_name_for, load_model
 from ..outputs import (
@@ -26,7 +27,7 @@ from ..store.format import FORMAT_VERSION
 from ..store.lease import check_not_leased, replacing
 from ..store.location import READ_ONLY_SCHEMES, StoreLocation, as_location, scheme_of
 from .corpus import iter_documents
-from .distributed import ChunkJob, dask_client, resolve_workers, run_chunks
+from .distributed import ChunkJob, run_chunks
 from .forward import forward_chunk
 from .tokens import pack_sequences
 
@@ -286,7 +287,7 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
     cfg = cfg.resolved()
     cfg.validate()
     docs = _open_corpus(cfg)
-    _check_scheduler(cfg)
+    check_scheduler(cfg.scheduler)
     lm = loaded or load_model(cfg.model, cfg.device, model_weights=model_weights)
     try:
         check_layers(cfg.layers, lm.n_layers)
@@ -350,7 +351,7 @@ def _grow_model(cfg: HarvestConfig, a: dict, loaded: LoadedModel | None, option:
     """The model that grows the store: ``--model`` when given (its weights must be the store's), else
     the store's own. Raises ``ConfigError`` when the weights' fingerprint differs from the store's."""
     weights = None if cfg.model is not None else a.get("model_weights")
-    _check_scheduler(cfg)
+    check_scheduler(cfg.scheduler)
     lm = loaded or load_model(cfg.model or a.get("model_id"), cfg.device, model_weights=weights)
     if a.get("model_fingerprint") and lm.fingerprint != a["model_fingerprint"]:
         given = f"--model {cfg.model}" if cfg.model is not None else f"model {lm.model_id}"
@@ -456,35 +457,6 @@ def _harvest_extend(cfg: HarvestConfig, loaded: LoadedModel | None, quiet: bool)
     finally:
         writer.close()
     return cfg.out
-
-
-def _check_scheduler(cfg: HarvestConfig, timeout_s: float = 10.0) -> None:
-    """Refuse an unreachable ``--scheduler`` in one line within ``timeout_s``, before the model loads."""
-    if cfg.scheduler is None:
-        return
-    import asyncio
-    import socket
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(cfg.scheduler if "://" in cfg.scheduler else f"tcp://{cfg.scheduler}")
-    if parts.scheme in ("tcp", "tls") and parts.hostname and parts.port:
-        try:  # a refused port answers at once; dask's connect would retry until its timeout
-            socket.create_connection((parts.hostname, parts.port), timeout=timeout_s).close()
-        except OSError as e:
-            raise ConfigError(f"--scheduler {cfg.scheduler}: no dask scheduler answers there ({e.__class__.__name__}"
-                              f"); start one (`dask scheduler`) or use --workers N") from None
-
-    from distributed.comm import connect
-
-    async def probe() -> None:
-        comm = await connect(cfg.scheduler, timeout=timeout_s)
-        await comm.close()
-
-    try:
-        asyncio.run(asyncio.wait_for(probe(), timeout_s + 1))
-    except (OSError, TimeoutError, ValueError) as e:
-        raise ConfigError(f"--scheduler {cfg.scheduler}: no dask scheduler answers there within {timeout_s:.0f} s "
-                          f"({e.__class__.__name__}); start one (`dask scheduler`) or use --workers N") from None
 
 
 def _remote_is_store(loc: StoreLocation) -> bool:

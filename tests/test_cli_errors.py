@@ -227,7 +227,7 @@ def test_unreachable_scheduler_fails_fast(ws: dict[str, str], monkeypatch) -> No
                                       "--device cpu --out {root}/sw --scheduler tcp://127.0.0.1:9").format(**ws).split())
     assert time.perf_counter() - t0 < 20
     assert result.exit_code == 2
-    assert "no dask scheduler answered" in _one_error_line(result.output)
+    assert "no dask scheduler answers" in _one_error_line(result.output)
     assert not (Path(ws["root"]) / "sw").exists()
 
 

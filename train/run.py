@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,24 @@ class _Run:
             self.build.abort()
 
 
+def check_run_dir(cfg: TrainConfig) -> None:
+    """The checks :func:`train_many` makes of ``cfg.out`` before it creates anything, made alone and with
+    no side effect (a distributed sweep makes them in the coordinating process before any task runs).
+
+    Raises:
+        RunDirError: ``cfg.out`` exists and is not empty without ``--resume``/``--overwrite``, or it is
+            not an sae run directory (which neither flag may touch).
+    """
+    path = Path(cfg.out)
+    if not path.exists() or is_empty_dir(path):
+        return
+    if not (cfg.resume or cfg.overwrite):
+        raise RunDirError(f"{path} already exists: pass --resume to continue it or --overwrite to replace it")
+    if not is_sae_run(path):
+        raise RunDirError(f"{path} exists and is not an sae run directory; refusing to "
+                          f"{'resume' if cfg.resume else 'replace'} it (pick another --out)")
+
+
 def sae_cfg_dict(cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
                  penalty_config: Any, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``cfg.json`` fields besides the architecture (SAELens names first, then ours)."""
@@ -257,7 +276,8 @@ def _check_shareable(cfgs: list[TrainConfig]) -> None:
         raise ConfigError("two configurations share one --out directory: give each its own")
 
 
-def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train") -> list[Path]:
+def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train",
+               on_progress: Callable[[int], None] | None = None) -> list[Path]:
     """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
 
     All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
@@ -265,6 +285,8 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     anything is created. SIGTERM/SIGINT checkpoint every run and raise :class:`Interrupted`; a run
     whose loss or weights become non-finite stops (its last good checkpoint kept) while the others
     finish, then :class:`NonFiniteError` is raised. Returns the run directories.
+    ``on_progress(rows)``, if given, is called after every step with the rows of the pass done so far
+    (a distributed sweep forwards it to the coordinating process).
 
     Raises:
         ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
@@ -300,7 +322,7 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
             if len(cursors) > 1:
                 raise RunDirError("runs of this sweep were checkpointed at different steps; resume them separately")
             loader.rows_consumed = cursors.pop()
-            _loop(active, loader, steps, quiet, label)
+            _loop(active, loader, steps, quiet, label, on_progress)
         for r in runs:
             if not r.finished and r.failed is None:
                 r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
@@ -343,7 +365,8 @@ class _Signals:
             signal.signal(sig, handler)
 
 
-def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, label: str) -> None:
+def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, label: str,
+          on_progress: Callable[[int], None] | None = None) -> None:
     cfg = runs[0].cfg
     step0 = runs[0].trainer.step_idx
     t0 = time.perf_counter()
@@ -388,6 +411,8 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
             if len(runs) == 1 and "explained_variance" in logs:  # a log step: the values are on the host
                 desc = f"{label} EV {logs['explained_variance']:.3f} L0 {logs['l0']:.0f}"
             bar.update(task, completed=(step + 1) * cfg.batch_size, description=desc)
+            if on_progress is not None:
+                on_progress((step + 1) * cfg.batch_size)
 
 
 def train(cfg: TrainConfig, quiet: bool = False) -> Path:
@@ -395,4 +420,4 @@ def train(cfg: TrainConfig, quiet: bool = False) -> Path:
     return train_many([cfg], quiet=quiet, label=f"train {cfg.variant}")[0]
 
 
-__all__ = ["RunDirError", "train", "train_many"]
+__all__ = ["RunDirError", "check_run_dir", "train", "train_many"]

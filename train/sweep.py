@@ -3,8 +3,8 @@
 Configurations that share the data stream (:data:`~sae.train.run.DATA_KEYS`) are trained
 together by :func:`~sae.train.run.train_many`: each batch is read and decompressed once and fed to
 every SAE. With ``workers`` (a local dask cluster) or ``scheduler`` (an existing
-``dask.distributed`` cluster) the configurations are split into groups, one per worker, and each
-worker makes its own single pass.
+``dask.distributed`` cluster) the configurations are split into groups (:mod:`sae.train.distributed`),
+and each group is one task that makes its own single pass on its worker.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from typing import Any
 
 import torch
 
+from ..cluster import check_scheduler, dask_client, resolve_workers
 from ..errors import ConfigError
 from ..rundir.metrics import read_metrics
 from ..rundir.sae import SAE
+from ..store import ActivationStore
 from .config import TrainConfig
-from .run import DATA_KEYS, train_many
+from .distributed import check_before_submit, data_key, memory_budget, plan_groups, run_groups
+from .run import train_many
 from .variants import make_config, variant_names
-
-SCHEDULER_TIMEOUT_S = 10
 
 
 def parse_grid(items: list[str]) -> dict[str, dict[str, list[str]]]:
@@ -104,61 +105,40 @@ def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, lis
     return cfgs
 
 
-def _data_key(cfg: TrainConfig) -> tuple:
-    return tuple(json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
-                 for v in (getattr(cfg, k) for k in DATA_KEYS))
-
-
-def _train_group(cfg_dicts: list[dict[str, Any]], threads: int | None = None) -> list[str]:
-    """Worker entry point (plain dicts travel well between processes)."""
-    if threads:
-        torch.set_num_threads(threads)
-    cfgs = [TrainConfig(**{**d, "adam_betas": tuple(d["adam_betas"])}) for d in cfg_dicts]
-    return [str(p) for p in train_many(cfgs, quiet=True)]
-
-
-def run_sweep(cfgs: list[TrainConfig], workers: int = 0, scheduler: str | None = None, quiet: bool = False
-              ) -> list[Path]:
+def run_sweep(cfgs: list[TrainConfig], workers: int | str | None = None, scheduler: str | None = None,
+              quiet: bool = False, group_size: int | None = None) -> list[Path]:
     """Train all ``cfgs``; one store pass per group of configs sharing a data stream.
 
-    ``workers > 0`` starts a local dask cluster of that many processes; ``scheduler`` connects to an
-    existing one. Either way configurations are dealt round-robin into one group per worker.
+    ``workers`` (a count, or ``auto``: one per visible GPU) starts a local dask cluster; ``scheduler``
+    connects to an existing one. Then the groups are dask tasks (:mod:`sae.train.distributed`: sizing,
+    resume after a worker dies, failure isolation, progress); ``group_size`` overrides their size.
+
+    Raises:
+        ConfigError, RunDirError: before anything runs. SweepError: some distributed groups failed.
     """
     for c in cfgs:
         c.validate()  # every config before any cluster starts or any run directory is made
-    groups: dict[tuple, list[TrainConfig]] = defaultdict(list)
-    for c in cfgs:
-        groups[_data_key(c)].append(c)
-    if not workers and not scheduler:
+    n = resolve_workers(workers) if workers not in (None, 0, "0") else None
+    if n is None and not scheduler:
+        if group_size is not None:
+            raise ConfigError("--group-size applies to a distributed sweep: add --workers N or --scheduler ADDRESS")
+        streams: dict[tuple, list[TrainConfig]] = defaultdict(list)
+        for c in cfgs:
+            streams[data_key(c)].append(c)
         out = []
-        for group in groups.values():
+        for group in streams.values():
             out += train_many(group, quiet=quiet, label=f"sweep ({len(group)} SAEs)")
         return out
-    from dask.distributed import Client, LocalCluster
-
-    cluster = None
-    if scheduler:
-        try:
-            client = Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
-        except (OSError, TimeoutError, ValueError) as e:
-            raise ConfigError(f"--scheduler {scheduler}: no dask scheduler answered within {SCHEDULER_TIMEOUT_S} s "
-                              f"({e.__class__.__name__}); start one (`dask scheduler`) or fix the address") from None
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        client = Client(cluster)
-    try:
-        n = max(workers or len(client.scheduler_info()["workers"]), 1)
-        jobs = []
-        for group in groups.values():
-            for part in (group[i::n] for i in range(n)):
-                if part:
-                    threads = max(1, (torch.get_num_threads() // n)) if cluster else None
-                    jobs.append(client.submit(_train_group, [c.to_dict() for c in part], threads, pure=False))
-        return [Path(p) for job in jobs for p in job.result()]
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    check_before_submit(cfgs)
+    check_scheduler(scheduler)
+    d_in = ActivationStore(cfgs[0].store, storage_options=cfgs[0].storage_options).d_model
+    # run directories were checked above: a task may resume whatever exists (a retry after its worker died)
+    tasks = [c if c.overwrite else dataclasses.replace(c, resume=True) for c in cfgs]
+    with dask_client(n, scheduler) as client:
+        count = n or max(len(client.scheduler_info()["workers"]), 1)
+        groups = plan_groups(tasks, count, d_in, group_size, memory_budget(cfgs[0].device, n or 1))
+        threads = max(1, torch.get_num_threads() // count) if n else None
+        return run_groups(client, groups, threads, quiet)
 
 
 def max_decoder_cosines(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
