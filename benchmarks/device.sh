@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of issues 11 and 29 in one script, for a CUDA machine (under 8 minutes for 1–3, then the optional
+# GPU checks of issues 11, 29 and 30 in one script, for a CUDA machine (under 8 minutes for 1–3, then the optional
 # SynthSAEBench-16k step 4 (≤ 10 minutes) on one H100/H200):
 #   1. the CUDA tests (`pytest -m cuda`): pinned/non-blocking loader with on-GPU dequantisation,
 #      sync-free TopK step (torch.cuda.set_sync_debug_mode("error")), bf16 autocast;
@@ -59,6 +59,15 @@ for f in sorted(glob.glob("/tmp/synth16k-runs/*/*/eval_results/ground_truth.json
 PY
 ) 2>&1 | tee "$synth_log" || true
 fi
-if [ -n "${OUT:-}" ]; then cp -f "$out" "$comp" /tmp/cuda-tests.log /tmp/scale.log /tmp/compile.log "$synth_log" "$OUT"/ 2>/dev/null || true; fi
+# 5. Distributed sweep (issue 30): 4 SAEs on the step-4 store, local against --workers auto (one dask worker
+#    per visible GPU, each pinned to its GPU), weights compared. Optional; needs the step-4 store.
+sweep_log=/tmp/sweep-workers.log
+if [ -e /tmp/synth16k.zarr/zarr.json ]; then
+  timeout 200 "$PY" benchmarks/sweep_workers.py --store /tmp/synth16k.zarr --device cuda --workers auto --configs 4 \
+    --tokens 1048576 --batch-size 1024 --expansion 4 2>&1 | grep -v "distributed\." | tee "$sweep_log" || true
+else
+  echo "step 5 skipped: no step-4 store" | tee "$sweep_log"
+fi
+if [ -n "${OUT:-}" ]; then cp -f "$out" "$comp" /tmp/cuda-tests.log /tmp/scale.log /tmp/compile.log "$synth_log" "$sweep_log" "$OUT"/ 2>/dev/null || true; fi
 echo "results: $out"
 exit $status

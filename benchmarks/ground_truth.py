@@ -26,7 +26,7 @@ ARCHS = ("batchtopk", "jumprelu", "matryoshka")
 SEEDS = "0,1,2"
 D_SAE = 1024  # a quarter of the preset's 4 096 features, as SynthSAEBench trains 4 096 of 16 384
 L0S = (12, 10)  # ≈ the true L0 of the 1 024 most frequent features, and 0.8× it (the published 25 / 20)
-RELU_L1 = ("0.004", "0.008")  # ReLU has no L0 target: two L1 coefficients, its attained L0 reported
+RELU_L1 = "0.004,0.008"  # ReLU has no L0 target: L1 coefficients (--relu-l1), its attained L0 reported
 
 
 def sh(cmd: list[str], log: Path) -> None:
@@ -50,6 +50,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=1_048_576, help="training samples per SAE")
     ap.add_argument("--store-tokens", type=int, default=2_097_152)
     ap.add_argument("--eval-samples", type=int, default=100_000)
+    ap.add_argument("--lr", default="0.006",
+                    help="Adam learning rate of every SAE (0.006: the best of 1e-3, 3e-3, 6e-3, 1e-2 for TopK at "
+                         "524 288 samples, python benchmarks/synth_vs_saelens.py-style scan in docs/results.md)")
+    ap.add_argument("--relu-l1", default=RELU_L1, help="comma-separated ReLU L1 coefficients")
     ap.add_argument("--only", choices=("store", "sweeps", "evaluate", "tables"), default=None)
     a = ap.parse_args()
     root = a.root.resolve()
@@ -57,7 +61,7 @@ def main() -> None:
     log = root / "commands.log"
     store = root / "cpu.zarr"
     steps = [a.only] if a.only else ["store", "sweeps", "evaluate", "tables"]
-    common = ["--store", str(store), "--batch-size", "1024", "--lr", "0.001", "--tokens", str(a.tokens),
+    common = ["--store", str(store), "--batch-size", "1024", "--lr", a.lr, "--tokens", str(a.tokens),
               "--seeds", SEEDS, "--quiet"]
     cfg = root / "train.toml"
     cfg.write_text(f"d_sae = {D_SAE}\n")
@@ -76,9 +80,10 @@ def main() -> None:
                     sh(["sae", "sweep", *common, "--config", str(cfg), "--arch", arch, "--variants", "none",
                         "--k", str(k), "--out", str(out), "--resume"], log)
         relu = root / "relu"
-        if not done(relu, [f"relu-l1_coefficient={c}-init_seed={s}" for c in RELU_L1 for s in SEEDS.split(",")]):
+        l1s = a.relu_l1.split(",")
+        if not done(relu, [f"relu-l1_coefficient={c}-init_seed={s}" for c in l1s for s in SEEDS.split(",")]):
             sh(["sae", "sweep", *common, "--config", str(cfg), "--arch", "relu", "--variants", "none",
-                "--grid", f"l1_coefficient={','.join(RELU_L1)}", "--out", str(relu), "--resume"], log)
+                "--grid", f"l1_coefficient={a.relu_l1}", "--out", str(relu), "--resume"], log)
     if "evaluate" in steps:
         for out in out_dirs:
             runs = sorted(p for p in out.glob("*") if (p / "sae_weights.safetensors").exists()
