@@ -410,6 +410,7 @@ def train(
     save_unit_decoder: Annotated[bool, typer.Option(help=_TH["save_unit_decoder"])] = _T["save_unit_decoder"],
     read_workers: Annotated[int, typer.Option(help=_TH["read_workers"])] = _T["read_workers"],
     autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
+    init_from: Annotated[Path | None, typer.Option(help=_TH["init_from"])] = _T["init_from"],
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
@@ -424,7 +425,8 @@ def train(
                                 log_every=log_every, checkpoint_every=checkpoint_every,
                                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite,
                                 save_unit_decoder=save_unit_decoder, variant_params=_parse_params(param or []),
-                                read_workers=read_workers, autocast=autocast)
+                                read_workers=read_workers, autocast=autocast,
+                                init_from=str(init_from) if init_from is not None else None)
     if jumprelu_variant is not None:
         typer.echo("note: --jumprelu-variant is now --jumprelu-sparsity", err=True)
         jumprelu_sparsity = jumprelu_sparsity or jumprelu_variant
@@ -438,7 +440,8 @@ def train(
         given = {cli_names.get(n, n) for n in _explicit(ctx, [n for n in ctx.params if n not in ("config", "quiet")])}
         cfg = TrainConfig.from_toml(config, **{k2: v for k2, v in opts.items() if k2 in given})
     else:
-        cfg = TrainConfig(**{k2: v for k2, v in opts.items() if v is not None or k2 in ("hook_name", "arch", "d_sae")})
+        cfg = TrainConfig(**{k2: v for k2, v in opts.items()
+                             if v is not None or k2 in ("hook_name", "arch", "d_sae", "init_from")})
     if cfg.legacy_notice:
         typer.echo(cfg.legacy_notice, err=True)
     if out is None and (config is None or "out" not in _toml_keys(config)):

@@ -13,7 +13,8 @@ from ..errors import ConfigError
 
 # Settings that do not change the trained weights: everything else must match for ``--resume``.
 NON_RUN_KEYS = ("store", "storage_options", "cache", "hook_name", "device", "out", "resume", "overwrite",
-                "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder", "read_workers")
+                "log_every", "checkpoint_every", "checkpoint_minutes", "save_unit_decoder", "read_workers",
+                "init_from")  # the source SAE is compared by its weights' digest instead (train/run.py)
 
 
 LEGACY_VARIANTS = {"topk": "topk", "relu": "relu"}
@@ -86,6 +87,10 @@ class TrainConfig:
     """Seed of the SAE's initialisation and per-step randomness (AuxK, penalty sampling); None = ``seed``.
     ``seed`` alone fixes the data order, so runs differing only in ``init_seed`` share one pass
     (``sae sweep --seeds``)."""
+    init_from: str | None = None
+    """Run directory of an existing SAE (ours, or one ``sae import`` wrote) to fine-tune instead of a random
+    initialisation: same width, model, hook and saved activation (topk → topk, standard → relu, jumprelu →
+    jumprelu). None = random initialisation."""
     device: str = "auto"
     """auto | cpu | cuda (auto: CUDA when available)."""
     out: str = "runs/sae"
@@ -218,6 +223,7 @@ class TrainConfig:
         integer("--seed", self.seed, 0)
         if self.init_seed is not None:
             integer("--init-seed", self.init_seed, 0)
+        self._check_init_from()
         integer("--log-every", self.log_every)
         integer("--checkpoint-every", self.checkpoint_every)
         number("--checkpoint-minutes", self.checkpoint_minutes, 0, lo_open=True)
@@ -227,6 +233,13 @@ class TrainConfig:
         check_output_location(self.out, "--out")
         if self.cache is not None:
             check_output_location(self.cache, "--cache")
+
+    def _check_init_from(self) -> None:
+        if self.init_from is not None:
+            src = Path(self.init_from)
+            if not ((src / "sae_weights.safetensors").is_file() and (src / "cfg.json").is_file()):
+                raise ConfigError(f"--init-from {src}: no sae_weights.safetensors + cfg.json there; give the run "
+                                  "directory of a finished SAE (`sae import` converts other libraries' files)")
 
     def run_settings(self) -> dict[str, Any]:
         """Every setting that changes the trained weights (``--resume`` refuses a change of any),

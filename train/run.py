@@ -28,10 +28,12 @@ from ..model import layer_of_hook, resolve_device
 from ..outputs import RUN_MARKER, OutputBuild, is_empty_dir, is_sae_run
 from ..progress import progress_bar
 from ..rundir.format import CFG_FILE, CHECKPOINT_FILE, METRICS_FILE, PENALTY_STATE_FILE, WEIGHTS_FILE
+from ..rundir.sae import SAE
 from ..store import ActivationStore, ShuffledBatches, StoreError
 from .archs import arch_class, make_arch_config
 from .config import TrainConfig
 from .host_memory import keep_freed_memory
+from .init_from import load_init_source
 from .trainer import Trainer
 
 DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device",
@@ -71,15 +73,20 @@ class _Run:
     sibling for ``--overwrite``, or resumed), metrics file, checkpoints and final save."""
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
-                 device: torch.device) -> None:
+                 device: torch.device, init: tuple[SAE, dict[str, Any]] | None = None) -> None:
         self.cfg, self.path = cfg, Path(cfg.out)
         self.settings = run_settings(cfg, store, hook)
+        self.init_provenance = init[1] if init is not None else None
+        # the source SAE by content: a resume with another (or no) --init-from is refused; a moved one is not
+        self.settings["init_from_sha256"] = init[1]["weights_sha256"] if init is not None else None
         self.build: OutputBuild | None = None
         self.finished = False
         self.failed: str | None = None
         self.last_checkpoint_step: int | None = None
         state = self._open()  # validates the directory; creates nothing yet
         self.trainer = Trainer(cfg, store.d_model, steps, b_dec_init=store.mean(hook) * scale, device=device)
+        if init is not None and state is None:
+            self.trainer.init_from_sae(init[0])
         self.rows_consumed = 0
         if self.finished:
             self.metrics = None
@@ -197,6 +204,8 @@ class _Run:
         if "batchtopk_threshold" in arch_cfg:  # θ as saved (raw units, unit decoder); training units kept beside
             arch_cfg["batchtopk_threshold_train_units"] = arch_cfg["batchtopk_threshold"]
             arch_cfg["batchtopk_threshold"] = float(sae.threshold[0])
+        if self.init_provenance is not None:
+            cfg_dict = {**cfg_dict, "init_from": self.init_provenance}
         sae.save(self.dir, {**cfg_dict, **arch_cfg, "unit_decoder": unit is not None,
                             "arch_config": dataclasses.asdict(self.trainer.arch.config)})
         pen_state = {k: v.detach().cpu().contiguous() for k, v in self.trainer.penalty.state_dict().items()}
@@ -309,13 +318,14 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
         raise StoreError(f"{store.path}: the statistics of {hook} are not finite (E‖x‖² = "
                          f"{store.mean_sq_norm(hook)}); re-harvest it")
     steps = first.tokens // first.batch_size
+    inits = {i: load_init_source(c, store, hook, scale) for i, c in enumerate(cfgs) if c.init_from is not None}
     loader = ShuffledBatches(store, hook, first.batch_size, seed=first.seed, mix_chunks=first.mix_chunks,
                              start_row=0, scale=scale, device=device,
                              read_workers=first.read_workers)  # raises before any run dir exists
     runs: list[_Run] = []
     try:
-        for c in cfgs:
-            runs.append(_Run(c, store, hook, scale, steps, device))
+        for i, c in enumerate(cfgs):
+            runs.append(_Run(c, store, hook, scale, steps, device, inits.get(i)))
         active = [r for r in runs if not r.finished]
         if active:
             cursors = {r.rows_consumed for r in active}

@@ -77,6 +77,15 @@ class Trainer(nn.Module):
         self.aux_k = cfg.aux_k or d_in // 2
         self.aux_cap = 0  # AuxK candidate columns; sized at log steps (refresh_aux_capacity)
 
+    @torch.no_grad()
+    def init_from_sae(self, sae: SAE) -> None:
+        """Start from ``sae`` (``d_in``/``d_sae`` as this trainer's, training units, unit decoder rows;
+        see :mod:`sae.train.init_from`) instead of the random initialisation: its four tensors, and the
+        architecture's own state (JumpReLU's θ)."""
+        for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(self.sae, n).copy_(getattr(sae, n))
+        self.arch.init_from_saved(sae)
+
     # -- schedules ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
         """Linear warm-up over ``lr_warmup_steps``, constant, then linear decay to 0 over the

@@ -105,6 +105,10 @@ class Arch(nn.Module):
     def after_step(self, sae: SAE) -> None:
         """Hook run after the optimiser step (no grad), e.g. to project parameters."""
 
+    def init_from_saved(self, sae: SAE) -> None:
+        """Take the architecture's own state from a saved SAE being fine-tuned (``--init-from``; in
+        training units). Default: nothing (TopK and ReLU have no state beyond the SAE's weights)."""
+
 
 def warmed_up(value: float, step: int, total_steps: int, frac: float) -> float:
     """``value`` ramped linearly from step 0 to ``frac · total_steps`` (the sparsity coefficients

@@ -126,6 +126,13 @@ class JumpReLU(Arch):
         self.log_threshold.copy_(q.log())
         self.threshold_set.fill_(True)
 
+    @torch.no_grad()
+    def init_from_saved(self, sae: SAE) -> None:
+        """θ from the saved ``threshold`` (training units): ``log_threshold = log θ`` (θ = 0 is taken as
+        1e-12, the smallest the log-parametrisation can start from)."""
+        self.log_threshold.copy_(sae.threshold.to(self.log_threshold).clamp_min(1e-12).log())
+        self.threshold_set.fill_(True)
+
     def l0_coefficient_at(self, step: int, total_steps: int) -> float:
         """λ(t): the coefficient warmed up linearly over ``l0_warmup_frac`` of the run."""
         lam = self.config.l0_coefficient
