@@ -538,6 +538,35 @@ def import_cmd(
 
 @app.command()
 @_guard
+def push(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories to publish (ours or imported).")],
+    repo_id: Annotated[str | None, typer.Option(help="Hugging Face Hub repository USER/NAME to upload to "
+                                                     "(created if absent; one commit).")] = None,
+    to_dir: Annotated[Path | None, typer.Option(help="Write the same layout into this local folder instead.")] = None,
+    sae_id: Annotated[list[str] | None, typer.Option(help="Folder name of each SAE in the repo, in order of the runs "
+                                                          "(default: each run directory's name).")] = None,
+    revision: Annotated[str, typer.Option(help="Branch to commit to (--repo-id).")] = "main",
+    private: Annotated[bool, typer.Option(help="Create the repository private (--repo-id).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a --to-dir folder that sae push wrote (atomically).")
+    ] = False,
+) -> None:
+    """Publish SAEs in the layout SAELens' SAE.from_pretrained reads: one folder per SAE (cfg.json +
+    sae_weights.safetensors + eval_results), and a model card with the store, penalty and headline numbers."""
+    from .errors import ConfigError
+    from .interop import publish
+
+    if (repo_id is None) == (to_dir is None):
+        raise ConfigError("give exactly one of --repo-id USER/NAME (upload) or --to-dir DIR (local folder)")
+    saes = publish.plan(list(run_dirs), list(sae_id) if sae_id else None)
+    if to_dir is not None:
+        typer.echo(f"wrote {publish.to_dir(saes, to_dir, overwrite)} ({len(saes)} SAEs)")
+    else:
+        assert repo_id is not None
+        typer.echo(f"uploaded {len(saes)} SAEs to {publish.push(saes, repo_id, revision, private)}")
+
+
+@app.command()
+@_guard
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (or parents of run directories).")],
     out: Annotated[Path, typer.Option(help="Output folder (index.html + PNGs + metrics.csv); an existing one is "
