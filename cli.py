@@ -512,9 +512,12 @@ def _eval_params(items: list[str]) -> dict[str, dict[str, str]]:
 @app.command("import")
 @_guard
 def import_cmd(
-    src: Annotated[Path, typer.Argument(help="Directory a library saved one SAE in.")],
-    from_: Annotated[str, typer.Option("--from", help="saelens | sparsify | dictionary_learning")],
+    src: Annotated[str, typer.Argument(help="Directory a library saved one SAE in, or saelens:RELEASE/SAE_ID (a "
+                                            "pretrained SAE by its SAELens name, e.g. saelens:gemma-scope-2b-pt-res/"
+                                            "layer_12/width_16k/average_l0_82; fetched into the HF cache).")],
     out: Annotated[Path, typer.Option(help="Run directory to write (our layout; SAELens loads it too).")],
+    from_: Annotated[str | None, typer.Option("--from", help="saelens | sparsify | dictionary_learning | "
+                                                            "gemma_scope (not needed for saelens:NAME)")] = None,
     model: Annotated[str | None, typer.Option(help="Model the SAE belongs to (default: what the files record; "
                                                    "`embedded` = the embedded Gemma 3 270M).")] = None,
     hook_name: Annotated[str | None, typer.Option(help="blocks.<L>.hook_resid_post (default: from the files).")
@@ -533,7 +536,7 @@ def import_cmd(
                      overwrite=overwrite)
     for w in res.warnings:
         typer.secho(f"warning: {_one_line(w)}", fg="yellow", err=True)
-    typer.echo(f"imported {src} ({from_}) → {res.run_dir}")
+    typer.echo(f"imported {src} ({from_ or 'release'}) → {res.run_dir}")
 
 
 @app.command()

@@ -25,7 +25,7 @@ from ..outputs import RUN_MARKER, build_output, check_output_location, is_empty_
 from ..registry import Registry
 from ..rundir import saelens
 from ..rundir.canonical import Canonical
-from . import dictionary_learning, sparsify
+from . import dictionary_learning, gemma_scope, pretrained, sparsify
 
 _DROP = ("metadata", "sae_lens_version", "sae_lens_training_version", "source_cfg", "activation_fn",
          "activation_fn_str", "activation_fn_kwargs", "architecture", "rescale_acts_by_decoder_norm")
@@ -58,6 +58,7 @@ FORMATS: Registry[Callable[..., Canonical]] = Registry("import format", "--from"
 FORMATS.register_as("saelens")(_read_saelens)
 FORMATS.register_as("sparsify")(lambda p, activation_scale=None: sparsify.read(p))
 FORMATS.register_as("dictionary_learning")(lambda p, activation_scale=None: dictionary_learning.read(p))
+FORMATS.register_as("gemma_scope")(lambda p, activation_scale=None: gemma_scope.read(p))
 
 
 def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = None) -> Canonical:
@@ -74,7 +75,7 @@ def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = Non
     return reader(p, activation_scale)
 
 
-def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None = None,
+def import_sae(src: str | Path, fmt: str | None, out: str | Path, *, model: str | None = None,
                hook_name: str | None = None, store: str | None = None, storage_options: dict | None = None,
                activation_scale: float | None = None, overwrite: bool = False) -> Imported:
     """Convert the SAE at ``src`` (format ``fmt``) into the run directory ``out``.
@@ -83,7 +84,9 @@ def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None 
     ``google/gemma-3-270m`` + its ``model_weights``); it is required when the source records none
     (sparsify). ``hook_name`` overrides the recorded hook (it must be ``blocks.<L>.hook_resid_post``).
     ``store``: check the SAE against that store (model, hook, d_model) and return a warning when it
-    does not fit. Everything is read and validated before ``out`` is created; ``--overwrite``
+    does not fit. ``src`` may be ``saelens:RELEASE/SAE_ID`` (:mod:`sae.interop.pretrained`): fetched
+    into the Hugging Face cache, its format and model taken from SAELens' release table. Everything is
+    read and validated before ``out`` is created; ``--overwrite``
     replaces only a run directory of ours, atomically.
 
     Raises:
@@ -103,8 +106,18 @@ def import_sae(src: str | Path, fmt: str, out: str | Path, *, model: str | None 
     if activation_scale is not None and (not math.isfinite(activation_scale) or activation_scale <= 0):
         raise ConfigError(f"--activation-scale {activation_scale!r} must be a finite number > 0 (the factor the SAE "
                           "expects its inputs to be multiplied by)")
+    release = None
+    if pretrained.is_release_ref(str(src)):
+        release = pretrained.resolve(str(src))
+        if fmt is not None and fmt != release.fmt:
+            raise ConfigError(f"{src} is in the {release.fmt} layout, not {fmt}: drop --from")
+        src, fmt, model = release.folder, release.fmt, model or release.model
+    if fmt is None:
+        raise ConfigError(f"--from is needed for {src}: saelens | sparsify | dictionary_learning | gemma_scope")
     c = read_foreign(src, fmt, activation_scale)
     cfg = {k: v for k, v in c.cfg.items() if k not in _DROP}
+    if release is not None:
+        cfg["pretrained"] = release.provenance
     weights = None
     if model is not None:
         if model in EMBEDDED_ALIASES:

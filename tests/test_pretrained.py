@@ -1,0 +1,137 @@
+"""Pretrained SAEs by name (``sae import saelens:RELEASE/SAE_ID``) and Gemma Scope's ``params.npz``:
+real release ids from SAELens' table, files placed in a Hugging Face cache as a download leaves them
+(no network), codes equal to SAELens' own loading of the same files and to the release's formula."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sae.cli import app
+from sae.rundir.sae import SAE
+from tests.helpers import tree_hash
+
+sae_lens = pytest.importorskip("sae_lens")
+
+REV = "1" * 40
+GEMMA_SCOPE = ("gemma-scope-2b-pt-res", "google/gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_82")
+
+
+@pytest.fixture()
+def hub(tmp_path, monkeypatch) -> Path:
+    """An empty Hugging Face cache, offline."""
+    import huggingface_hub.constants as hc
+
+    root = tmp_path / "hub"
+    root.mkdir()
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    return root
+
+
+def _snapshot(hub: Path, repo_id: str) -> Path:
+    repo = hub / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(REV)
+    return repo / "snapshots" / REV
+
+
+def _gemma_scope_params(folder: Path, d_in: int = 2304, d_sae: int = 16384, seed: int = 0) -> dict[str, np.ndarray]:
+    """params.npz at the release's real shapes (Gemma 2 2B: d_model 2304; width_16k), random values with
+    non-negative thresholds, as the release stores them."""
+    g = np.random.default_rng(seed)
+    p = {"W_enc": (g.standard_normal((d_in, d_sae)) * 0.02).astype(np.float32),
+         "W_dec": (g.standard_normal((d_sae, d_in)) * 0.02).astype(np.float32),
+         "b_enc": (g.standard_normal(d_sae) * 0.01).astype(np.float32),
+         "b_dec": (g.standard_normal(d_in) * 0.1).astype(np.float32),
+         "threshold": np.abs(g.standard_normal(d_sae) * 0.02).astype(np.float32)}
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "params.npz", **p)
+    return p
+
+
+def test_gemma_scope_release_by_name_equals_saelens_and_the_formula(hub, tmp_path) -> None:
+    release, repo_id, sae_id = GEMMA_SCOPE
+    folder = _snapshot(hub, repo_id) / sae_id
+    p = _gemma_scope_params(folder)
+    r = CliRunner().invoke(app, ["import", f"saelens:{release}/{sae_id}", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    ours = SAE.load(tmp_path / "run")
+    x = torch.from_numpy(np.random.default_rng(1).standard_normal((64, 2304)).astype(np.float32))
+    # the release's reference JumpReLU, written from Lieberum et al. 2024: pre = x W_enc + b_enc (no centring)
+    pre = x.double() @ torch.from_numpy(p["W_enc"]).double() + torch.from_numpy(p["b_enc"]).double()
+    ref = pre * (pre > torch.from_numpy(p["threshold"]).double())
+    codes = ours.encode(x).double()
+    torch.testing.assert_close(codes, ref, rtol=1e-4, atol=1e-5)
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")
+    torch.testing.assert_close(ours.encode(x), theirs.encode(x), rtol=1e-4, atol=1e-5)
+    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    assert cfg["model_name"] == "google/gemma-2-2b" and cfg["hook_name"] == "blocks.12.hook_resid_post"
+    assert cfg["pretrained"] == {"release": release, "sae_id": sae_id, "repo_id": repo_id, "revision": REV,
+                                 "path": sae_id, "sae_lens_model": "gemma-2-2b"}
+    assert cfg["imported_from"]["format"] == "gemma_scope" and cfg["imported_from"]["folds"] == ["input_bias"]
+
+
+def test_a_saelens_layout_release_resolves_to_its_folder(hub, tmp_path, planted_store_factory) -> None:
+    """A release in SAELens' own layout (converter none): the folder is read as a SAELens save."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from sae.train.config import TrainConfig
+    from sae.train.run import train
+
+    release = "gpt2-small-res-jb"
+    lookup = get_pretrained_saes_directory()[release]
+    assert lookup.conversion_func is None
+    sae_id = next(iter(lookup.saes_map))
+    store = planted_store_factory(4096, d_in=16, n_features=32, active=2, seed=2)
+    src = train(TrainConfig(store=str(store), d_sae=32, k=2, batch_size=256, tokens=1024, device="cpu",
+                            out=str(tmp_path / "src")), quiet=True)
+    folder = _snapshot(hub, lookup.repo_id) / lookup.saes_map[sae_id]
+    folder.mkdir(parents=True)
+    for f in ("cfg.json", "sae_weights.safetensors"):
+        (folder / f).write_bytes((src / f).read_bytes())
+    r = CliRunner().invoke(app, ["import", f"saelens:{release}/{sae_id}", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    a, b = SAE.load(src), SAE.load(tmp_path / "run")
+    for n in ("W_enc", "W_dec", "b_enc", "b_dec"):  # the exact folds in float64, rounded back to float32
+        torch.testing.assert_close(getattr(b, n), getattr(a, n), rtol=1e-6, atol=1e-6)
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["pretrained"]["repo_id"] == lookup.repo_id
+
+
+def test_bad_names_are_one_line_and_write_nothing(hub, tmp_path) -> None:
+    release, _, sae_id = GEMMA_SCOPE
+    before = tree_hash(tmp_path)
+    cases = [
+        ("saelens:gemma-scope-2b-pt-resx/x", "unknown SAELens release 'gemma-scope-2b-pt-resx' (close:"),
+        (f"saelens:{release}/layer_12/width_16k/average_l0_8", "has no SAE 'layer_12/width_16k/average_l0_8'"),
+        (f"saelens:{release}/{sae_id}", "cannot fetch"),  # offline and not in the cache
+        ("saelens:llama_scope_lxr_8x/l0r_8x", "converter, which sae import does not read yet"),
+    ]
+    for ref, why in cases:
+        r = CliRunner().invoke(app, ["import", ref, "--out", str(tmp_path / "run")])
+        errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+        assert r.exit_code == 2 and len(errors) == 1 and why in errors[0], (ref, r.output)
+    assert tree_hash(tmp_path) == before
+
+
+def test_gemma_scope_folder_import_needs_model_and_refuses_bad_files(tmp_path) -> None:
+    folder = tmp_path / "gs" / "layer_3" / "width_1k"
+    _gemma_scope_params(folder, d_in=16, d_sae=32)
+    r = CliRunner().invoke(app, ["import", str(folder), "--from", "gemma_scope", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 2 and "does not record its model" in r.output
+    r = CliRunner().invoke(app, ["import", str(folder), "--from", "gemma_scope", "--model", "google/gemma-2-2b",
+                                 "--hook-name", "blocks.3.hook_resid_post", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    np.savez(tmp_path / "neg.npz", **{**dict(np.load(folder / "params.npz")),
+                                      "threshold": -np.ones(32, dtype=np.float32)})
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (tmp_path / "neg.npz").rename(bad / "params.npz")
+    r = CliRunner().invoke(app, ["import", str(bad), "--from", "gemma_scope", "--model", "m",
+                                 "--hook-name", "blocks.3.hook_resid_post", "--out", str(tmp_path / "run2")])
+    assert r.exit_code == 2 and "negative thresholds" in r.output and not (tmp_path / "run2").exists()
