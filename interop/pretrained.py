@@ -58,8 +58,8 @@ def resolve(ref: str, revision: str | None = None) -> Resolved:
     try:
         from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
     except ImportError:
-        raise ConfigError("resolving saelens: names needs SAELens' release table: pip install 'sae[synth]' "
-                          "(sae-lens)") from None
+        raise ConfigError("resolving saelens: names needs SAELens' release table: pip install "
+                          "'sae[pretrained]'") from None
     name = ref[len(PREFIX):]
     release, sep, sae_id = name.partition("/")
     table = get_pretrained_saes_directory()

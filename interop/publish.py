@@ -161,8 +161,11 @@ def push(saes: dict[str, Path], repo_id: str, revision: str = "main", private: b
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*", repo_id):
         raise ConfigError(f"--repo-id {repo_id!r}: give USER/NAME (or ORG/NAME)")
     if api is None:
-        from huggingface_hub import HfApi
-
+        try:
+            from huggingface_hub import HfApi
+        except ImportError:
+            raise ConfigError("uploading needs huggingface_hub: pip install 'sae[pretrained]' (or write the "
+                              "layout with --to-dir)") from None
         api = HfApi()
     with tempfile.TemporaryDirectory(prefix="sae-push-") as tmp:
         write_layout(saes, Path(tmp), repo_id)
