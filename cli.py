@@ -517,7 +517,8 @@ def import_cmd(
                                             "layer_12/width_16k/average_l0_82; fetched into the HF cache).")],
     out: Annotated[Path, typer.Option(help="Run directory to write (our layout; SAELens loads it too).")],
     from_: Annotated[str | None, typer.Option("--from", help="saelens | sparsify | dictionary_learning | "
-                                                            "gemma_scope (not needed for saelens:NAME)")] = None,
+                                                            "gemma_scope | llama_scope (not needed for saelens:NAME)"
+                                              )] = None,
     model: Annotated[str | None, typer.Option(help="Model the SAE belongs to (default: what the files record; "
                                                    "`embedded` = the embedded Gemma 3 270M).")] = None,
     hook_name: Annotated[str | None, typer.Option(help="blocks.<L>.hook_resid_post (default: from the files).")

@@ -25,7 +25,7 @@ from ..outputs import RUN_MARKER, build_output, check_output_location, is_empty_
 from ..registry import Registry
 from ..rundir import saelens
 from ..rundir.canonical import Canonical
-from . import dictionary_learning, gemma_scope, pretrained, sparsify
+from . import dictionary_learning, gemma_scope, llama_scope, pretrained, sparsify
 
 _DROP = ("metadata", "sae_lens_version", "sae_lens_training_version", "source_cfg", "activation_fn",
          "activation_fn_str", "activation_fn_kwargs", "architecture", "rescale_acts_by_decoder_norm")
@@ -59,6 +59,7 @@ FORMATS.register_as("saelens")(_read_saelens)
 FORMATS.register_as("sparsify")(lambda p, activation_scale=None: sparsify.read(p))
 FORMATS.register_as("dictionary_learning")(lambda p, activation_scale=None: dictionary_learning.read(p))
 FORMATS.register_as("gemma_scope")(lambda p, activation_scale=None: gemma_scope.read(p))
+FORMATS.register_as("llama_scope")(llama_scope.read)
 
 
 def read_foreign(src: str | Path, fmt: str, activation_scale: float | None = None) -> Canonical:
@@ -112,8 +113,11 @@ def import_sae(src: str | Path, fmt: str | None, out: str | Path, *, model: str 
         if fmt is not None and fmt != release.fmt:
             raise ConfigError(f"{src} is in the {release.fmt} layout, not {fmt}: drop --from")
         src, fmt, model = release.folder, release.fmt, model or release.model
+        if activation_scale is None:
+            activation_scale = release.activation_scale
     if fmt is None:
-        raise ConfigError(f"--from is needed for {src}: saelens | sparsify | dictionary_learning | gemma_scope")
+        raise ConfigError(f"--from is needed for {src}: saelens | sparsify | dictionary_learning | gemma_scope | "
+                          "llama_scope")
     c = read_foreign(src, fmt, activation_scale)
     cfg = {k: v for k, v in c.cfg.items() if k not in _DROP}
     if release is not None:

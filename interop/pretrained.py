@@ -8,6 +8,8 @@ one download, reads the cache. Then the folder is read by the reader of its layo
 
 * converter none (SAELens' own layout: ``cfg.json`` + ``sae_weights.safetensors``) → ``saelens``;
 * ``gemma_2`` (Gemma Scope's ``params.npz``) → :mod:`sae.interop.gemma_scope`;
+* ``llama_scope`` (``hyperparams.json`` + ``checkpoints/final.safetensors``) → :mod:`sae.interop.llama_scope`,
+  with the release table's ``norm_scaling_factor`` folded as SAELens folds it;
 
 and every other converter is refused in one line that says how to go through SAELens instead.
 The run directory's ``cfg.json`` records ``pretrained`` (release, SAE id, repository, revision,
@@ -23,8 +25,9 @@ from pathlib import Path
 from ..errors import ConfigError
 
 PREFIX = "saelens:"
-FILES = {None: ("cfg.json", "sae_weights.safetensors"), "gemma_2": ("params.npz",)}
-FORMAT_OF = {None: "saelens", "gemma_2": "gemma_scope"}
+FILES = {None: ("cfg.json", "sae_weights.safetensors"), "gemma_2": ("params.npz",),
+         "llama_scope": ("hyperparams.json", "checkpoints/final.safetensors")}
+FORMAT_OF = {None: "saelens", "gemma_2": "gemma_scope", "llama_scope": "llama_scope"}
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class Resolved:
     fmt: str
     model: str
     provenance: dict
+    activation_scale: float | None = None
 
 
 def is_release_ref(src: str) -> bool:
@@ -90,7 +94,9 @@ def resolve(ref: str, revision: str | None = None) -> Resolved:
                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); check the network or HF_TOKEN, or "
                               "download it once with the network on") from None
     snapshot = re.search(r"/snapshots/([0-9a-f]{40})/", str(paths[0]))
+    scale = (lookup.norm_scaling_factor or {}).get(sae_id)
     return Resolved(folder=paths[0].parent, fmt=FORMAT_OF[conv], model=hf_model_id(lookup.model),
+                    activation_scale=float(scale) if scale is not None else None,
                     provenance={"release": release, "sae_id": sae_id, "repo_id": lookup.repo_id,
                                 "revision": snapshot.group(1) if snapshot else revision, "path": folder_in_repo,
                                 "sae_lens_model": lookup.model})

@@ -110,7 +110,7 @@ def test_bad_names_are_one_line_and_write_nothing(hub, tmp_path) -> None:
         ("saelens:gemma-scope-2b-pt-resx/x", "unknown SAELens release 'gemma-scope-2b-pt-resx' (close:"),
         (f"saelens:{release}/layer_12/width_16k/average_l0_8", "has no SAE 'layer_12/width_16k/average_l0_8'"),
         (f"saelens:{release}/{sae_id}", "cannot fetch"),  # offline and not in the cache
-        ("saelens:llama_scope_lxr_8x/l0r_8x", "converter, which sae import does not read yet"),
+        ("saelens:goodfire-llama-3.1-8b-instruct/layer_19", "converter, which sae import does not read yet"),
     ]
     for ref, why in cases:
         r = CliRunner().invoke(app, ["import", ref, "--out", str(tmp_path / "run")])
@@ -135,3 +135,46 @@ def test_gemma_scope_folder_import_needs_model_and_refuses_bad_files(tmp_path) -
     r = CliRunner().invoke(app, ["import", str(bad), "--from", "gemma_scope", "--model", "m",
                                  "--hook-name", "blocks.3.hook_resid_post", "--out", str(tmp_path / "run2")])
     assert r.exit_code == 2 and "negative thresholds" in r.output and not (tmp_path / "run2").exists()
+
+
+def test_llama_scope_release_by_name_equals_the_formula_and_saelens(hub, tmp_path) -> None:
+    """``llama_scope_lxr_8x/l0r_8x``: hyperparams.json + checkpoints/final.safetensors (bfloat16, as
+    released) in the cache; SAELens reads the widths from hyperparams.json, so small ones serve."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+    from safetensors.torch import save_file
+
+    release, sae_id = "llama_scope_lxr_8x", "l0r_8x"
+    lookup = get_pretrained_saes_directory()[release]
+    s_table = lookup.norm_scaling_factor[sae_id]
+    d_in, d_sae, theta0, avg_in = 64, 256, 0.02, 1.25
+    folder = _snapshot(hub, lookup.repo_id) / lookup.saes_map[sae_id]
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "hyperparams.json").write_text(json.dumps({
+        "d_model": d_in, "d_sae": d_sae, "hook_point_in": "blocks.0.hook_resid_post", "jump_relu_threshold": theta0,
+        "dataset_average_activation_norm": {"in": avg_in, "out": 2.0}}))
+    g = torch.Generator().manual_seed(0)
+    w = {"encoder.weight": torch.randn(d_sae, d_in, generator=g) * 0.01,
+         "encoder.bias": torch.randn(d_sae, generator=g) * 0.01,
+         "decoder.weight": torch.randn(d_in, d_sae, generator=g) * 0.1,
+         "decoder.bias": torch.randn(d_in, generator=g) * 0.1}
+    w = {k: v.to(torch.bfloat16) for k, v in w.items()}
+    save_file(w, str(folder / "checkpoints" / "final.safetensors"))
+    r = CliRunner().invoke(app, ["import", f"saelens:{release}/{sae_id}", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    ours = SAE.load(tmp_path / "run")
+    x = torch.randn(256, d_in, generator=g) * 0.1
+    # SAELens' math for these files, written out: pre = (s x) Wᵀ_enc + b_enc, θ = jump_relu_threshold · √d/avg_in
+    W_e, b_e = w["encoder.weight"].double(), w["encoder.bias"].double()
+    pre = (s_table * x.double()) @ W_e.T + b_e
+    ref = pre * (pre > theta0 * d_in ** 0.5 / avg_in)
+    torch.testing.assert_close(ours.encode(x).double(), ref, rtol=1e-4, atol=1e-6)
+    xhat = (ref @ w["decoder.weight"].double().T + w["decoder.bias"].double()) / s_table
+    torch.testing.assert_close(ours.decode(ours.encode(x)).double(), xhat, rtol=1e-4, atol=1e-5)
+    theirs = sae_lens.SAE.from_pretrained(release, sae_id, device="cpu")  # folds in bfloat16: looser
+    a, b = ours.encode(x), theirs.encode(x).float()
+    assert float(((a > 0) == (b > 0)).float().mean()) > 0.995
+    both = (a > 0) & (b > 0)
+    torch.testing.assert_close(a[both], b[both], rtol=2e-2, atol=1e-3)
+    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    assert cfg["model_name"] == "meta-llama/Llama-3.1-8B" and cfg["hook_name"] == "blocks.0.hook_resid_post"
+    assert cfg["imported_from"]["format"] == "llama_scope"
