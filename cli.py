@@ -32,6 +32,8 @@ _T = field_defaults(TrainConfig)
 """Training defaults: the CLI takes them (and its help texts, ``_TH``) from :class:`TrainConfig`, so a
 default is written once (``tests/test_cli_defaults.py`` checks every option against its field)."""
 _TH = field_docs(TrainConfig)
+LOG_TO_HELP = ("Experiment trackers, comma-separated: wandb, mlflow, tensorboard (also a [log] table in "
+               "--config: to, project, group, tags, dir, mlflow_uri). metrics.jsonl stays the record.")
 StoreOption = Annotated[str, typer.Option("--store", help=_TH["store"])]
 StorageOptions = Annotated[list[str] | None, typer.Option(
     "--storage-option", help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 "
@@ -411,12 +413,16 @@ def train(
     read_workers: Annotated[int, typer.Option(help=_TH["read_workers"])] = _T["read_workers"],
     autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
     init_from: Annotated[Path | None, typer.Option(help=_TH["init_from"])] = _T["init_from"],
+    log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
     from .errors import ConfigError
+    from .tracking import TrackingConfig
     from .train.config import TrainConfig
     from .train.run import train as run
+
+    tracking = TrackingConfig.parse(log_to, _log_table(config))
 
     opts: dict[str, Any] = dict(store=store, storage_options=parse_storage_options(storage_option), cache=cache,
                                 hook_name=hook, variant=variant, arch=arch, d_sae=d_sae,
@@ -447,8 +453,21 @@ def train(
     if out is None and (config is None or "out" not in _toml_keys(config)):
         cfg.out = str(Path("runs") / (cfg.variant if cfg.variant != "none" else cfg.activation))
     cfg.validate()
-    run_dir = run(cfg, quiet=quiet)
+    run_dir = run(cfg, quiet=quiet, tracking=tracking)
     typer.echo(f"saved {run_dir}")
+
+
+def _log_table(config: Path | None) -> dict | None:
+    """The ``[log]`` table of a ``--config`` TOML file (trackers), or None."""
+    if config is None or not config.is_file():
+        return None
+    import tomllib
+
+    try:
+        table = tomllib.loads(config.read_text()).get("log")
+    except tomllib.TOMLDecodeError:
+        return None  # read_toml reports the syntax error with its line
+    return table if isinstance(table, dict) else None
 
 
 def _toml_keys(path: Path) -> set[str]:
@@ -482,17 +501,24 @@ def evaluate(
                                                               "instead of reusing "
                                                               "$SAE_CACHE_DIR/artifacts (default ~/.cache/sae).")
     ] = False,
+    log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
     from . import evaluate as ev
+    from .tracking import TrackingConfig
 
+    tracking = TrackingConfig.parse(log_to)
     evals = [e.strip() for e in eval.split(",") if e.strip()] or None  # None: all that apply to the store
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
                                allow_other_store=allow_other_store, compat=compat,
                                eval_params=_eval_params(param or []), use_cache=not no_cache)
     ev.print_comparison(results)
+    if tracking is not None:
+        from .evaluate.track import attach_results
+
+        attach_results(list(run_dirs), sorted({r["eval_type_id"] for r in results}), tracking, results_dir)
 
 
 def _eval_params(items: list[str]) -> dict[str, dict[str, str]]:
@@ -627,6 +653,8 @@ def sweep(
     overwrite: Annotated[bool, typer.Option(help=_TH["overwrite"])] = _T["overwrite"],
     read_workers: Annotated[int, typer.Option(help=_TH["read_workers"])] = _T["read_workers"],
     autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
+    log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP + " One tracker run per configuration, "
+                                                   "grouped by the sweep (W&B group, MLflow parent run).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train many configurations from ONE pass over the store, then print a summary table."""
@@ -668,7 +696,13 @@ def sweep(
     cfgs = expand(base, [v.strip() for v in variants.split(",") if v.strip()], parse_grid(grids), out, tables)
     for note in dict.fromkeys(c.legacy_notice for c in cfgs if c.legacy_notice):
         typer.echo(note.replace("--variant", "--variants entry"), err=True)
-    run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet, group_size=group_size)
+    from .tracking import TrackingConfig
+
+    tracking = TrackingConfig.parse(log_to, _log_table(config))
+    if tracking is not None and tracking.group is None:
+        tracking.group = out.name
+    run_dirs = run_sweep(cfgs, workers=workers, scheduler=scheduler, quiet=quiet, group_size=group_size,
+                         tracking=tracking)
     out.mkdir(parents=True, exist_ok=True)
     print_summary(summarize(run_dirs), out)
 

@@ -15,7 +15,7 @@ PACKAGES = ("harvest", "synth", "store", "rundir", "train", "interop", "evaluate
 LEVELS = {
     # root modules: everyone may import them; among themselves only ``errors``
     "sae": 0, "errors": 0, "outputs": 0, "progress": 0, "params": 0, "model": 0, "registry": 0,
-    "cluster": 0,
+    "cluster": 0, "tracking": 0,
     "store": 1, "rundir": 1,                               # the two artefacts
     "harvest": 2, "synth": 2, "train": 2, "interop": 2, "latents": 2,  # stages that write or convert them
     "evaluate": 3,

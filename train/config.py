@@ -303,7 +303,8 @@ def read_toml(path: str | Path, variant: str | None = None) -> tuple[dict[str, A
     """Parse and check a training TOML file; return ``(data, variant_tables)``.
 
     Allowed: top-level keys naming :class:`TrainConfig` fields; a ``[variant_params]`` table (for the
-    selected variant); one table per variant name (``[adaptive]``, ``[ortsae]``...; a sweep uses each).
+    selected variant); one table per variant name (``[adaptive]``, ``[ortsae]``...; a sweep uses each);
+    a ``[log]`` table of experiment trackers (read by :meth:`sae.tracking.TrackingConfig.parse`).
     Raises ``ConfigError`` (file and line) for a missing file, a syntax error, an unknown key or table,
     or a parameter its variant does not have.
     """
@@ -324,6 +325,8 @@ def read_toml(path: str | Path, variant: str | None = None) -> tuple[dict[str, A
     tables: dict[str, dict[str, Any]] = {}
     for key, value in data.items():
         if isinstance(value, dict):
+            if key == "log":  # experiment trackers (tracking.TrackingConfig.parse), not a training option
+                continue
             if key not in ("variant_params", "arch_params") and key not in known_variants:
                 raise ConfigError(f"--config {p}, line {_line_of(text, None, key)}: unknown table [{key}] "
                                   f"(use [variant_params] or one of [{'], ['.join(sorted(known_variants))}])")

@@ -44,6 +44,7 @@ from ..cluster import worker_device
 from ..errors import ConfigError, SaeError
 from ..progress import progress_bar
 from ..rundir.format import CHECKPOINT_FILE
+from ..tracking import TrackingConfig
 from .config import TrainConfig
 from .run import DATA_KEYS, check_run_dir, train_many
 
@@ -113,7 +114,8 @@ def plan_groups(cfgs: list[TrainConfig], workers: int, d_in: int, group_size: in
     return out
 
 
-def train_group(index: int, topic: str, cfg_dicts: list[dict[str, Any]], threads: int | None) -> list[str]:
+def train_group(index: int, topic: str, cfg_dicts: list[dict[str, Any]], threads: int | None,
+                tracking: TrackingConfig | None = None) -> list[str]:
     """One dask task: train the configurations ``cfg_dicts`` (``TrainConfig.to_dict``) from one pass,
     on this worker's device, resuming any run that has a checkpoint; report progress on ``topic``.
     Returns the run directories."""
@@ -147,7 +149,7 @@ def train_group(index: int, topic: str, cfg_dicts: list[dict[str, Any]], threads
             last[0] = now
             event({"rows": rows})
 
-    return [str(p) for p in train_many(cfgs, quiet=True, on_progress=report)]
+    return [str(p) for p in train_many(cfgs, quiet=True, on_progress=report, tracking=tracking)]
 
 
 def check_before_submit(cfgs: list[TrainConfig]) -> None:
@@ -166,7 +168,7 @@ def check_before_submit(cfgs: list[TrainConfig]) -> None:
 
 
 def run_groups(client: Any, groups: list[list[TrainConfig]], threads: int | None, quiet: bool,
-               echo: Callable[[str], None] | None = None) -> list[Path]:
+               echo: Callable[[str], None] | None = None, tracking: TrackingConfig | None = None) -> list[Path]:
     """Submit one :func:`train_group` task per group and wait for all, with one progress display (runs
     done, SAE-tokens/s over the sweep). Returns the run directories in ``groups`` order.
 
@@ -191,7 +193,7 @@ def run_groups(client: Any, groups: list[list[TrainConfig]], threads: int | None
 
     client.subscribe_topic(topic, on_event)
     try:
-        futures = [client.submit(train_group, i, topic, [c.to_dict() for c in g], threads, pure=False,
+        futures = [client.submit(train_group, i, topic, [c.to_dict() for c in g], threads, tracking, pure=False,
                                  key=f"sae-sweep-{topic[-8:]}-{i}") for i, g in enumerate(groups)]
         index = {f.key: i for i, f in enumerate(futures)}
         n_runs = sum(len(g) for g in groups)

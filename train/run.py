@@ -30,6 +30,7 @@ from ..progress import progress_bar
 from ..rundir.format import CFG_FILE, CHECKPOINT_FILE, METRICS_FILE, PENALTY_STATE_FILE, WEIGHTS_FILE
 from ..rundir.sae import SAE
 from ..store import ActivationStore, ShuffledBatches, StoreError
+from ..tracking import RunTrackers, TrackingConfig
 from .archs import arch_class, make_arch_config
 from .config import TrainConfig
 from .host_memory import keep_freed_memory
@@ -73,10 +74,12 @@ class _Run:
     sibling for ``--overwrite``, or resumed), metrics file, checkpoints and final save."""
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
-                 device: torch.device, init: tuple[SAE, dict[str, Any]] | None = None) -> None:
+                 device: torch.device, init: tuple[SAE, dict[str, Any]] | None = None,
+                 tracking: TrackingConfig | None = None) -> None:
         self.cfg, self.path = cfg, Path(cfg.out)
         self.settings = run_settings(cfg, store, hook)
         self.init_provenance = init[1] if init is not None else None
+        self.trackers: RunTrackers | None = None
         # the source SAE by content: a resume with another (or no) --init-from is refused; a moved one is not
         self.settings["init_from_sha256"] = init[1]["weights_sha256"] if init is not None else None
         self.build: OutputBuild | None = None
@@ -110,6 +113,10 @@ class _Run:
         else:
             metrics.write_text("")
         self.metrics = metrics.open("a")
+        if tracking is not None:
+            tags = {"arch": cfg.activation, "variant": cfg.variant, "seed": str(cfg.model_seed), "hook": hook}
+            config = {**self.settings, "store_url": str(store.path), "content_digest": store.content_digest}
+            self.trackers = RunTrackers.start(tracking, self.path.name, config, tags)
 
     @property
     def dir(self) -> Path:
@@ -162,6 +169,14 @@ class _Run:
         assert self.metrics is not None
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.trackers is not None:  # after metrics.jsonl, the source of truth; guarded (never raises)
+            self.trackers.log(record, int(record["step"]))
+
+    def close_trackers(self) -> dict[str, Any]:
+        """Finish the tracker runs; their refs for ``cfg.json`` (empty when nothing is tracked)."""
+        refs = self.trackers.finish() if self.trackers is not None else {}
+        self.trackers = None
+        return refs
 
     def checkpoint(self, rows_consumed: int) -> None:
         """Write ``checkpoint.pt`` atomically (temporary file + rename). Non-finite weights are never
@@ -185,6 +200,7 @@ class _Run:
                 if self.last_checkpoint_step is not None else "no checkpoint was written, nothing is kept")
         self.failed = (f"training {self.path} diverged: {why}; {kept}. Lower --lr, or check the store for "
                        "NaN/inf activations")
+        self.close_trackers()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -206,6 +222,9 @@ class _Run:
             arch_cfg["batchtopk_threshold"] = float(sae.threshold[0])
         if self.init_provenance is not None:
             cfg_dict = {**cfg_dict, "init_from": self.init_provenance}
+        refs = self.close_trackers()
+        if refs:
+            cfg_dict = {**cfg_dict, "tracking": refs}
         sae.save(self.dir, {**cfg_dict, **arch_cfg, "unit_decoder": unit is not None,
                             "arch_config": dataclasses.asdict(self.trainer.arch.config)})
         pen_state = {k: v.detach().cpu().contiguous() for k, v in self.trainer.penalty.state_dict().items()}
@@ -219,6 +238,7 @@ class _Run:
             self.build.commit()
 
     def abort(self) -> None:
+        self.close_trackers()
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -286,7 +306,8 @@ def _check_shareable(cfgs: list[TrainConfig]) -> None:
 
 
 def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train",
-               on_progress: Callable[[int], None] | None = None) -> list[Path]:
+               on_progress: Callable[[int], None] | None = None,
+               tracking: TrackingConfig | None = None) -> list[Path]:
     """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
 
     All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
@@ -295,7 +316,8 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     whose loss or weights become non-finite stops (its last good checkpoint kept) while the others
     finish, then :class:`NonFiniteError` is raised. Returns the run directories.
     ``on_progress(rows)``, if given, is called after every step with the rows of the pass done so far
-    (a distributed sweep forwards it to the coordinating process).
+    (a distributed sweep forwards it to the coordinating process). ``tracking``: experiment trackers
+    that receive each run's settings and logged records (:mod:`sae.tracking`).
 
     Raises:
         ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
@@ -325,7 +347,7 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     runs: list[_Run] = []
     try:
         for i, c in enumerate(cfgs):
-            runs.append(_Run(c, store, hook, scale, steps, device, inits.get(i)))
+            runs.append(_Run(c, store, hook, scale, steps, device, inits.get(i), tracking))
         active = [r for r in runs if not r.finished]
         if active:
             cursors = {r.rows_consumed for r in active}
@@ -338,6 +360,7 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
                 r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
     except BaseException:
         for r in runs:
+            r.close_trackers()
             if not r.finished and r.failed is None:
                 if r.metrics is not None:
                     r.metrics.close()
@@ -425,9 +448,9 @@ def _loop(runs: list[_Run], loader: ShuffledBatches, steps: int, quiet: bool, la
                 on_progress((step + 1) * cfg.batch_size)
 
 
-def train(cfg: TrainConfig, quiet: bool = False) -> Path:
+def train(cfg: TrainConfig, quiet: bool = False, tracking: TrackingConfig | None = None) -> Path:
     """Train one SAE (see :func:`train_many`) and return its run directory."""
-    return train_many([cfg], quiet=quiet, label=f"train {cfg.variant}")[0]
+    return train_many([cfg], quiet=quiet, label=f"train {cfg.variant}", tracking=tracking)[0]
 
 
 __all__ = ["RunDirError", "check_run_dir", "train", "train_many"]

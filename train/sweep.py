@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from ..rundir.metrics import read_metrics
 from ..rundir.sae import SAE
 from ..store import ActivationStore
+from ..tracking import TrackingConfig
 from .config import TrainConfig
 from .distributed import check_before_submit, data_key, memory_budget, plan_groups, run_groups
 from .run import train_many
@@ -106,7 +107,8 @@ def expand(base: TrainConfig, variants: list[str], grid: dict[str, dict[str, lis
 
 
 def run_sweep(cfgs: list[TrainConfig], workers: int | str | None = None, scheduler: str | None = None,
-              quiet: bool = False, group_size: int | None = None) -> list[Path]:
+              quiet: bool = False, group_size: int | None = None, tracking: TrackingConfig | None = None
+              ) -> list[Path]:
     """Train all ``cfgs``; one store pass per group of configs sharing a data stream.
 
     ``workers`` (a count, or ``auto``: one per visible GPU) starts a local dask cluster; ``scheduler``
@@ -127,7 +129,7 @@ def run_sweep(cfgs: list[TrainConfig], workers: int | str | None = None, schedul
             streams[data_key(c)].append(c)
         out = []
         for group in streams.values():
-            out += train_many(group, quiet=quiet, label=f"sweep ({len(group)} SAEs)")
+            out += train_many(group, quiet=quiet, label=f"sweep ({len(group)} SAEs)", tracking=tracking)
         return out
     check_before_submit(cfgs)
     check_scheduler(scheduler)
@@ -138,7 +140,7 @@ def run_sweep(cfgs: list[TrainConfig], workers: int | str | None = None, schedul
         count = n or max(len(client.scheduler_info()["workers"]), 1)
         groups = plan_groups(tasks, count, d_in, group_size, memory_budget(cfgs[0].device, n or 1))
         threads = max(1, torch.get_num_threads() // count) if n else None
-        return run_groups(client, groups, threads, quiet)
+        return run_groups(client, groups, threads, quiet, tracking=tracking)
 
 
 def max_decoder_cosines(W_dec: torch.Tensor, chunk: int = 2048) -> torch.Tensor:

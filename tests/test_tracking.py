@@ -1,0 +1,185 @@
+"""Experiment trackers: what TensorBoard, a real MLflow server (127.0.0.1) and W&B (offline) receive,
+read back through each library's own reader; a failing tracker; a missing library."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sae.cli import app
+from sae.errors import ConfigError
+from sae.tracking import TensorBoardTracker, TrackingConfig
+from sae.train.config import TrainConfig
+from sae.train.run import train
+from sae.train.sweep import expand, run_sweep
+
+
+@pytest.fixture(scope="module")
+def store(planted_store_factory):
+    return planted_store_factory(4096, d_in=16, n_features=32, active=2, seed=11)
+
+
+def _cfg(store: Path, out: Path, **kw) -> TrainConfig:
+    return TrainConfig(**{"store": str(store), "d_sae": 32, "k": 2, "batch_size": 256, "tokens": 256 * 8,
+                          "log_every": 2, "device": "cpu", "out": str(out), **kw})
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_tensorboard_receives_every_logged_record(store, tmp_path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = train(_cfg(store, tmp_path / "run"), quiet=True,
+                tracking=TrackingConfig(backends=["tensorboard"], dir=str(tmp_path / "tb")))
+    ref = json.loads((run / "cfg.json").read_text())["tracking"]["tensorboard"]
+    acc = EventAccumulator(ref["log_dir"])
+    acc.Reload()
+    recs = _records(run)
+    for key in ("loss", "l0", "explained_variance", "dead_fraction"):
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert got == pytest.approx([(r["step"], r[key]) for r in recs]), key
+    assert "config" in " ".join(acc.Tags()["tensors"])  # the settings, as text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend), up within 120 s, killed afterwards."""
+    pytest.importorskip("mlflow")
+    root = tmp_path_factory.mktemp("mlflow")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root}/db.sqlite", "--default-artifact-root",
+                             str(root / "art"), "--workers", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail("mlflow server did not start within 120 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+
+def test_mlflow_sweep_is_a_parent_with_one_run_per_configuration_and_evaluate_attaches(store, tmp_path,
+                                                                                     mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    cfgs = expand(_cfg(store, tmp_path), ["none", "ortsae"], {}, tmp_path / "sweep")
+    tracking = TrackingConfig(backends=["mlflow"], project="ortho", group="sweep", mlflow_uri=mlflow_server,
+                              tags={"team": "interp"})
+    dirs = run_sweep(cfgs, quiet=True, tracking=tracking)
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("ortho")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"sweep", "topk", "ortsae"}
+    parent = runs["sweep"].info.run_id
+    for d in dirs:
+        r = runs[d.name]
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        assert r.data.tags["arch"] == "topk" and r.data.tags["team"] == "interp" and r.data.tags["seed"] == "0"
+        assert r.data.params["variant"] == ("none" if d.name == "topk" else "ortsae")
+        assert r.data.params["content_digest"]
+        hist = [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert sorted(hist) == pytest.approx([(x["step"], x["loss"]) for x in _records(d)])
+        assert r.info.status == "FINISHED"
+        assert json.loads((d / "cfg.json").read_text())["tracking"]["mlflow"]["run_id"] == r.info.run_id
+    # sae evaluate --log-to mlflow adds the evaluation to the same runs
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+    try:
+        res = CliRunner().invoke(app, ["evaluate", *map(str, dirs), "--eval", "geometry", "--log-to", "mlflow",
+                                       "--quiet"])
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    assert res.exit_code == 0, res.output
+    geometry = json.loads((dirs[1] / "eval_results" / "geometry.json").read_text())["eval_result_metrics"]
+    logged = client.get_run(runs[dirs[1].name].info.run_id).data.metrics
+    for group, values in geometry.items():
+        if "mean_max_cos" in values:
+            assert logged[f"eval/geometry/{group}/mean_max_cos"] == pytest.approx(values["mean_max_cos"])
+
+
+def test_wandb_offline_run_has_the_config_and_the_logged_keys(store, tmp_path, monkeypatch) -> None:
+    """wandb 0.31 writes an offline run as one record file (``run-<id>.wandb``, protobuf records; it ships no
+    Python reader for it), so the file is scanned for the config values, the tags and every logged value."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = train(_cfg(store, tmp_path / "run", variant="ortsae"), quiet=True,
+                tracking=TrackingConfig(backends=["wandb"], project="ortho", dir=str(tmp_path / "wb")))
+    ref = json.loads((run / "cfg.json").read_text())["tracking"]["wandb"]
+    records = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{ref['run_id']}/run-{ref['run_id']}.wandb"))
+    assert len(records) == 1
+    data = records[0].read_bytes()
+    digest = json.loads((run / "cfg.json").read_text())["content_digest"]
+    assert b"content_digest" in data and digest.encode() in data and b"variant:ortsae" in data
+    for rec in _records(run):
+        for key in ("loss", "l0", "explained_variance"):
+            v = rec[key]  # JSON of the value (W&B writes an integral float as an integer)
+            text = str(int(v)) if float(v).is_integer() else json.dumps(v)
+            assert key.encode() in data and text.encode() in data, (rec["step"], key)
+
+
+def test_a_failing_tracker_warns_once_and_training_goes_on(store, tmp_path, monkeypatch, capsys) -> None:
+    pytest.importorskip("tensorboard")
+
+    def broken(self, metrics, step):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(TensorBoardTracker, "log", broken)
+    run = train(_cfg(store, tmp_path / "run"), quiet=True,
+                tracking=TrackingConfig(backends=["tensorboard"], dir=str(tmp_path / "tb")))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(err) == 1 and "tensorboard tracker for run failed (OSError: No space left on device)" in err[0]
+    assert [r["step"] for r in _records(run)] == [0, 2, 4, 6, 7]  # metrics.jsonl complete
+    assert (run / "sae_weights.safetensors").exists()
+    assert "tensorboard" not in json.loads((run / "cfg.json").read_text()).get("tracking", {})
+
+
+def test_unknown_or_missing_tracker_is_one_line(store, tmp_path, monkeypatch) -> None:
+    with pytest.raises(ConfigError, match="choose from wandb, mlflow, tensorboard"):
+        TrackingConfig.parse("neptune")
+    real_import = __import__
+
+    def no_mlflow(name, *a, **k):
+        if name == "mlflow":
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr("builtins.__import__", no_mlflow)
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--log-to", "mlflow", "--out", str(tmp_path / "r")])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "pip install 'sae[tracking]'" in errors[0]
+    assert not (tmp_path / "r").exists()
+    cfg = tmp_path / "t.toml"
+    cfg.write_text('[log]\nto = "tensorboard"\nprojekt = "x"\n')
+    monkeypatch.setattr("builtins.__import__", real_import)
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--config", str(cfg), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 2 and "unknown key 'projekt'" in r.output
