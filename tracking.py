@@ -40,7 +40,7 @@ class TrackingConfig:
     """Where runs go. ``project``: W&B project and MLflow experiment (default ``sae``); ``group``: W&B
     group / MLflow parent run name (a sweep's ``--out`` name); ``tags``: extra tags; ``dir``: TensorBoard
     log root and W&B directory (default ``runs/tracking``); ``mlflow_uri``: tracking server (default
-    ``$MLFLOW_TRACKING_URI``, else a local ``mlruns`` folder)."""
+    ``$MLFLOW_TRACKING_URI``, else a SQLite store ``dir/mlflow.db``)."""
 
     backends: list[str] = field(default_factory=list)
     project: str = "sae"
@@ -142,7 +142,7 @@ class MlflowTracker(Tracker):
                  run_id: str | None = None, uri: str | None = None) -> None:
         from mlflow import MlflowClient
 
-        self.uri = uri or cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or str(Path(cfg.dir) / "mlruns")
+        self.uri = uri or cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or _local_mlflow(cfg.dir)
         self.client = MlflowClient(tracking_uri=self.uri)
         if run_id is not None:
             self.run_id = run_id
@@ -263,6 +263,12 @@ class RunTrackers:
                 _warn(t.name, self.label, "failed to close", e)
         self.trackers = []
         return refs
+
+
+def _local_mlflow(root: str) -> str:
+    """A local MLflow store under ``root``: SQLite (MLflow 3 no longer accepts new file stores)."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
 def _warn(name: str, run: str, what: str, e: BaseException) -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/tracking.py --store acts.zarr [--tokens 262144] [--rounds 3] [--log-every 10]
 
-Trains the same TopK SAE ``--rounds`` times each way (no tracker; tensorboard; mlflow to a local file
+Trains the same TopK SAE ``--rounds`` times each way (no tracker; tensorboard; mlflow to a local SQLite
 store; wandb offline), alternating, and prints the median seconds per run and the ratio to no tracker.
 Trackers only act at log steps (every ``--log-every`` steps), on values ``metrics.jsonl`` already read.
 """
@@ -40,7 +40,7 @@ def main() -> None:
             cfg = TrainConfig(store=a.store, expansion=8, k=32, tokens=a.tokens, batch_size=a.batch_size,
                               log_every=a.log_every, device="cpu", out=str(work / f"{w}-{r}"))
             tracking = None if w == "none" else TrackingConfig(backends=[w], dir=str(work / "tracking"),
-                                                               mlflow_uri=str(work / "mlruns"))
+                                                               mlflow_uri=f"sqlite:///{work / 'mlflow.db'}")
             t0 = time.perf_counter()
             train(cfg, quiet=True, tracking=tracking)
             times[w].append(time.perf_counter() - t0)
