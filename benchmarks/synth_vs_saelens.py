@@ -126,6 +126,7 @@ def main() -> None:
                     help="extra SAELens training-SAE config fields as JSON, e.g. '{\"decoder_init_norm\": 1.0}'")
     ap.add_argument("--ours", type=json.loads, default={},
                     help="extra TrainConfig fields as JSON, e.g. '{\"aux_k_coefficient\": 1.0}'")
+    ap.add_argument("--libs", default="ours,saelens", help="which trainers to run (e.g. ours, for an lr scan)")
     ap.add_argument("--tag", default="", help="suffix of the result keys, so that variants sit beside the defaults")
     ap.add_argument("--json", type=Path, default=Path("vs_saelens.json"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_saelens"))
@@ -141,7 +142,7 @@ def main() -> None:
     results = json.loads(a.json.read_text()) if a.json.exists() else {}
     for arch in a.archs.split(","):
         for seed in map(int, a.seeds.split(",")):
-            for lib in ("ours", "saelens"):
+            for lib in a.libs.split(","):
                 key = f"{lib}{a.tag}/{arch}/{seed}"
                 if key in results:
                     continue
