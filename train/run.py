@@ -360,13 +360,10 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
                 r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
     except BaseException:
         for r in runs:
-            r.close_trackers()
             if not r.finished and r.failed is None:
-                if r.metrics is not None:
-                    r.metrics.close()
-                    r.metrics = None
-                if r.build is not None:
-                    r.build.abort()
+                r.abort()  # trackers, metrics file, staging copy
+            else:
+                r.close_trackers()
         raise
     failed = [r.failed for r in runs if r.failed]
     if failed:
