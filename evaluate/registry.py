@@ -10,6 +10,9 @@ An evaluation is a module ``sae.evaluate.<name>`` defining:
   called per SAE;
 * optionally ``available(ctx) -> str | None`` — ``None`` when it can run, else the reason it
   cannot (e.g. "no WMDP file"); evaluations that cannot run are skipped with that message;
+* optionally ``requires() -> str | None`` — what to install when a package it needs is missing (an
+  evaluation asked for by name is then refused in one line; the default set leaves it out) and
+  ``check(cfg, device)`` — refuses bad settings (``ConfigError``) before anything loads;
 * optionally ``NEEDS_MODEL = False`` (it reads only the SAE and its run directory: no model loads)
   and ``result_stem(cfg) -> str`` (the result file's name when it is not ``EVAL_TYPE_ID``).
 
@@ -32,7 +35,8 @@ from ..model import LoadedModel
 from ..registry import Registry
 
 # Evaluation modules in their default running order.
-EVAL_MODULES = ("core", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry", "ground_truth")
+EVAL_MODULES = ("core", "sae_probes", "sparse_probing", "absorption", "scr", "tpp", "unlearning", "geometry",
+                "ground_truth")
 
 
 @dataclass
@@ -149,13 +153,15 @@ class EvalOutput:
     """What ``run`` returns: SAEBench-shaped pieces of the result file.
 
     ``metrics``: ``{category: {metric: value}}`` (``eval_result_metrics``); ``details``: list of
-    dicts (``eval_result_details``); ``eval_config``: the settings used; ``unstructured``: anything else.
+    dicts (``eval_result_details``); ``eval_config``: the settings used; ``unstructured``: anything else;
+    ``extra``: further top-level keys of the evaluation's SAEBench output.
     """
 
     metrics: dict[str, dict[str, Any]]
     details: list[dict[str, Any]] = field(default_factory=list)
     eval_config: dict[str, Any] = field(default_factory=dict)
     unstructured: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 EVALUATIONS: Registry[ModuleType] = Registry("evaluation", "--eval", __package__ or "sae.evaluate", EVAL_MODULES,

@@ -104,7 +104,7 @@ def _applicable(evals: Sequence[str] | None, store: str | Path | None, storage_o
     if evals is None:
         if synthetic:
             return [e for e in AVAILABLE_EVALS if not getattr(eval_module(e), "NEEDS_MODEL", True)]
-        return [e for e in AVAILABLE_EVALS if e != "ground_truth"]
+        return [e for e in AVAILABLE_EVALS if e != "ground_truth" and not _missing_package(e)]
     needs = [e for e in evals if synthetic and getattr(eval_module(e), "NEEDS_MODEL", True)]
     if needs:
         raise ConfigError(f"--eval {','.join(needs)}: {store} is a synthetic store (no language model or text); "
@@ -112,11 +112,17 @@ def _applicable(evals: Sequence[str] | None, store: str | Path | None, storage_o
     return list(evals)
 
 
+def _missing_package(name: str) -> str | None:
+    """What evaluation ``name`` needs installed, or None (its optional ``requires()``)."""
+    mod = eval_module(name)
+    return mod.requires() if hasattr(mod, "requires") else None
+
+
 def _settings(evals: Sequence[str], n_tokens: int, device: str, compat: str,
               eval_params: dict[str, dict[str, str]] | None) -> dict[str, object]:
     """Every requested evaluation's settings, validated (names, -p values, ranges) before anything loads."""
     from ..errors import ConfigError
-    from ..model import check_device
+    from ..model import check_device, resolve_device
 
     if not evals:
         raise ConfigError("--eval is empty: name at least one evaluation")
@@ -131,7 +137,12 @@ def _settings(evals: Sequence[str], n_tokens: int, device: str, compat: str,
         raise ConfigError(f"--compat {compat!r}: choose {' or '.join(COMPAT_MODES)}")
     check_device(device)
     bases = {EVAL_TYPE_ID: CoreConfig(n_eval_tokens=n_tokens, device=device, compat=compat)}
-    return {name: eval_settings(name, (eval_params or {}).get(name, {}), base=bases.get(name)) for name in evals}
+    configs = {name: eval_settings(name, (eval_params or {}).get(name, {}), base=bases.get(name)) for name in evals}
+    for name, cfg in configs.items():  # a missing package or a bad setting: refused before anything loads
+        mod = eval_module(name)
+        if hasattr(mod, "check"):
+            mod.check(cfg, str(resolve_device(device).type))
+    return configs
 
 
 def _load_runs(run_dirs: list[Path], results_dir: str | Path | None) -> tuple[dict[str, SAE], dict[str, Path]]:
@@ -233,7 +244,7 @@ def _run_evaluation(name: str, cfg: object, saes: dict[str, SAE], ctxs: dict[str
         res_dir = ctxs[r].results_dir or Path(r)
         eval_config = {**out.eval_config, "wall_time_s": round(secs, 2)}
         write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, saes[r].cfg, out.unstructured,
-                     file_stem=stem)
+                     file_stem=stem, extra=out.extra)
         written[(r, name)] = read_result(res_dir, stem)
     return written
 
@@ -268,6 +279,12 @@ def eval_settings(name: str, params: dict[str, str], base: Any = None) -> Any:
                 typed[key] = float(raw)
             elif isinstance(cur, str) or cur is None:
                 typed[key] = raw
+            elif isinstance(cur, tuple):  # comma-separated, typed like the default's items (str if empty)
+                kind = type(cur[0]) if cur and isinstance(cur[0], (int, float, str)) else str
+                items = [x.strip() for x in raw.split(",") if x.strip()]
+                if not items:
+                    raise ValueError(raw)
+                typed[key] = tuple(kind(x) for x in items)
             else:
                 raise ConfigError(f"-p {name}.{key}: a {type(cur).__name__} setting cannot be set from the "
                                   "command line")

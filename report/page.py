@@ -45,7 +45,15 @@ from .figures import (
     run_colors,
 )
 from .runs import NOT_EVALUATED, RunInfo, load_run, metric_value, resolve_run_dirs, unique_labels
-from .seeds import difference_table_markdown, grouped, plot_seed_means, seed_table_markdown
+from .seeds import (
+    difference_rows,
+    difference_table_markdown,
+    flags_note,
+    grouped,
+    plot_seed_means,
+    seed_rows,
+    seed_table_markdown,
+)
 from .tables import (
     all_metrics_section,
     figure_html,
@@ -80,6 +88,13 @@ details{margin:.4em 0}summary{cursor:pointer;font-weight:600;padding:.2em 0}
 code{background:#f0f0f0;padding:0 3px;border-radius:3px}
 """
 
+
+SEEDS_INTRO = ("Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from the "
+               "configuration's base (the architecture a penalty is added to, else topk) excludes 0 and the "
+               "difference exceeds the metric's noise floor.")
+DIFF_INTRO = ("Differences from the base (95 % Welch; * = excludes 0 and exceeds the noise floor; \"within noise\" = "
+              "|Δ| at most the noise floor, the minimum detectable difference at 95 % for this many seeds, from "
+              "the seed variance pooled over configurations — last row).")
 
 def _browser_section(runs: list[RunInfo], store: Path | None, n_latents: int, browse_runs: int | None,
                      browse_tokens: int, decode: Callable[[Sequence[int]], str] | None,
@@ -218,11 +233,16 @@ def _write_report(runs: list[RunInfo], out: Path, store: Path | None, n_browse_l
     (out / "headline.md").write_text(headline_markdown([r.path for r in runs]) if runs else "")
     paths = [r.path for r in runs]
     if any(len(g) > 1 for g in grouped(paths).values()):  # seeds of one configuration: mean ± 95 % t
+        seed_head, seed_body = seed_rows(paths)
+        diff_head, diff_body = difference_rows(paths)
+        note = flags_note(seed_head)
         (out / "seeds.md").write_text(
-            "Mean ± 95 % t-interval over seeds; ▲/▼: the 95 % Welch interval of the difference from the "
-            "configuration's base (the architecture a penalty is added to, else topk) excludes 0.\n\n"
-            + seed_table_markdown(paths) + "\nDifferences from the base (95 % Welch; * = "
-            "excludes 0):\n\n" + difference_table_markdown(paths))
+            SEEDS_INTRO + "\n\n" + seed_table_markdown(paths) + "\n" + DIFF_INTRO + "\n\n"
+            + difference_table_markdown(paths) + (f"\n{note}\n" if note else ""))
+        sections.append(("seeds", "Seeds", f'<p class="note">{html.escape(SEEDS_INTRO)}</p>'
+                         + table_html(seed_head, seed_body) + f'<p class="note">{html.escape(DIFF_INTRO)}</p>'
+                         + table_html(diff_head, diff_body)
+                         + (f'<p class="note">{html.escape(note)}</p>' if note else "")))
         for x, y, name in (("mean max cos", "expl. var.", "seeds_maxcos_ev.png"),
                            ("expl. var.", "absorption", "seeds_ev_absorption.png"),
                            ("mean max cos", "CE score", "seeds_maxcos_ce.png"),

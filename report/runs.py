@@ -30,13 +30,22 @@ HEADLINE: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
     ("pairs |cos|>0.5", "geometry", "decoder", ("frac_pairs_above_0p5",)),
     ("median κ", "geometry", "groups", ("median_kappa",)),
     ("Jaccard", "geometry", "stability", ("mean_jaccard",)),
-    ("probe top-1", "sparse_probing", None, ("sae_top_1_test_accuracy",)),
+    ("sae-probes top-1", "sae_probes", "sae", ("sae_top_1_test_accuracy",)),
+    ("offline probe top-1", "sparse_probing", None, ("sae_top_1_test_accuracy",)),
     ("absorption", "absorption", None, ("mean_absorption_fraction_score", "mean_full_absorption_score",
                                         "mean_absorption_score")),
-    ("SCR (thr 20)", "scr", None, ("scr_metric_threshold_20", "scr_dir1_threshold_20")),
-    ("TPP (thr 20)", "tpp", None, ("tpp_threshold_20_total_metric",)),
+    ("SCR (thr 20) †", "scr", None, ("scr_metric_threshold_20", "scr_dir1_threshold_20")),
+    ("TPP (thr 20) †", "tpp", None, ("tpp_threshold_20_total_metric",)),
     ("unlearning", "unlearning", None, ("unlearning_score",)),
 )
+
+UNRELIABLE = {"scr": "unreliable at canonical settings (arXiv 2605.18229)",
+              "tpp": "unreliable at canonical settings (arXiv 2605.18229)"}
+"""Evaluations an audit of SAE benchmarks (Chanin, arXiv 2605.18229) found unreliable at their canonical
+settings: still computed and shown, their columns marked † with this note."""
+
+UNRELIABLE_NOTE = ("† SCR and TPP: unreliable at canonical settings (arXiv 2605.18229) — read them as hints; "
+                   "sae-probes is the probing metric that audit found most reliable.")
 
 
 ABSORPTION_KEYS = ("mean_absorption_fraction_score", "mean_full_absorption_score", "mean_absorption_score")

@@ -12,6 +12,8 @@ from typing import Any
 from .runs import (
     HEADLINE,
     NOT_EVALUATED,
+    UNRELIABLE,
+    UNRELIABLE_NOTE,
     RunInfo,
     absorption_value,
     flatten_metrics,
@@ -92,6 +94,8 @@ def headline_section(runs: list[RunInfo]) -> str:
     note = ('<p class="note">– = not evaluated (or not reported); [a, b] = 95 % interval (bootstrap over held-out '
             'documents). Every metric is in the tables of '
             '<a href="#metrics">All evaluation metrics</a>.</p>')
+    if any(h[1] in UNRELIABLE for h in cols):
+        note += f'<p class="note">{html.escape(UNRELIABLE_NOTE)}</p>'
     return table_html(["run", "variant", *[h[0] for h in cols]], rows) + note
 
 
@@ -106,6 +110,8 @@ def headline_markdown(run_dirs: Sequence[str | Path]) -> str:
         cells = ["–" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
                  for v in _headline_values(r, cols)]
         lines.append(f"| {r.label} | {r.variant} | " + " | ".join(cells) + " |")
+    if any(h[1] in UNRELIABLE for h in cols):
+        lines += ["", UNRELIABLE_NOTE]
     return "\n".join(lines) + "\n"
 
 

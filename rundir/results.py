@@ -65,10 +65,12 @@ def _jsonable(obj: Any) -> Any:
 
 def build_result(eval_type_id: str, eval_config: Mapping, metrics: Mapping[str, Mapping[str, Any]],
                  details: list | None = None, sae_cfg: Mapping | None = None,
-                 unstructured: Any = None) -> dict:
+                 unstructured: Any = None, extra: Mapping[str, Any] | None = None) -> dict:
     """A validated, JSON-ready result dict (see the module doc for the keys).
 
-    ``metrics`` is ``{category: {metric: value}}`` (SAEBench's ``eval_result_metrics``).
+    ``metrics`` is ``{category: {metric: value}}`` (SAEBench's ``eval_result_metrics``); ``extra``:
+    further top-level keys an evaluation's SAEBench output has (e.g. ``sae_metrics_by_k``), never
+    replacing the common ones.
 
     Raises:
         ResultSchemaError: ``metrics`` is not a dict of dicts.
@@ -87,6 +89,8 @@ def build_result(eval_type_id: str, eval_config: Mapping, metrics: Mapping[str, 
         "sae_lens_version": None,
         "sae_cfg_dict": dict(sae_cfg or {}),
         "sae_version": _package_version(),
+        **{k: v for k, v in (extra or {}).items() if k not in REQUIRED_KEYS and k != "sae_lens_release_id"
+           and k != "sae_lens_version"},
     })
     validate_result(result)
     return result
@@ -94,14 +98,15 @@ def build_result(eval_type_id: str, eval_config: Mapping, metrics: Mapping[str, 
 
 def write_result(run_dir: str | Path, eval_type_id: str, eval_config: Mapping,
                  metrics: Mapping[str, Mapping[str, Any]], details: list | None = None,
-                 sae_cfg: Mapping | None = None, unstructured: Any = None, file_stem: str | None = None) -> Path:
+                 sae_cfg: Mapping | None = None, unstructured: Any = None, file_stem: str | None = None,
+                 extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``run_dir/eval_results/<file_stem or eval_type_id>.json`` atomically (replacing one); return
     the path. (``core_saebench.json`` holds the ``--compat saebench`` core result beside ours.)
 
     Raises:
         ResultSchemaError: see :func:`build_result`.
     """
-    result = build_result(eval_type_id, eval_config, metrics, details, sae_cfg, unstructured)
+    result = build_result(eval_type_id, eval_config, metrics, details, sae_cfg, unstructured, extra)
     path = result_path(run_dir, file_stem or eval_type_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
