@@ -496,6 +496,10 @@ def evaluate(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="EVAL.SETTING=VALUE for an evaluation's "
                                                                         "Config, e.g. absorption.ranking=l1_probe "
                                                                         "(repeatable).")] = None,
+    datasets: Annotated[str | None, typer.Option(help="sae-probes datasets: comma-separated tags or patterns "
+                                                      "('*news*'), `cpu` (41 short-prompt ones) or `all` (113); "
+                                                      "default: all on a GPU, cpu on a CPU (= -p "
+                                                      "sae_probes.datasets=…).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the model-only work (core's clean pass, "
                                                               "probing, absorption and unlearning activations) "
                                                               "instead of reusing "
@@ -506,14 +510,20 @@ def evaluate(
 ) -> None:
     """Evaluate SAEs on held-out text; write RUN_DIR/eval_results/<eval>.json and print a comparison table."""
     from . import evaluate as ev
+    from .errors import ConfigError
     from .tracking import TrackingConfig
 
     tracking = TrackingConfig.parse(log_to)
     evals = [e.strip() for e in eval.split(",") if e.strip()] or None  # None: all that apply to the store
+    eval_params = _eval_params(param or [])
+    if datasets is not None:
+        if evals is not None and "sae_probes" not in evals:
+            raise ConfigError("--datasets chooses sae-probes datasets: add sae_probes to --eval, or drop --datasets")
+        eval_params.setdefault("sae_probes", {})["datasets"] = datasets
     results = ev.evaluate_runs(run_dirs, store=store, evals=evals, n_tokens=tokens, device=device, quiet=quiet,
                                results_dir=results_dir, storage_options=parse_storage_options(storage_option),
                                allow_other_store=allow_other_store, compat=compat,
-                               eval_params=_eval_params(param or []), use_cache=not no_cache)
+                               eval_params=eval_params, use_cache=not no_cache)
     ev.print_comparison(results)
     if tracking is not None:
         from .evaluate.track import attach_results

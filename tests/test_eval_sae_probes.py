@@ -122,7 +122,7 @@ def test_end_to_end_on_the_tiny_model(tmp_path: Path, tiny_model_dir, tiny_lm, m
     monkeypatch.setattr(P, "last_token_acts", counting)
     run = _tiny_run(tmp_path, tiny_model_dir)
     params = {"sae_probes": {"datasets": "117_us_state_FL,*us_state_CA", "ks": "1,2", "n_bootstrap": "200",
-                             "n_jobs": "1"}}
+                             "n_jobs": "1"}}  # a tag and a pattern (`--datasets` on the command line)
     first = evaluate_runs([run], evals=["sae_probes"], device="cpu", quiet=True, eval_params=params)
     assert calls == [1000, 1000]  # one forward pass per dataset
     again = evaluate_runs([run], evals=["sae_probes"], device="cpu", quiet=True, eval_params=params)
@@ -152,6 +152,8 @@ def test_refusals_are_one_line_and_touch_nothing(tmp_path: Path, tiny_model_dir,
                                  "sae_probes.datasets=no_such_set", "--device", "cpu"])
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "no_such_set" in r.output
     assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["evaluate", str(run), "--eval", "core", "--datasets", "cpu", "--device", "cpu"])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "add sae_probes to --eval" in r.output
     monkeypatch.setitem(sys.modules, "sae_probes", None)  # the package is not installed
     r = CliRunner().invoke(app, ["evaluate", str(run), "--eval", "sae_probes", "--device", "cpu"])
     assert r.exit_code == 2 and r.output.count("error:") == 1 and "sae[probes]" in r.output
