@@ -44,7 +44,7 @@ METRICS: tuple[tuple[str, str, str | None, str], ...] = (
     ("median κ (k-means)", "geometry", "groups", "median_kappa"),
     ("sae-probes top-1", "sae_probes", "sae", "sae_top_1_test_accuracy"),
     ("sae-probes top-16", "sae_probes", "sae", "sae_top_16_test_accuracy"),
-    ("probe top-1", "sparse_probing", None, "sae_top_1_test_accuracy"),
+    ("offline probe top-1", "sparse_probing", None, "sae_top_1_test_accuracy"),
     ("absorption", "absorption", None, "absorption"),
     ("full absorption", "absorption", "mean", "mean_full_absorption_score"),
     ("split features", "absorption", "mean", "mean_num_split_features"),
