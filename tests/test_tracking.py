@@ -137,8 +137,15 @@ def test_wandb_offline_run_has_the_config_and_the_logged_keys(store, tmp_path, m
     ref = json.loads((run / "cfg.json").read_text())["tracking"]["wandb"]
     records = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{ref['run_id']}/run-{ref['run_id']}.wandb"))
     assert len(records) == 1
-    data = records[0].read_bytes()
     digest = json.loads((run / "cfg.json").read_text())["content_digest"]
+    deadline = time.monotonic() + 30  # wandb-core's writer may flush the records just after finish() returns:
+    data, size = b"", -1              # wait until the file holds the config and has stopped growing
+    while time.monotonic() < deadline:
+        data = records[0].read_bytes()
+        if b"content_digest" in data and len(data) == size:
+            break
+        size = len(data)
+        time.sleep(0.5)
     assert b"content_digest" in data and digest.encode() in data and b"variant:ortsae" in data
     for rec in _records(run):
         for key in ("loss", "l0", "explained_variance"):
