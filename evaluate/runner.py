@@ -215,7 +215,8 @@ def _contexts(saes: dict[str, SAE], out_dirs: dict[str, Path], store: str | Path
 def _run_evaluation(name: str, cfg: object, saes: dict[str, SAE], ctxs: dict[str, EvalContext],
                     quiet: bool) -> dict[tuple[str, str], dict]:
     """One evaluation over every run that it can evaluate: ``run_many`` when the module has one, else
-    ``run`` per SAE; each result written, read back and returned under ``(run, name)``."""
+    ``run`` per SAE; each result written (per SAE, as soon as it is computed), read back and returned
+    under ``(run, name)``."""
     mod = eval_module(name)
     runs = []
     for run, ctx in ctxs.items():
@@ -227,25 +228,28 @@ def _run_evaluation(name: str, cfg: object, saes: dict[str, SAE], ctxs: dict[str
         runs.append(run)
     if not runs:
         return {}
-    t0 = time.perf_counter()
-    if hasattr(mod, "run_many"):
-        outs = mod.run_many([saes[r] for r in runs], [ctxs[r] for r in runs], cfg)
-        times = [(time.perf_counter() - t0) / len(runs)] * len(runs)
-    else:
-        outs, times = [], []
-        for r in runs:
-            t1 = time.perf_counter()
-            outs.append(mod.run(saes[r], ctxs[r], cfg))
-            times.append(time.perf_counter() - t1)
-    record_rate(name, (time.perf_counter() - t0) / len(runs))
     stem = mod.result_stem(cfg) if hasattr(mod, "result_stem") else mod.EVAL_TYPE_ID
-    written = {}
-    for r, out, secs in zip(runs, outs, times, strict=True):
+    written: dict[tuple[str, str], dict] = {}
+
+    def write(r: str, out: Any, secs: float) -> None:
         res_dir = ctxs[r].results_dir or Path(r)
         eval_config = {**out.eval_config, "wall_time_s": round(secs, 2)}
         write_result(res_dir, mod.EVAL_TYPE_ID, eval_config, out.metrics, out.details, saes[r].cfg, out.unstructured,
                      file_stem=stem, extra=out.extra)
         written[(r, name)] = read_result(res_dir, stem)
+
+    t0 = time.perf_counter()
+    if hasattr(mod, "run_many"):
+        outs = mod.run_many([saes[r] for r in runs], [ctxs[r] for r in runs], cfg)
+        per_sae = (time.perf_counter() - t0) / len(runs)
+        for r, out in zip(runs, outs, strict=True):
+            write(r, out, per_sae)
+    else:  # each SAE's result is written as soon as it is computed: an interrupted call keeps the finished ones
+        for r in runs:
+            t1 = time.perf_counter()
+            out = mod.run(saes[r], ctxs[r], cfg)
+            write(r, out, time.perf_counter() - t1)
+    record_rate(name, (time.perf_counter() - t0) / len(runs))
     return written
 
 

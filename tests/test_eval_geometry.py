@@ -205,3 +205,31 @@ def test_density_from_store_and_registry_entry(tmp_path: Path) -> None:
     assert "store" in out.unstructured["density_source"]
     assert out.metrics["decoder"]["max_max_cos"] == pytest.approx(0.0, abs=1e-7)   # orthonormal rows
     assert out.eval_config["thresholds"] == [0.5, 0.8]
+
+
+def test_each_result_is_written_as_soon_as_its_sae_is_done(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
+    """An evaluation that fails on the second SAE keeps the first SAE's result file (runner writes per SAE)."""
+    from sae.evaluate import evaluate_runs
+    from sae.rundir.results import read_result
+
+    runs = []
+    for i in range(2):
+        sae = SAE(64, 128, "topk", k=8)
+        sae.init_weights(torch.Generator().manual_seed(i))
+        sae.save(tmp_path / f"run{i}", {"model_name": str(tiny_model_dir), "hook_name": "blocks.1.hook_resid_post",
+                                        "hook_layer": 1, "dataset_path": "embedded", "context_size": 64, "d_in": 64})
+        runs.append(tmp_path / f"run{i}")
+    mod = eval_module("geometry")
+    real, calls = mod.run, []
+
+    def failing_second(sae, ctx, cfg):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the machine went away")
+        return real(sae, ctx, cfg)
+
+    monkeypatch.setattr(mod, "run", failing_second)
+    with pytest.raises(RuntimeError, match="went away"):
+        evaluate_runs(runs, evals=["geometry"], device="cpu", quiet=True)
+    assert read_result(runs[0], "geometry")["eval_type_id"] == "geometry"
+    assert not (runs[1] / "eval_results" / "geometry.json").exists()
