@@ -84,6 +84,7 @@ import torch
 from ..model import LoadedModel, capture_resid_post, capture_resid_post_shared_prefix
 from ..progress import progress_bar
 from ..rundir.sae import SAE
+from .common import right_pad
 from .registry import EvalContext, EvalOutput
 
 EVAL_TYPE_ID = "absorption"
@@ -621,12 +622,7 @@ def _own_prompt_activations(lm: LoadedModel, layer: int, cfg: Config, words: lis
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     for s in range(0, len(prompts), cfg.llm_batch_size):
         batch = prompts[s:s + cfg.llm_batch_size]
-        T = max(len(p) for p in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(batch), T, dtype=torch.long)
-        for j, p in enumerate(batch):
-            ids[j, :len(p)] = torch.tensor(p)
-            mask[j, :len(p)] = 1
+        ids, mask = right_pad(batch, pad)
         h = capture_resid_post(lm.model, ids.to(lm.device), [layer], mask.to(lm.device))[layer]
         last = torch.tensor([len(p) - 1 for p in batch], device=h.device)
         acts[s:s + len(batch)] = h[torch.arange(len(batch), device=h.device), last].float().cpu()

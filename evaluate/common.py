@@ -158,6 +158,18 @@ def batches(n: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
 
 
+def right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id rows as one right-padded batch: ``(ids [n, max_len], attention_mask [n, max_len])``,
+    both int64, the mask 1 on real tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[j, :len(r)] = 1
+    return ids, mask
+
+
 # -- model activations ----------------------------------------------------------------------------
 @torch.no_grad()
 def forward_with_capture(lm: LoadedModel, input_ids: torch.Tensor, layer: int,

@@ -52,7 +52,7 @@ import torch
 from ..model import capture_resid_post
 from ..progress import progress_bar
 from ..rundir.sae import SAE
-from .common import batches, non_special_mask
+from .common import batches, non_special_mask, right_pad
 from .datasets import tasks as _T
 from .registry import EvalContext
 
@@ -163,12 +163,7 @@ def llm_text_acts(ctx: EvalContext, texts: Sequence[str], context_length: int = 
             task = bar.add_task(f"probing activations {ctx.hook_name}", total=len(rows))
             for sl in batches(len(order), batch_size):
                 idx = order[sl]
-                width = max(len(rows[i]) for i in idx)
-                ids = torch.full((len(idx), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    ids[r, :len(rows[i])] = torch.tensor(rows[i])
-                    attn[r, :len(rows[i])] = 1
+                ids, attn = right_pad([rows[i] for i in idx], pad)
                 keep = non_special_mask(ids, special) & attn.bool()
                 acts = capture_resid_post(lm.model, ids.to(lm.device), [ctx.layer], attn.to(lm.device))[ctx.layer]
                 acts = acts.float().cpu()

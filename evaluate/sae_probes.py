@@ -195,6 +195,7 @@ def last_token_acts(ctx: EvalContext, prompts: list[str], max_seq_len: int, batc
     """``resid_post`` at ``ctx``'s hook on the last token of each prompt: ``[len(prompts), d_model]``
     float32 (CPU), in prompt order."""
     from ..model import capture_resid_post
+    from .common import right_pad
 
     lm = ctx.model
     pad = lm.tokenizer.pad_token_id  # type: ignore[attr-defined]
@@ -205,18 +206,12 @@ def last_token_acts(ctx: EvalContext, prompts: list[str], max_seq_len: int, batc
     with progress_bar(ctx.quiet, unit="prompt") as bar:
         task = bar.add_task(f"sae-probes activations {label}", total=len(rows))
         start = 0
-        while start < len(order):
-            width = max(1, len(rows[order[start]]))
+        while start < len(order):  # prompts by length; a batch holds at most batch_tokens padded tokens
             stop = start + 1
             while stop < len(order) and len(rows[order[stop]]) * (stop - start + 1) <= batch_tokens:
                 stop += 1
             idx = order[start:stop]
-            width = max(len(rows[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                ids[r, :len(rows[i])] = torch.tensor(rows[i])
-                attn[r, :len(rows[i])] = 1
+            ids, attn = right_pad([rows[i] for i in idx], pad)
             acts = capture_resid_post(lm.model, ids.to(lm.device), [ctx.layer], attn.to(lm.device))[ctx.layer]
             last = torch.tensor([len(rows[i]) - 1 for i in idx], device=acts.device)
             out[torch.tensor(idx)] = acts[torch.arange(len(idx), device=acts.device), last].float().cpu()

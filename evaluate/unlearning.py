@@ -93,7 +93,7 @@ from ..harvest.corpus import iter_documents
 from ..harvest.tokens import pack_sequences
 from ..model import LoadedModel, capture_resid_post, splice
 from ..rundir.sae import SAE
-from .common import non_special_mask
+from .common import non_special_mask, right_pad
 from .datasets.mcq import BLANK, LETTERS, MCQ, build_mcq_set, format_prompt, load_mcq_jsonl
 from .intervals import wilson
 from .registry import EvalContext, EvalOutput
@@ -266,12 +266,7 @@ def mcq_scores(lm: LoadedModel, layer: int, prompts: MCQPrompts, questions: Sequ
     for b in range(0, len(order), batch_size):
         rows = order[b:b + batch_size]
         lens = [len(prompts.seqs[s]) for s in rows]
-        T = max(lens)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for j, s in enumerate(rows):
-            ids[j, :lens[j]] = torch.as_tensor(prompts.seqs[s])
-            mask[j, :lens[j]] = 1
+        ids, mask = right_pad([prompts.seqs[s] for s in rows], pad)
         keep = (mask.bool() & non_special_mask(ids, special)).to(lm.device)
         ids, mask = ids.to(lm.device), mask.to(lm.device)
         seen: list[torch.Tensor] = []
