@@ -58,8 +58,29 @@ app.add_typer(store_app, name="store")
 
 
 def _fail(e: Exception) -> None:
+    if _reported_by_rank_0(e):
+        raise typer.Exit(getattr(e, "exit_code", 2))
     typer.secho(f"error: {_one_line(str(e))}", fg="red", err=True)
     raise typer.Exit(getattr(e, "exit_code", 2))
+
+
+def _reported_by_rank_0(e: Exception) -> bool:
+    """Whether this data-parallel rank leaves ``e`` to another reporter (one ``error:`` line per job).
+
+    Under ``sae train --nproc`` the launcher reports a lost rank and an interruption, so no rank
+    prints those. On a rank other than 0, an error every rank meets alike (bad input, an existing run
+    directory, divergence) is left to rank 0. Under plain ``torchrun`` a lost peer is printed by every
+    rank that sees it (rank 0 may be the lost one)."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or _debug():
+        return False
+    from .errors import Interrupted
+    from .train.collective import DistributedError, PeerFailed
+    from .train.launch import LAUNCHED_ENV
+
+    lost = isinstance(e, DistributedError) and not isinstance(e, PeerFailed)
+    if os.environ.get(LAUNCHED_ENV) and (lost or isinstance(e, Interrupted)):
+        return True
+    return os.environ.get("RANK", "0") != "0" and not lost
 
 
 def _one_line(msg: str) -> str:
@@ -414,6 +435,10 @@ def train(
     autocast: Annotated[str, typer.Option(help=_TH["autocast"])] = _T["autocast"],
     init_from: Annotated[Path | None, typer.Option(help=_TH["init_from"])] = _T["init_from"],
     log_to: Annotated[str | None, typer.Option(help=LOG_TO_HELP)] = None,
+    nproc: Annotated[int, typer.Option(help="Data-parallel ranks on this machine (torch.distributed: gloo on "
+                                            "the CPU, NCCL with one GPU per rank); the same as `torchrun "
+                                            "--nproc-per-node N -m sae train ...`. Same data order and global "
+                                            "batch as one process.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Train one SAE from an activation store (streamed, shuffled, never loaded whole)."""
@@ -453,8 +478,29 @@ def train(
     if out is None and (config is None or "out" not in _toml_keys(config)):
         cfg.out = str(Path("runs") / (cfg.variant if cfg.variant != "none" else cfg.activation))
     cfg.validate()
+    if nproc > 1:
+        _launch_ranks(cfg, nproc)
+        return
     run_dir = run(cfg, quiet=quiet, tracking=tracking)
-    typer.echo(f"saved {run_dir}")
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"saved {run_dir}")
+
+
+def _launch_ranks(cfg: TrainConfig, nproc: int) -> None:
+    """``--nproc N``: check what can be checked here, then start the ranks (:mod:`sae.train.launch`)."""
+    from .errors import ConfigError
+    from .store import ActivationStore
+    from .train.launch import launch, without_option
+    from .train.run import check_run_dir
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError("--nproc inside a torchrun job: give one or the other")
+    if cfg.batch_size % nproc:
+        raise ConfigError(f"--batch-size {cfg.batch_size} cannot be split into {nproc} equal parts: use a "
+                          f"multiple of {nproc}")
+    ActivationStore(cfg.store, storage_options=cfg.storage_options, cache=cfg.cache).default_hook(cfg.hook_name)
+    check_run_dir(cfg)
+    launch(nproc, without_option(sys.argv[1:], "--nproc"), Path(cfg.out))  # rank 0 prints "saved RUN"
 
 
 def _log_table(config: Path | None) -> dict | None:

@@ -63,12 +63,24 @@ class ShuffledBatches:
         exclude_special: drop BOS/special-token rows (default: Gemma's BOS residual is ~10× any other row's norm).
         prefetch: windows decoded ahead (and, on CUDA, resident on the device) while training.
         read_workers: decode threads (None or 0 = ``os.cpu_count()``). Never changes the stream.
+        part: ``(rank, world)``: yield only rows ``[rank·b, (rank+1)·b)`` (``b = batch_size / world``) of
+            every ``batch_size``-row batch of the stream, for data-parallel training (the ranks' parts of
+            one batch are disjoint and together the one-process batch; ``rows_consumed`` counts whole
+            batches). Every rank decodes the windows it draws from (a chunk is the unit of compression
+            and a window's rows are shuffled together) and keeps its rows.
+
+    Raises:
+        ValueError: ``batch_size`` not divisible by ``world``, or no rows to train on.
     """
 
     def __init__(self, store: ActivationStore, hook_name: str, batch_size: int, seed: int = 0,
                  mix_chunks: int = 4, start_row: int = 0, scale: float = 1.0,
                  device: str | torch.device = "cpu", prefetch: int = 2, exclude_special: bool = True,
-                 read_workers: int | None = None) -> None:
+                 read_workers: int | None = None, part: tuple[int, int] = (0, 1)) -> None:
+        rank, world = part
+        if world < 1 or not 0 <= rank < world or batch_size % world:
+            raise ValueError(f"a batch of {batch_size} rows cannot be split into {world} equal parts (rank {rank})")
+        self.part = (rank, world)
         store.check_hook(hook_name)
         self.store, self.hook_name, self.batch_size = store, hook_name, batch_size
         self.seed, self.mix_chunks, self.scale = seed, max(1, mix_chunks), scale
@@ -254,6 +266,9 @@ class ShuffledBatches:
                     need -= len(take)
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
                 self.rows_consumed += self.batch_size
+                if self.part[1] > 1:
+                    b = self.batch_size // self.part[1]
+                    batch = batch[self.part[0] * b:(self.part[0] + 1) * b]
                 yield batch
         finally:
             stop.set()

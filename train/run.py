@@ -32,11 +32,14 @@ from ..rundir.sae import SAE
 from ..store import ActivationStore, ShuffledBatches, StoreError
 from ..tracking import RunTrackers, TrackingConfig
 from .archs import arch_class, make_arch_config
+from .collective import LOCAL, Collective, DistributedError, PeerFailed, from_env, rank_device
 from .config import TrainConfig
 from .host_memory import keep_freed_memory
 from .init_from import load_init_source
 from .trainer import Trainer
 
+TEST_DELAY_ENV = "SAE_TRAIN_STEP_DELAY_S"
+"""Test hook: seconds every training step sleeps (lets a test kill a rank of a running job)."""
 DATA_KEYS = ("store", "hook_name", "batch_size", "tokens", "seed", "mix_chunks", "normalize", "device",
              "storage_options", "cache")
 
@@ -75,8 +78,9 @@ class _Run:
 
     def __init__(self, cfg: TrainConfig, store: ActivationStore, hook: str, scale: float, steps: int,
                  device: torch.device, init: tuple[SAE, dict[str, Any]] | None = None,
-                 tracking: TrackingConfig | None = None) -> None:
+                 tracking: TrackingConfig | None = None, dist: Collective = LOCAL) -> None:
         self.cfg, self.path = cfg, Path(cfg.out)
+        self.writer = dist.is_writer  # data-parallel: rank 0 writes; the others only read a checkpoint
         self.settings = run_settings(cfg, store, hook)
         self.init_provenance = init[1] if init is not None else None
         self.trackers: RunTrackers | None = None
@@ -86,13 +90,18 @@ class _Run:
         self.finished = False
         self.failed: str | None = None
         self.last_checkpoint_step: int | None = None
-        state = self._open()  # validates the directory; creates nothing yet
-        self.trainer = Trainer(cfg, store.d_model, steps, b_dec_init=store.mean(hook) * scale, device=device)
+        state = self._open() if self.writer else self._open_reader()  # validates; creates nothing yet
+        self.trainer = Trainer(cfg, store.d_model, steps, b_dec_init=store.mean(hook) * scale, device=device,
+                               dist=dist)
         if init is not None and state is None:
             self.trainer.init_from_sae(init[0])
         self.rows_consumed = 0
+        self.metrics = None
         if self.finished:
-            self.metrics = None
+            return
+        if not self.writer:
+            if state is not None:
+                self._restore(state)
             return
         if self.build is not None:  # fresh or overwrite: create the (staging) directory now
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -100,14 +109,7 @@ class _Run:
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         metrics = self.dir / METRICS_FILE
         if state is not None:
-            try:
-                self.trainer.load_checkpoint_state(state["trainer"])
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise RunDirError(f"cannot resume {self.path}: its {CHECKPOINT_FILE} does not fit this run "
-                                  f"({str(e).splitlines()[0]}); use --overwrite to start over") from None
-            self.rows_consumed = int(state["rows_consumed"])
-            self.last_checkpoint_step = self.trainer.step_idx
-            torch.set_rng_state(state["torch_rng"])
+            self._restore(state)
             with metrics.open("a+b") as fh:  # drop lines logged after the checkpoint
                 fh.truncate(int(state["metrics_bytes"]))
         else:
@@ -117,6 +119,34 @@ class _Run:
             tags = {"arch": cfg.activation, "variant": cfg.variant, "seed": str(cfg.model_seed), "hook": hook}
             config = {**self.settings, "store_url": str(store.path), "content_digest": store.content_digest}
             self.trackers = RunTrackers.start(tracking, self.path.name, config, tags)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        try:
+            self.trainer.load_checkpoint_state(state["trainer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise RunDirError(f"cannot resume {self.path}: its {CHECKPOINT_FILE} does not fit this run "
+                              f"({str(e).splitlines()[0]}); use --overwrite to start over") from None
+        self.rows_consumed = int(state["rows_consumed"])
+        self.last_checkpoint_step = self.trainer.step_idx
+        torch.set_rng_state(state["torch_rng"])
+
+    def _open_reader(self) -> dict[str, Any] | None:
+        """A data-parallel rank other than 0: the checks rank 0 makes (the same errors), and the
+        checkpoint to resume from; it never writes to the run directory (``check_run_dir`` ran on every
+        rank before rank 0 created anything)."""
+        path = self.path
+        if not (self.cfg.resume and path.exists() and not is_empty_dir(path)):
+            return None
+        if (path / CHECKPOINT_FILE).exists():
+            try:
+                state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+            except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+                raise RunDirError(f"cannot resume {path}: {CHECKPOINT_FILE} is unreadable ({e.__class__.__name__});"
+                                  " use --overwrite to start over") from None
+            self._check_settings(state.get("settings"), "its checkpoint")
+            return state
+        self.finished = (path / WEIGHTS_FILE).exists() and (path / CFG_FILE).exists()
+        return None
 
     @property
     def dir(self) -> Path:
@@ -166,6 +196,8 @@ class _Run:
                               f"{self.settings[key]!r}; rerun with the original setting, or --overwrite to start over")
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         assert self.metrics is not None
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
@@ -181,10 +213,13 @@ class _Run:
     def checkpoint(self, rows_consumed: int) -> None:
         """Write ``checkpoint.pt`` atomically (temporary file + rename). Non-finite weights are never
         checkpointed: the run fails instead and the previous checkpoint stays."""
-        assert self.metrics is not None
         if not _finite(self.trainer):
             self.fail(f"weights are not finite at step {self.trainer.step_idx}")
             return
+        if not self.writer:
+            self.last_checkpoint_step = self.trainer.step_idx
+            return
+        assert self.metrics is not None
         self.metrics.flush()
         state = {"trainer": self.trainer.checkpoint_state(), "rows_consumed": rows_consumed,
                  "metrics_bytes": self.metrics.tell(), "torch_rng": torch.get_rng_state(),
@@ -211,6 +246,8 @@ class _Run:
         """Save the final SAE (folded to raw units), penalty state; drop the checkpoint; swap into place."""
         if not _finite(self.trainer):
             self.fail("final weights are not finite")
+            return
+        if not self.writer:
             return
         trained = self.trainer.inference_sae()
         sae = trained.folded(scale)
@@ -307,7 +344,7 @@ def _check_shareable(cfgs: list[TrainConfig]) -> None:
 
 def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train",
                on_progress: Callable[[int], None] | None = None,
-               tracking: TrackingConfig | None = None) -> list[Path]:
+               tracking: TrackingConfig | None = None, dist: Collective | None = None) -> list[Path]:
     """Train several SAEs from ONE pass over the store (each batch read once, fed to all).
 
     All configs must agree on :data:`DATA_KEYS` (store, hook, batch size, tokens, seed, mixing,
@@ -319,17 +356,49 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     (a distributed sweep forwards it to the coordinating process). ``tracking``: experiment trackers
     that receive each run's settings and logged records (:mod:`sae.tracking`).
 
+    Data-parallel (``dist``, by default :func:`~sae.train.collective.from_env`: several ranks when
+    started by ``torchrun``): each rank trains on its equal share of every global batch of
+    ``batch_size`` rows, the same stream as one process; gradients and the global statistics are
+    summed over the ranks (:mod:`sae.train.collective`); rank 0 alone writes run directories, metrics,
+    checkpoints and trackers. A checkpoint resumes with any number of ranks.
+
     Raises:
         ConfigError: a bad option. StoreError: missing/incomplete/empty store or hook.
         RunDirError: existing, foreign or mismatching run dir. NonFiniteError, Interrupted.
+        DistributedError: a rank was lost (its last checkpoint kept) or the ranks diverged.
     """
     _check_shareable(cfgs)
     first = cfgs[0]
+    own_dist = dist is None
+    dist = from_env(first.device) if dist is None else dist
+    delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
+    if delay:
+        inner = on_progress
+
+        def on_progress(rows: int) -> None:
+            time.sleep(delay)
+            if inner is not None:
+                inner(rows)
+
+    try:
+        return _train_many(cfgs, quiet or not dist.is_writer, label, on_progress,
+                           tracking if dist.is_writer else None, dist)
+    finally:
+        if own_dist:
+            dist.close()
+
+
+def _train_many(cfgs: list[TrainConfig], quiet: bool, label: str, on_progress: Callable[[int], None] | None,
+                tracking: TrackingConfig | None, dist: Collective) -> list[Path]:
+    first = cfgs[0]
+    if first.batch_size % dist.world:
+        raise ConfigError(f"--batch-size {first.batch_size} cannot be split into {dist.world} equal parts: "
+                          f"use a multiple of {dist.world} (the number of ranks)")
     store = ActivationStore(first.store, storage_options=first.storage_options, cache=first.cache)
     hook = store.default_hook(first.hook_name)
     if store.n_tokens == 0:
         raise StoreError(f"{store.path} holds no tokens: harvest into it again (`sae harvest --out {store.path}`)")
-    device = resolve_device(first.device)
+    device = rank_device(resolve_device(first.device), dist)
     if device.type == "cpu":
         keep_freed_memory()  # ~13 % faster CPU steps (train/host_memory.py)
     for c in cfgs:
@@ -342,19 +411,28 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     steps = first.tokens // first.batch_size
     inits = {i: load_init_source(c, store, hook, scale) for i, c in enumerate(cfgs) if c.init_from is not None}
     loader = ShuffledBatches(store, hook, first.batch_size, seed=first.seed, mix_chunks=first.mix_chunks,
-                             start_row=0, scale=scale, device=device,
-                             read_workers=first.read_workers)  # raises before any run dir exists
+                             start_row=0, scale=scale, device=device, read_workers=first.read_workers,
+                             part=(dist.rank, dist.world))  # raises before any run dir exists
     runs: list[_Run] = []
+    # data-parallel: every rank checks the run directories before rank 0 creates any of them
+    _on_every_rank(dist, lambda: [check_run_dir(c) for c in cfgs])
     try:
-        for i, c in enumerate(cfgs):
-            runs.append(_Run(c, store, hook, scale, steps, device, inits.get(i), tracking))
+        _on_every_rank(dist, lambda: runs.extend(_Run(c, store, hook, scale, steps, device, inits.get(i), tracking,
+                                                      dist) for i, c in enumerate(cfgs)))
         active = [r for r in runs if not r.finished]
         if active:
             cursors = {r.rows_consumed for r in active}
             if len(cursors) > 1:
                 raise RunDirError("runs of this sweep were checkpointed at different steps; resume them separately")
             loader.rows_consumed = cursors.pop()
-            _loop(active, loader, steps, quiet, label, on_progress)
+            try:
+                _loop(active, loader, steps, quiet, label, on_progress)
+            except DistributedError as e:
+                kept = [f"{r.path} at step {r.last_checkpoint_step}" for r in active
+                        if r.last_checkpoint_step is not None]
+                where = (f"the last checkpoint is kept ({', '.join(kept)}): rerun the same command with --resume "
+                         "(any number of ranks)" if kept else "no checkpoint had been written: rerun the same command")
+                raise DistributedError(f"{e}; the run stopped, {where}") from None
         for r in runs:
             if not r.finished and r.failed is None:
                 r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
@@ -369,6 +447,22 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
     if failed:
         raise NonFiniteError(failed[0] + (f" (and {len(failed) - 1} more run(s))" if len(failed) > 1 else ""))
     return [r.path for r in runs]
+
+
+def _on_every_rank(dist: Collective, fn: Callable[[], Any]) -> None:
+    """Run ``fn``; go on only if it succeeded on every rank (raise its error here, else
+    :class:`PeerFailed`). One process: just ``fn()``."""
+    if not dist.active:
+        fn()
+        return
+    failure: BaseException | None = None
+    try:
+        fn()
+    except (SaeError, OSError) as e:
+        failure = e
+    if not dist.all_ok(failure is None):
+        raise failure or PeerFailed("another rank failed while setting up the run (its own error line says why; "
+                                    "SAE_DEBUG=1 shows every rank's)")
 
 
 class _Signals:

@@ -25,8 +25,13 @@ from ..rundir.sae import SAE, SparseCodes
 from .archs import build_arch
 from .archs.base import warmed_up
 from .auxk import auxk_loss, capacity
+from .collective import LOCAL, Collective, DistributedError
 from .config import TrainConfig
 from .variants import PenaltyContext, build_penalty
+
+TRAINER_ADDITIVE_LOGS = ("loss", "l0", "auxk")
+"""The trainer's own logged terms that are per-row sums over a global normaliser (summed over the
+ranks of a data-parallel run; see :meth:`~sae.train.archs.base.Arch.is_additive`)."""
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -56,18 +61,20 @@ class Trainer(nn.Module):
     Args:
         cfg: run configuration. d_in: input width. total_steps: optimiser steps in the run.
         b_dec_init: ``[d_in]`` initial decoder bias (the mean of the *normalised* data).
-        device: where the SAE lives.
+        device: where the SAE lives. dist: the ranks of a data-parallel run (:mod:`sae.train.collective`);
+            each :meth:`step` then takes this rank's equal share of the global batch.
     """
 
     def __init__(self, cfg: TrainConfig, d_in: int, total_steps: int, b_dec_init: torch.Tensor | None = None,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", dist: Collective = LOCAL) -> None:
         super().__init__()
-        self.cfg, self.total_steps = cfg, total_steps
+        self.cfg, self.total_steps, self.dist = cfg, total_steps, dist
         d_sae = cfg.d_sae or cfg.expansion * d_in
         # the training SAE holds W_enc, b_enc, W_dec, b_dec; the arch holds its own state
         self.sae = SAE(d_in, d_sae, "topk" if cfg.activation == "topk" else "relu", cfg.k)
         self.sae.init_weights(torch.Generator().manual_seed(cfg.model_seed), b_dec_init)
         self.arch = build_arch(cfg.activation, d_in, d_sae, cfg.k, cfg.arch_params, cfg)
+        self.arch.dist = dist
         self.penalty = build_penalty(cfg.variant, d_sae, d_in, cfg.variant_params)
         self.register_buffer("tokens_since_fired", torch.zeros(d_sae, dtype=torch.int64))
         self.to(device)
@@ -108,9 +115,15 @@ class Trainer(nn.Module):
 
         Returns ``(loss, logs, codes)``; the values of ``logs`` are 0-d device tensors (or floats):
         nothing here reads a device value on the host (see :meth:`step`)."""
-        sae = self.sae
+        sae, dist = self.sae, self.dist
         x_c = x - sae.b_dec
-        total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+        if dist.active:  # Σ‖x − x̄‖² of the global batch: its mean, then the ranks' sums
+            batch = x.shape[0] * dist.world
+            mean = dist.sum_(x.sum(0)) / batch
+            total_var = dist.sum_((x - mean).pow(2).sum()).clamp_min(1e-12)
+        else:
+            batch = x.shape[0]
+            total_var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
         dead = self.tokens_since_fired > self.cfg.dead_tokens
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16"):
             enc = self.arch.encode(sae, x_c, step, self.total_steps, dead)
@@ -125,13 +138,17 @@ class Trainer(nn.Module):
                 loss = loss + self.cfg.aux_k_coefficient * aux
                 logs["auxk"], logs["auxk_overflow"] = aux.detach(), overflow
         loss = loss.float()
-        ctx = PenaltyContext(W_dec=sae.W_dec, codes=codes, step=step, total_steps=self.total_steps,
+        # data-parallel: the penalty sees the whole global batch's codes (no gradient flows through
+        # them), so it and its state are equal on every rank; each adds 1/W of it to the summed loss
+        gather = dist.active and self.penalty.uses_codes
+        pen_codes = dist.gather_codes(codes, self.arch.fixed_width) if gather else codes
+        ctx = PenaltyContext(W_dec=sae.W_dec, codes=pen_codes, step=step, total_steps=self.total_steps,
                              generator=step_generator(self.cfg.model_seed, step))
         pen, pen_logs = self.penalty(ctx)
-        loss = loss + pen
+        loss = loss + (pen / dist.world if dist.active else pen)
         logs.update({f"penalty/{k}": v for k, v in pen_logs.items()})
         logs["loss"] = loss.detach()
-        logs["l0"] = codes.n_active().float() / codes.batch
+        logs["l0"] = codes.n_active().float() / batch
         logs["dead_fraction"] = n_dead / sae.d_sae
         return loss, logs, codes
 
@@ -172,6 +189,7 @@ class Trainer(nn.Module):
         loss, logs, codes = self.losses(x, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.grads_(self.opt_params())  # data-parallel: Σ over ranks = the global batch's gradient
         self.sae.project_decoder_grad_()
         self.opt.step()
         self.sae.normalize_decoder_()
@@ -179,13 +197,43 @@ class Trainer(nn.Module):
         with torch.no_grad():  # a latent fired if any token gave it a value > 0 (scatter: no sync)
             _rows, lat, v = codes.entries()
             hits = torch.zeros_like(self.tokens_since_fired).scatter_add_(0, lat, (v.detach() > 0).to(torch.int64))
-            self.tokens_since_fired.add_(x.shape[0]).masked_fill_(hits > 0, 0)
+            self.dist.sum_(hits)  # dead-latent counters count the global batch's firings
+            self.tokens_since_fired.add_(x.shape[0] * self.dist.world).masked_fill_(hits > 0, 0)
         self.step_idx += 1
         logs["lr"] = lr
         if sync:
+            if self.dist.active:
+                logs = self._reduce_logs(logs)
             logs = read_logs(logs)
             logs["explained_variance"] = 1.0 - logs["fvu"]
         return logs
+
+    def opt_params(self) -> list[torch.nn.Parameter]:
+        """The optimised parameters (the SAE's, then the architecture's), in the optimiser's order."""
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def _reduce_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
+        """Data-parallel log step: the additive terms summed over the ranks (one all-reduce), and a
+        check that the ranks still hold the same weights (a float64 checksum of the parameters:
+        equal on every rank unless a rank diverged, which stops the run)."""
+        add = [k for k, v in logs.items() if isinstance(v, torch.Tensor)
+               and (k in TRAINER_ADDITIVE_LOGS or self.arch.is_additive(k))]
+        check = torch.stack([p.detach().double().sum() for p in self.opt_params()])
+        buf = torch.cat([torch.stack([logs[k].detach().reshape(()).double() for k in add]) if add
+                         else check.new_zeros(0), check, -check])
+        lo = buf[len(add):].clone()
+        if add:
+            self.dist.sum_(buf[:len(add)])
+        self.dist.max_(lo)
+        n = len(check)
+        if not torch.equal(lo[:n], check) or not torch.equal(-lo[n:], check):
+            raise DistributedError(f"the ranks' weights differ at step {self.step_idx}: rank {self.dist.rank} "
+                                   "diverged from the others (mixed library versions or devices?); resume "
+                                   "from the last checkpoint on identical ranks")
+        out = dict(logs)
+        out.update({k: buf[i] for i, k in enumerate(add)})
+        return out
 
     @torch.no_grad()
     def inference_sae(self) -> SAE:

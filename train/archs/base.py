@@ -25,6 +25,7 @@ from ...errors import ConfigError
 from ...params import build_params
 from ...registry import Registry
 from ...rundir.sae import SAE, SparseCodes
+from ..collective import LOCAL, Collective
 
 
 @dataclass
@@ -72,10 +73,27 @@ class Arch(nn.Module):
     uses_auxk: ClassVar[bool] = False
     """Whether the trainer adds the AuxK dead-latent loss (Gao et al. 2024) from ``Encoded.pre``."""
     source: ClassVar[str] = ""
+    fixed_width: ClassVar[bool] = False
+    """Whether every batch's codes are padded ``[batch, K]`` with one ``K`` fixed by the config (TopK)."""
+    additive_logs: ClassVar[tuple[str, ...]] = ("fvu",)
+    """Logged terms that are sums over the batch's rows divided by a global normaliser (see
+    :meth:`is_additive`)."""
 
     def __init__(self, d_in: int, d_sae: int, k: int, config: Any, train_cfg: Any) -> None:
         super().__init__()
         self.d_in, self.d_sae, self.k, self.config = d_in, d_sae, k, config
+        self.dist: Collective = LOCAL
+        """The ranks of a data-parallel run (:mod:`sae.train.collective`; set by the trainer)."""
+
+    def is_additive(self, key: str) -> bool:
+        """Whether logged term ``key`` is a per-row sum over a global normaliser: under data-parallel
+        training each rank logs its share and the shares are summed; every other term is equal on
+        every rank."""
+        return key in self.additive_logs
+
+    def global_batch(self, local: int) -> int:
+        """Rows of the global batch when this rank holds ``local`` of them (equal shares)."""
+        return local * self.dist.world
 
     @classmethod
     def check(cls, d_in: int, d_sae: int, k: int, config: Any) -> None:

@@ -119,19 +119,48 @@ class BatchTopK(Arch):
         """BatchTopK codes (ragged: ``B·k`` entries, each token its own count), the dense no-grad
         ``pre`` and τ_B. Only the kept entries carry gradients (:class:`GatherFlat`)."""
         pre = dense_pre_no_grad(x_c, sae.W_enc, sae.b_enc)
-        rows, lat, tau = batch_topk_select(pre, self.k, self._tau_guess)
-        t = float(tau)  # a host read; BatchTopK's counts are data-dependent anyway
-        self._tau_guess = 0.95 * t if t > 0 else None  # speed only: the selection is exact for any guess
+        if self.dist.active:
+            rows, lat, tau = self.select_global(pre)
+        else:
+            rows, lat, tau = batch_topk_select(pre, self.k, self._tau_guess)
+            t = float(tau)  # a host read; BatchTopK's counts are data-dependent anyway
+            self._tau_guess = 0.95 * t if t > 0 else None  # speed only: the selection is exact for any guess
         vals = torch.relu(GatherFlat.apply(x_c, sae.W_enc, sae.b_enc, rows, lat, pre))
         return SparseCodes.ragged(rows, lat, vals, x_c.shape[0]), pre, tau
 
     @torch.no_grad()
+    def select_global(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Data-parallel BatchTopK: this rank's share of the top ``B·k`` entries of the *global* batch
+        (``B`` = the ranks' rows together) and the global τ_B — the same selection as one process.
+
+        Every global top-``B·k`` entry is among its own rank's top ``B·k`` (:func:`batch_topk_select`
+        with ``k·W`` on ``B/W`` rows), so τ_B is the ``B·k``-th largest of the ranks' candidates,
+        gathered (``W·B·k`` floats); each rank then keeps its candidates ≥ τ_B (ties all kept, as in
+        one process; τ_B = 0 and every positive entry kept when the batch has fewer than ``B·k``)."""
+        n = self.global_batch(pre.shape[0]) * self.k
+        rows, lat, tau_local = batch_topk_select(pre, self.k * self.dist.world, self._tau_guess)
+        t = float(tau_local)
+        self._tau_guess = 0.95 * t if t > 0 else None  # this rank's local bound: speed only
+        v = pre[rows, lat]
+        every = self.dist.cat(v)
+        if every.numel() < n:
+            tau = pre.new_zeros(())
+        elif every.numel() == n:
+            tau = every.min()
+        else:
+            tau = every.kthvalue(every.numel() - n + 1).values
+        keep = v >= tau
+        return rows[keep], lat[keep], tau
+
+    @torch.no_grad()
     def update_threshold(self, codes: SparseCodes) -> None:
-        """θ ← (1 − η)θ + η·(smallest positive kept activation); the first batch sets θ. No host read."""
+        """θ ← (1 − η)θ + η·(smallest positive kept activation of the global batch); the first batch
+        sets θ. No host read."""
         v = codes.entries()[2].detach()
-        if v.numel() == 0:
+        if v.numel() == 0 and not self.dist.active:
             return
-        m = torch.where(v > 0, v, torch.inf).amin().to(torch.float64)
+        m = torch.where(v > 0, v, torch.inf).amin() if v.numel() else v.new_full((), torch.inf)
+        m = self.dist.min_(m.reshape(1)).reshape(()).to(torch.float64)
         ok = torch.isfinite(m)
         lr = self.config.threshold_lr
         new = torch.where(self.threshold_set, (1 - lr) * self.threshold + lr * m, m)

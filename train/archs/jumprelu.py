@@ -86,6 +86,7 @@ class StepFn(torch.autograd.Function):
 class JumpReLU(Arch):
     name = "jumprelu"
     source = "Rajamanoharan et al. 2024 (arXiv 2407.14435); Anthropic Circuits Updates, Jan 2025"
+    additive_logs = ("fvu", "l0_surrogate", "tanh_sparsity", "pre_act_loss")
 
     @dataclass
     class Config:
@@ -120,6 +121,7 @@ class JumpReLU(Arch):
 
     @torch.no_grad()
     def _init_from(self, pre: torch.Tensor) -> None:
+        pre = self.dist.cat(pre)  # the global batch's [B, d_sae] (once, at step 0)
         B = pre.shape[0]
         above = max(1, round(B * self.k / self.d_sae))  # tokens per latent above its threshold
         q = pre.kthvalue(max(B - above, 1), dim=0).values.clamp_min(1e-3)
@@ -157,13 +159,20 @@ class JumpReLU(Arch):
         f = JumpReLUFn.apply(p, t, eps)
         codes = SparseCodes.ragged(rows, cols, f, x_c.shape[0])
         coef = self.l0_coefficient_at(step, total_steps)
-        B = x_c.shape[0]
+        B = self.global_batch(x_c.shape[0])  # each rank's share of the global mean
         losses: dict[str, torch.Tensor] = {}
         logs: dict[str, Any] = {"l0_coefficient": coef, "threshold_mean": theta.detach().mean()}
         if cfg.sparsity_loss == "gemma":
             l0 = StepFn.apply(p.detach(), t, eps).sum() / B
             target = self.k if cfg.target_l0 < 0 else cfg.target_l0
-            losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
+            if target > 0 and self.dist.active:
+                # (L0/t − 1)² is not a sum over rows: each rank adds 1/W of its value at the global
+                # L0 and its share of the gradient, 2(L0/t − 1)/t · ∂l0_rank (summed: the exact one)
+                l0_all = self.dist.sum_(l0.detach().clone())
+                r = l0_all / target - 1
+                losses["sparsity"] = coef * (r * r / self.dist.world + 2 * r / target * (l0 - l0.detach()))
+            else:
+                losses["sparsity"] = coef * ((l0 / target - 1) ** 2 if target > 0 else l0)
             logs["l0_surrogate"] = l0.detach()
         else:
             tanh = torch.tanh(cfg.tanh_scale * f).sum() / B  # ‖W_dec,i‖ = 1 (unit decoder rows)

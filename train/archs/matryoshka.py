@@ -137,6 +137,9 @@ class Matryoshka(BatchTopK):
         logs["fvu"] = logs[f"fvu_prefix_{self.widths[-1]}"]
         return fvu.sum(), x - r_last, logs
 
+    def is_additive(self, key: str) -> bool:
+        return key == "fvu" or key.startswith("fvu_prefix_")
+
     def inference(self) -> Inference:
         out = super().inference()
         out.cfg["matryoshka_widths"] = list(self.widths)

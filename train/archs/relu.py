@@ -30,6 +30,7 @@ from .base import Arch, Encoded, Inference, register, warmed_up
 class ReLU(Arch):
     name = "relu"
     source = "SAELens standard SAE; Bricken et al. 2023"
+    additive_logs = ("fvu", "l1")
 
     @dataclass
     class Config:
@@ -54,9 +55,9 @@ class ReLU(Arch):
 
     @torch.no_grad()
     def _init_bias(self, sae: SAE, x_c: torch.Tensor) -> None:
-        B = x_c.shape[0]
+        proj = self.dist.cat(x_c @ sae.W_enc)  # the global batch's [B, d_sae] (once, at step 0)
+        B = proj.shape[0]
         above = max(1, round(B * min(self.k, self.d_sae) / self.d_sae))
-        proj = x_c @ sae.W_enc
         sae.b_enc.copy_(-proj.kthvalue(max(B - above, 1), dim=0).values)
         self.bias_set.fill_(True)
 
@@ -69,7 +70,10 @@ class ReLU(Arch):
         # adds in a thread-dependent order on CPU, which made two ReLU runs with one seed differ
         # from the first step (2e-4 by step ~30); gather's backward (scatter_add) is deterministic.
         norms = sae.W_dec.norm(dim=1).gather(0, codes.idx.reshape(-1)).view_as(codes.idx)
-        l1 = (codes.vals * norms).sum(-1).mean()
+        if self.dist.active:  # this rank's share of the global batch mean (the ranks' shares are summed)
+            l1 = (codes.vals * norms).sum() / self.global_batch(x_c.shape[0])
+        else:
+            l1 = (codes.vals * norms).sum(-1).mean()
         coef = self.l1_at(step, total_steps)
         return Encoded(codes, pre.detach(), {"l1": coef * l1}, {"l1": l1.detach(), "l1_coefficient": coef})
 

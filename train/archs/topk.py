@@ -31,6 +31,7 @@ def topk_codes(sae: SAE, x_c: torch.Tensor, k: int) -> tuple[SparseCodes, torch.
 class TopK(Arch):
     name = "topk"
     uses_auxk = True
+    fixed_width = True
     source = "Gao et al. 2024 (arXiv 2406.04093)"
 
     @dataclass

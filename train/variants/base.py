@@ -59,6 +59,9 @@ class Penalty(nn.Module):
 
     name: ClassVar[str] = ""
     Config: ClassVar[type] = type(None)
+    uses_codes: ClassVar[bool] = True
+    """Whether :meth:`forward` reads ``ctx.codes`` (a data-parallel run then gathers the whole
+    global batch's codes for it; the penalty never differentiates through them)."""
 
     def __init__(self, d_sae: int, d_in: int, config: Any) -> None:
         super().__init__()
@@ -77,6 +80,7 @@ class NoPenalty(Penalty):
     """The plain ``topk``/``relu`` baselines: no orthogonality term."""
 
     name = "none"
+    uses_codes = False
 
     @dataclass
     class Config:

@@ -85,6 +85,7 @@ class OrtSAEPenalty(Penalty):
     """``λ · mean_i max_{j ∈ chunk(i)\\{i}} cos_ij²`` over a fresh random chunk partition each step."""
 
     name = "ortsae"
+    uses_codes = False
 
     @dataclass
     class Config:

@@ -71,6 +71,7 @@ class StaticOrthoPenalty(Penalty):
     """``λ · ‖W_dec W_decᵀ − I‖²_F,off-diag / F²``, unbiasedly estimated on random latent chunks."""
 
     name = "static_ortho"
+    uses_codes = False
 
     @dataclass
     class Config:
