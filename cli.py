@@ -720,6 +720,9 @@ def sweep(
     from .train.config import TrainConfig, read_toml
     from .train.sweep import expand, parse_grid, print_summary, run_sweep, summarize
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ConfigError("sae sweep does not run under torchrun: spread a sweep with --workers/--scheduler (dask), "
+                          "or train one SAE data-parallel with `sae train --nproc N`")
     if workers in ("0", 0):
         workers = None  # the old default: no dask
     resolve_workers(workers)

@@ -68,6 +68,16 @@ if [ -e /tmp/synth16k.zarr/zarr.json ]; then
 else
   echo "step 5 skipped: no step-4 store" | tee "$sweep_log"
 fi
-if [ -n "${OUT:-}" ]; then cp -f "$out" "$comp" /tmp/cuda-tests.log /tmp/scale.log /tmp/compile.log "$synth_log" "$sweep_log" "$OUT"/ 2>/dev/null || true; fi
+# 6. Data-parallel training of one SAE (issue 30): 1 process against --nproc <GPUs> (NCCL, one rank per GPU) on the
+#    step-4 store, tokens/s and the weights' difference. Optional; needs the step-4 store and ≥ 2 GPUs.
+ddp_log=/tmp/ddp.log
+ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+if [ -e /tmp/synth16k.zarr/zarr.json ] && [ "$ngpu" -ge 2 ]; then
+  timeout 200 "$PY" benchmarks/ddp.py --store /tmp/synth16k.zarr --device cuda --nproc "1,$ngpu" --tokens 4194304 \
+    --batch-size 4096 --expansion 4 --k 25 2>&1 | tee "$ddp_log" || true
+else
+  echo "step 6 skipped: needs the step-4 store and at least 2 GPUs ($ngpu visible)" | tee "$ddp_log"
+fi
+if [ -n "${OUT:-}" ]; then cp -f "$out" "$comp" /tmp/cuda-tests.log /tmp/scale.log /tmp/compile.log "$synth_log" "$sweep_log" "$ddp_log" "$OUT"/ 2>/dev/null || true; fi
 echo "results: $out"
 exit $status

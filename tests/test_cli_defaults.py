@@ -16,7 +16,7 @@ from sae.train.config import TrainConfig
 
 CLI_TO_FIELD = {"hook": "hook_name", "layer": "layers"}
 NOT_FIELDS = {"storage_option", "param", "config", "quiet", "jumprelu_sparsity", "jumprelu_variant", "variants",
-              "grid", "seeds", "workers", "scheduler", "out", "group_size", "log_to"}
+              "grid", "seeds", "workers", "scheduler", "out", "group_size", "log_to", "nproc"}
 """Options that are not a config field one to one (parsed into one, or the command's own)."""
 
 

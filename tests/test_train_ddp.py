@@ -341,3 +341,14 @@ def test_a_mirrored_rank_trains_exactly_like_one_process_on_the_doubled_batch() 
         for n in ("W_enc", "W_dec", "b_enc", "b_dec"):
             torch.testing.assert_close(getattr(two.sae, n), getattr(one.sae, n), atol=1e-5, rtol=0)
         assert torch.equal(two.tokens_since_fired, one.tokens_since_fired)
+
+
+def test_a_sweep_under_torchrun_is_refused_in_one_line(store, tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from sae.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    r = CliRunner().invoke(app, ["sweep", "--store", str(store), "--variants", "none", "--out", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "does not run under torchrun" in r.output and r.output.count("error:") == 1
+    assert list(tmp_path.iterdir()) == []
