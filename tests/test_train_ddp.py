@@ -23,7 +23,7 @@ from sae.rundir.format import CHECKPOINT_FILE, METRICS_FILE, PENALTY_STATE_FILE,
 from sae.store import ActivationStore, ShuffledBatches
 from sae.train.config import TrainConfig
 from sae.train.run import TEST_DELAY_ENV, train_many
-from tests.helpers import REPO, tree_hash
+from tests.helpers import tree_hash
 
 ATOL = 1e-5
 """Largest |Δ| allowed between a 2-rank and a 1-process run's weights (|W| ≲ 2): the ranks' partial sums
@@ -58,7 +58,7 @@ def store(planted_store_factory):
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                             "MASTER_PORT")}
-    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO.parent), **extra}
+    return {**env, "HF_HUB_OFFLINE": "1", **extra}
 
 
 def _cfgs(store: Path, out: Path) -> list[TrainConfig]:

@@ -5,8 +5,8 @@ and the loop are written once. Under ``torchrun`` (``WORLD_SIZE`` > 1 in the env
 :func:`from_env` joins the ``torch.distributed`` process group (gloo on the CPU, NCCL on CUDA) and
 returns a :class:`TorchCollective`.
 
-How one global batch of ``B`` rows is trained on ``W`` ranks (docs/training.md, "Data-parallel
-training"): rank ``r`` holds rows ``[r·B/W, (r+1)·B/W)``; every loss term is written as a sum over
+How one global batch of ``B`` rows is trained on ``W`` ranks (docs/distributed.md, "Data-parallel
+training of one SAE"): rank ``r`` holds rows ``[r·B/W, (r+1)·B/W)``; every loss term is written as a sum over
 the local rows divided by a *global* normaliser (Σ‖x − x̄‖² with the global mean, the global ``B``),
 so the **sum** of the ranks' gradients is the one-process gradient; terms that depend on the
 parameters and on statistics every rank holds identically (the orthogonality penalties, given the
