@@ -67,7 +67,8 @@ class ShuffledBatches:
             every ``batch_size``-row batch of the stream, for data-parallel training (the ranks' parts of
             one batch are disjoint and together the one-process batch; ``rows_consumed`` counts whole
             batches). Every rank decodes the windows it draws from (a chunk is the unit of compression
-            and a window's rows are shuffled together) and keeps its rows.
+            and a window's rows are shuffled together), then keeps only its rows of each window before
+            dequantising it and, on CUDA, before copying it to the device (1/world of the window).
 
     Raises:
         ValueError: ``batch_size`` not divisible by ``world``, or no rows to train on.
@@ -81,6 +82,7 @@ class ShuffledBatches:
         if world < 1 or not 0 <= rank < world or batch_size % world:
             raise ValueError(f"a batch of {batch_size} rows cannot be split into {world} equal parts (rank {rank})")
         self.part = (rank, world)
+        self._phase = start_row % batch_size  # batches start at stream rows ≡ start_row (mod batch_size)
         store.check_hook(hook_name)
         self.store, self.hook_name, self.batch_size = store, hook_name, batch_size
         self.seed, self.mix_chunks, self.scale = seed, max(1, mix_chunks), scale
@@ -107,6 +109,21 @@ class ShuffledBatches:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.store.n_chunks)
             self._epoch_cache = (epoch, [order[i:i + self.mix_chunks] for i in range(0, len(order), self.mix_chunks)])
         return self._epoch_cache[1]
+
+    def _window_start(self, epoch: int, w: int) -> int:
+        """Stream row of the first row of window ``w`` of ``epoch``."""
+        before = sum(self._n_valid[c] for chunks in self._windows(epoch)[:w] for c in chunks)
+        return epoch * self.rows_per_epoch + before
+
+    def _mine(self, start: int, n: int) -> torch.Tensor | None:
+        """Positions, among the ``n`` stream rows from ``start``, of this rank's rows (``part``), or None
+        when every row is (one rank)."""
+        rank, world = self.part
+        if world == 1:
+            return None
+        b = self.batch_size // world
+        pos = torch.arange(n, dtype=torch.int64)
+        return pos[((start + pos - self._phase) % self.batch_size) // b == rank]
 
     def _locate(self, row: int) -> tuple[int, int, int]:
         """Stream row → (epoch, window index, offset inside that window)."""
@@ -201,6 +218,14 @@ class ShuffledBatches:
             ready.record(stream)
         return x, ready
 
+    def _select(self, raw: torch.Tensor, sc: torch.Tensor | None, start: int
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A window (stored form, from stream row ``start``) reduced to this rank's rows."""
+        keep = self._mine(start, raw.shape[0])
+        if keep is None:
+            return raw, sc
+        return raw.index_select(0, keep), (sc.index_select(0, keep) if sc is not None else None)
+
     def _positions(self, epoch: int, w: int) -> Iterator[tuple[int, int]]:
         while True:
             yield epoch, w
@@ -211,15 +236,18 @@ class ShuffledBatches:
     def _producer(self, q: queue.Queue, stop: threading.Event, epoch: int, w: int) -> None:
         pool = ThreadPoolExecutor(self.read_workers, thread_name_prefix="store-read")
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        pending: deque[tuple[torch.Tensor, torch.Tensor | None, list[Future]]] = deque()
+        pending: deque[tuple[int, tuple[torch.Tensor, torch.Tensor | None, list[Future]]]] = deque()
         positions = self._positions(epoch, w)
         # enough windows in flight to keep every decode thread busy, and at least prefetch + 1
         ahead = max(self.prefetch + 1, -(-self.read_workers // self.mix_chunks))
         try:
             while not stop.is_set():
                 while len(pending) < ahead:
-                    pending.append(self._start_window(*next(positions), pool))
-                raw, sc = self._finish_window(*pending.popleft())
+                    e, wi = next(positions)
+                    start = self._window_start(e, wi) if self.part[1] > 1 else 0
+                    pending.append((start, self._start_window(e, wi, pool)))
+                start, started = pending.popleft()
+                raw, sc = self._select(*self._finish_window(*started), start)
                 item = self._to_device(raw, sc, stream) if stream is not None else (self._finish(raw, sc), None)
                 while not stop.is_set():
                     try:
@@ -230,7 +258,7 @@ class ShuffledBatches:
         except BaseException as e:  # noqa: BLE001 - forward errors (e.g. a corrupt chunk) to the consumer
             q.put(e)
         finally:
-            for _, _, futs in pending:
+            for _, (_, _, futs) in pending:
                 for f in futs:
                     f.cancel()
             pool.shutdown(wait=False, cancel_futures=True)
@@ -253,10 +281,13 @@ class ShuffledBatches:
                 x.record_stream(current)
             return x
 
+        rank_rows = self.batch_size // self.part[1]
+        if self.part[1] > 1:  # the window holds only this rank's rows: skip those before the cursor
+            offset = len(self._mine(self._window_start(epoch, w), offset))  # type: ignore[arg-type]
         try:
             buf = next_window()[offset:]
             while True:
-                parts, need = [], self.batch_size
+                parts, need = [], rank_rows
                 while need:
                     if len(buf) == 0:
                         buf = next_window()
@@ -266,9 +297,6 @@ class ShuffledBatches:
                     need -= len(take)
                 batch = parts[0] if len(parts) == 1 else torch.cat(parts)
                 self.rows_consumed += self.batch_size
-                if self.part[1] > 1:
-                    b = self.batch_size // self.part[1]
-                    batch = batch[self.part[0] * b:(self.part[0] + 1) * b]
                 yield batch
         finally:
             stop.set()

@@ -209,15 +209,22 @@ def test_an_error_every_rank_meets_is_printed_once(store, tmp_path) -> None:
 
 
 def test_the_ranks_parts_of_a_batch_are_the_one_process_batch(store) -> None:
+    """Each rank keeps only its rows of every window; together they are the one-process batches, across
+    window and epoch boundaries (≈ 4 000 rows per window, 8 064 per epoch), from a cursor that is or
+    is not a multiple of the batch (a resume, a custom ``start_row``)."""
     s = ActivationStore(str(store))
     hook = s.default_hook(None)
-    whole = ShuffledBatches(s, hook, 256, seed=3, start_row=512)
-    parts = [ShuffledBatches(s, hook, 256, seed=3, start_row=512, part=(r, 4)) for r in range(4)]
-    for b, *ps in zip(whole, *parts, strict=False):
-        assert torch.equal(b, torch.cat(ps))
-        if whole.rows_consumed >= 512 + 256 * 40:  # past a window boundary (4 chunks of ~1000 rows)
-            break
-    assert all(p.rows_consumed == whole.rows_consumed for p in parts)
+    for start, world in [(512, 4), (300, 2), (0, 2)]:
+        whole = ShuffledBatches(s, hook, 256, seed=3, start_row=start)
+        parts = [ShuffledBatches(s, hook, 256, seed=3, start_row=start, part=(r, world)) for r in range(world)]
+        n = 0
+        for b, *ps in zip(whole, *parts, strict=False):
+            assert all(p.shape[0] == 256 // world for p in ps)
+            assert torch.equal(b, torch.cat(ps)), (start, world, n)
+            n += 1
+            if n == 40:  # 10 240 rows: past two window boundaries and the end of the first epoch
+                break
+        assert all(p.rows_consumed == whole.rows_consumed == start + 40 * 256 for p in parts)
     with pytest.raises(ValueError, match="equal parts"):
         ShuffledBatches(s, hook, 250, part=(0, 4))
 
