@@ -498,6 +498,13 @@ def _launch_ranks(cfg: TrainConfig, nproc: int) -> None:
     if cfg.batch_size % nproc:
         raise ConfigError(f"--batch-size {cfg.batch_size} cannot be split into {nproc} equal parts: use a "
                           f"multiple of {nproc}")
+    import torch
+
+    from .model import resolve_device
+
+    if resolve_device(cfg.device).type == "cuda" and torch.cuda.device_count() < nproc:
+        raise ConfigError(f"--nproc {nproc} on CUDA needs one GPU per rank, and {torch.cuda.device_count()} are "
+                          f"visible: use --nproc {torch.cuda.device_count()} or fewer")
     ActivationStore(cfg.store, storage_options=cfg.storage_options, cache=cfg.cache).default_hook(cfg.hook_name)
     check_run_dir(cfg)
     launch(nproc, without_option(sys.argv[1:], "--nproc"), Path(cfg.out))  # rank 0 prints "saved RUN"

@@ -217,11 +217,9 @@ def test_the_ranks_parts_of_a_batch_are_the_one_process_batch(store) -> None:
     for start, world in [(512, 4), (300, 2), (0, 2)]:
         whole = ShuffledBatches(s, hook, 256, seed=3, start_row=start)
         parts = [ShuffledBatches(s, hook, 256, seed=3, start_row=start, part=(r, world)) for r in range(world)]
-        n = 0
-        for b, *ps in zip(whole, *parts, strict=False):
+        for n, (b, *ps) in enumerate(zip(whole, *parts, strict=False), start=1):
             assert all(p.shape[0] == 256 // world for p in ps)
             assert torch.equal(b, torch.cat(ps)), (start, world, n)
-            n += 1
             if n == 40:  # 10 240 rows: past two window boundaries and the end of the first epoch
                 break
         assert all(p.rows_consumed == whole.rows_consumed == start + 40 * 256 for p in parts)

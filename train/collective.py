@@ -196,7 +196,11 @@ def from_env(device: str) -> Collective:
     if not dist.is_initialized():
         cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            if local >= torch.cuda.device_count():
+                raise ConfigError(f"rank {os.environ['RANK']} is local rank {local}, but only "
+                                  f"{torch.cuda.device_count()} GPUs are visible: start at most one rank per GPU")
+            torch.cuda.set_device(local)
         timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "600")))
         try:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
