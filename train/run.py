@@ -138,15 +138,19 @@ class _Run:
         if not (self.cfg.resume and path.exists() and not is_empty_dir(path)):
             return None
         if (path / CHECKPOINT_FILE).exists():
-            try:
-                state = torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-            except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-                raise RunDirError(f"cannot resume {path}: {CHECKPOINT_FILE} is unreadable ({e.__class__.__name__});"
-                                  " use --overwrite to start over") from None
-            self._check_settings(state.get("settings"), "its checkpoint")
-            return state
+            return self._read_checkpoint()
         self.finished = (path / WEIGHTS_FILE).exists() and (path / CFG_FILE).exists()
         return None
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """``checkpoint.pt`` of this run, checked against this run's settings. Raises ``RunDirError``."""
+        try:
+            state = torch.load(self.path / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise RunDirError(f"cannot resume {self.path}: {CHECKPOINT_FILE} is unreadable "
+                              f"({e.__class__.__name__}); use --overwrite to start over") from None
+        self._check_settings(state.get("settings"), "its checkpoint")
+        return state
 
     @property
     def dir(self) -> Path:
@@ -162,15 +166,8 @@ class _Run:
             if not is_sae_run(path):
                 raise RunDirError(f"{path} exists and is not an sae run directory; refusing to resume it "
                                   "(pick another --out)")
-            ckpt = path / CHECKPOINT_FILE
-            if ckpt.exists():
-                try:
-                    state = torch.load(ckpt, map_location="cpu", weights_only=False)
-                except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-                    raise RunDirError(f"cannot resume {path}: {CHECKPOINT_FILE} is unreadable ({e.__class__.__name__});"
-                                      " use --overwrite to start over") from None
-                self._check_settings(state.get("settings"), "its checkpoint")
-                return state
+            if (path / CHECKPOINT_FILE).exists():
+                return self._read_checkpoint()
             if (path / WEIGHTS_FILE).exists() and (path / CFG_FILE).exists():
                 try:
                     old = json.loads((path / CFG_FILE).read_text()).get("run_settings")
