@@ -189,7 +189,8 @@ class Trainer(nn.Module):
         loss, logs, codes = self.losses(x, step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.dist.grads_(self.opt_params())  # data-parallel: Σ over ranks = the global batch's gradient
+        if self.dist.active:  # data-parallel: Σ over ranks = the global batch's gradient
+            self.dist.grads_(self.opt_params())
         self.sae.project_decoder_grad_()
         self.opt.step()
         self.sae.normalize_decoder_()
