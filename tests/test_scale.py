@@ -66,42 +66,59 @@ def test_topk_step_reads_nothing_back_on_non_log_steps(monkeypatch: pytest.Monke
     assert 0 < len(calls) <= 4 and isinstance(logs["loss"], float) and math.isfinite(logs["loss"])
 
 
-def test_sweep_loop_reads_nothing_back_between_log_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """``train_many`` (a sweep of two SAEs from one stream) only reads values at its log steps."""
+@pytest.mark.parametrize("trackers", [[], ["tensorboard", "mlflow", "wandb"]])
+def test_sweep_loop_reads_nothing_back_between_log_steps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                         trackers: list[str]) -> None:
+    """``train_many`` (a sweep of two SAEs from one stream), with or without experiment trackers, reads
+    no tensor value on the loop's thread from the start of a non-log step to the start of the next step:
+    the step itself, the metrics writer, the trackers and the progress bar all stay off the device."""
+    import threading
+
+    from sae.tracking import TrackingConfig
     from sae.train.run import train_many
 
+    for t in trackers:
+        pytest.importorskip(t)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.chdir(tmp_path)  # W&B's offline files
     x = torch.randn(4096, 16)
     store = write_store(tmp_path / "s.zarr", x, context_size=64, chunk_tokens=1024)
     cfgs = [TrainConfig(store=str(store), out=str(tmp_path / f"r{i}"), d_sae=64, k=4, batch_size=256,
                         tokens=256 * 12, log_every=5, lr=lr, dead_tokens=300) for i, lr in enumerate((1e-3, 3e-4))]
+    tracking = (TrackingConfig(backends=trackers, dir=str(tmp_path / "tracking"),
+                               mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}") if trackers else None)
     real_step = Trainer.step
-    inside: list[bool] = []
+    loop_thread = threading.get_ident()
+    state = {"sync": True}  # the kind of the step most recently started (True before the first)
     calls: list[tuple[bool, str]] = []
 
     def step(self, xb, sync=True):
-        inside.append(sync)
-        try:
-            return real_step(self, xb, sync)
-        finally:
-            inside.pop()
+        state["sync"] = sync
+        return real_step(self, xb, sync)
 
     for name in HOST_READS:
         real = getattr(torch.Tensor, name)
 
         def wrapped(self, *a, __real=real, __name=name, **kw):
-            if inside:
-                calls.append((inside[-1], __name))
+            if threading.get_ident() == loop_thread:
+                calls.append((state["sync"], __name))
             return __real(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
     monkeypatch.setattr(Trainer, "step", step)
-    train_many(cfgs, quiet=True)
+    runs = train_many(cfgs, quiet=True, tracking=tracking)
     monkeypatch.undo()
     assert [c for c in calls if not c[0]] == []
     assert any(c[0] for c in calls)  # log steps (0, 5, 10, 11) did read
     for i in range(2):
         lines = (tmp_path / f"r{i}" / "metrics.jsonl").read_text().splitlines()
         assert len(lines) == 4  # steps 0, 5, 10 and the last
+    if trackers:  # the trackers did receive the log steps
+        import json
+
+        refs = json.loads((runs[0] / "cfg.json").read_text())["tracking"]
+        assert set(refs) == set(trackers)
 
 
 # -- AuxK against the dense definition -------------------------------------------------------------
