@@ -178,3 +178,44 @@ def test_llama_scope_release_by_name_equals_the_formula_and_saelens(hub, tmp_pat
     cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert cfg["model_name"] == "meta-llama/Llama-3.1-8B" and cfg["hook_name"] == "blocks.0.hook_resid_post"
     assert cfg["imported_from"]["format"] == "llama_scope"
+
+
+def test_a_gemma_scope_sae_is_evaluated_beside_ours_with_the_same_numbers(tmp_path, tiny_model_dir,
+                                                                         tiny_store) -> None:
+    """Our BatchTopK run (saved as JumpReLU, θ > 0) written out in Gemma Scope's ``params.npz`` form
+    (``pre = x W_enc + b_enc`` with no centring, so ``b_enc_gs = b_enc − b_dec W_enc``; the same θ), imported
+    back, and ``sae evaluate``d beside the original on the same store and held-out tokens: the comparison
+    table lists both and every core number agrees (the two are the same function)."""
+    from safetensors.torch import load_file
+
+    from sae.train.config import TrainConfig
+    from sae.train.run import train
+
+    hook = "blocks.1.hook_resid_post"
+    src = train(TrainConfig(store=str(tiny_store), hook_name=hook, arch="batchtopk", d_sae=128, k=8,
+                            batch_size=256, tokens=256 * 6, device="cpu", out=str(tmp_path / "ours")), quiet=True)
+    w = {k: v.double() for k, v in load_file(str(src / "sae_weights.safetensors")).items()}
+    assert float(w["threshold"].min()) >= 0 and float(w["threshold"].max()) > 0
+    folder = tmp_path / "gemma-scope-tiny-res" / "layer_1" / "width_128" / "average_l0_8"
+    folder.mkdir(parents=True)
+    np.savez(folder / "params.npz", W_enc=w["W_enc"].float().numpy(), W_dec=w["W_dec"].float().numpy(),
+             b_enc=(w["b_enc"] - w["b_dec"] @ w["W_enc"]).float().numpy(), b_dec=w["b_dec"].float().numpy(),
+             threshold=w["threshold"].float().numpy())
+    runner = CliRunner()
+    r = runner.invoke(app, ["import", str(folder), "--from", "gemma_scope", "--model", str(tiny_model_dir),
+                            "--store", str(tiny_store), "--out", str(tmp_path / "gs")])
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+    assert json.loads((tmp_path / "gs" / "cfg.json").read_text())["hook_name"] == hook  # from layer_1 in the path
+    r = runner.invoke(app, ["evaluate", str(src), str(tmp_path / "gs"), "--store", str(tiny_store), "--eval", "core",
+                            "--tokens", "512", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "ours" in r.output and "gs" in r.output
+    a, b = (json.loads((d / "eval_results" / "core.json").read_text())["eval_result_metrics"]
+            for d in (src, tmp_path / "gs"))
+    compared = 0
+    for group in ("reconstruction_quality", "model_behavior_preservation", "sparsity"):
+        for key, va in a[group].items():
+            if isinstance(va, float):
+                assert b[group][key] == pytest.approx(va, rel=1e-4, abs=1e-5), (group, key)
+                compared += 1
+    assert compared >= 5
