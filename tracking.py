@@ -13,6 +13,15 @@ parent run with one nested run per configuration, tag ``mlflow.parentRunId``), T
   ``step`` (the values were already read to the host for ``metrics.jsonl``: no extra device sync);
 * ``sae evaluate --log-to`` adds each evaluation's metrics (``eval/<evaluation>/<group>/<metric>``)
   to the same tracker run, found through the ``tracking`` field of the run's ``cfg.json``.
+* a resumed training run goes on in the tracker runs its checkpoint recorded, without sending again the
+  steps the killed process had already logged.
+
+Every backend of a run works on its own background thread, in order (:class:`RunTrackers`): a step
+never waits for a tracker, so a slow or unreachable server costs the training loop nothing. (MLflow's
+client retries a refused request for about four minutes with its default
+``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``…_BACKOFF_FACTOR``; W&B queues on its own.) At the end of a run the
+trackers get ``timeout_s`` (default 60 s, the ``[log]`` table's ``timeout_s``) to finish what is queued;
+one still busy then is left behind with one ``warning:`` line.
 
 A tracker that fails mid-run (server gone, disk full) prints one ``warning:`` line and is dropped;
 training goes on and nothing in the run directory is lost. A tracker whose library is missing is one
@@ -21,10 +30,15 @@ training goes on and nothing in the run directory is lost. A tracker whose libra
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import queue
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +54,8 @@ class TrackingConfig:
     """Where runs go. ``project``: W&B project and MLflow experiment (default ``sae``); ``group``: W&B
     group / MLflow parent run name (a sweep's ``--out`` name); ``tags``: extra tags; ``dir``: TensorBoard
     log root and W&B directory (default ``runs/tracking``); ``mlflow_uri``: tracking server (default
-    ``$MLFLOW_TRACKING_URI``, else a SQLite store ``dir/mlflow.db``)."""
+    ``$MLFLOW_TRACKING_URI``, else a SQLite store ``dir/mlflow.db``); ``timeout_s``: seconds the trackers
+    of a run (all runs of a sweep together) get at its end to finish what is queued."""
 
     backends: list[str] = field(default_factory=list)
     project: str = "sae"
@@ -48,11 +63,12 @@ class TrackingConfig:
     tags: dict[str, str] = field(default_factory=dict)
     dir: str = "runs/tracking"
     mlflow_uri: str | None = None
+    timeout_s: float = 60.0
 
     @classmethod
     def parse(cls, log_to: str | None, table: dict[str, Any] | None = None) -> TrackingConfig | None:
         """``--log-to`` (comma-separated) and a ``[log]`` TOML table (``to``, ``project``, ``group``,
-        ``tags``, ``dir``, ``mlflow_uri``) → settings, or None when nothing is tracked.
+        ``tags``, ``dir``, ``mlflow_uri``, ``timeout_s``) → settings, or None when nothing is tracked.
 
         Raises:
             ConfigError: an unknown tracker, a missing library (naming the extra), a bad ``[log]`` key.
@@ -71,10 +87,13 @@ class TrackingConfig:
             except ImportError:
                 raise ConfigError(f"--log-to {n}: the {n} library is not installed; pip install 'sae[tracking]'"
                                   ) from None
-        unknown = set(table) - {"project", "group", "tags", "dir", "mlflow_uri"}
+        unknown = set(table) - {"project", "group", "tags", "dir", "mlflow_uri", "timeout_s"}
         if unknown:
             raise ConfigError(f"[log] table: unknown key {sorted(unknown)[0]!r} (project, group, tags, dir, "
-                              "mlflow_uri, to)")
+                              "mlflow_uri, timeout_s, to)")
+        t = table.get("timeout_s", 60.0)
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
+            raise ConfigError(f"[log] table: timeout_s = {t!r} must be a number of seconds ≥ 0")
         return cls(backends=list(dict.fromkeys(names)), **table)
 
 
@@ -101,8 +120,8 @@ class Tracker:
     def log(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
 
-    def finish(self) -> None:
-        """Close the run (idempotent)."""
+    def finish(self, ok: bool = True) -> None:
+        """Close the run; ``ok=False``: the training stopped early (interrupted, diverged)."""
 
     def ref(self) -> dict[str, Any]:
         """What finds this run again (recorded in ``cfg.json`` → ``tracking``)."""
@@ -127,7 +146,7 @@ class TensorBoardTracker(Tracker):
             self.w.add_scalar(k, v, step)
         self.w.flush()
 
-    def finish(self) -> None:
+    def finish(self, ok: bool = True) -> None:
         self.w.close()
 
     def ref(self) -> dict[str, Any]:
@@ -137,6 +156,7 @@ class TensorBoardTracker(Tracker):
 class MlflowTracker(Tracker):
     name = "mlflow"
     _parents: dict[tuple[str, str, str], str] = {}
+    _parents_lock = threading.Lock()
 
     def __init__(self, cfg: TrackingConfig, run_name: str, config: dict[str, Any], tags: dict[str, str],
                  run_id: str | None = None, uri: str | None = None) -> None:
@@ -144,17 +164,20 @@ class MlflowTracker(Tracker):
 
         self.uri = uri or cfg.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or _local_mlflow(cfg.dir)
         self.client = MlflowClient(tracking_uri=self.uri)
-        if run_id is not None:
+        if run_id is not None:  # evaluate, or a resumed training run: the same run, running again
             self.run_id = run_id
+            if self.client.get_run(run_id).info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
             return
-        exp = self.client.get_experiment_by_name(cfg.project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(cfg.project)
+        with self._parents_lock:  # the runs of a sweep start on their own threads: one experiment, one parent
+            exp_id = self._experiment(cfg.project)
         all_tags = dict(tags)
         if cfg.group:
             key = (self.uri, exp_id, cfg.group)
-            if key not in self._parents:
-                parent = self.client.create_run(exp_id, run_name=cfg.group, tags={"sae.sweep": cfg.group})
-                self._parents[key] = parent.info.run_id
+            with self._parents_lock:
+                if key not in self._parents:
+                    parent = self.client.create_run(exp_id, run_name=cfg.group, tags={"sae.sweep": cfg.group})
+                    self._parents[key] = parent.info.run_id
             all_tags["mlflow.parentRunId"] = self._parents[key]
         run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
         self.run_id = run.info.run_id
@@ -165,16 +188,28 @@ class MlflowTracker(Tracker):
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
+    def _experiment(self, name: str) -> str:
+        """The id of experiment ``name``, created if missing (another process may create it at the same
+        moment: then it is read again)."""
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return str(exp.experiment_id)
+        try:
+            return str(self.client.create_experiment(name))
+        except Exception:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return str(exp.experiment_id)
 
+    def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def finish(self, ok: bool = True) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED" if ok else "KILLED")
 
     def ref(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "tracking_uri": self.uri}
@@ -196,8 +231,8 @@ class WandbTracker(Tracker):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, ok: bool = True) -> None:
+        self.run.finish(exit_code=0 if ok else 1)
 
     def ref(self) -> dict[str, Any]:
         return {"run_id": self.run.id, "project": self.project, "dir": str(Path(self.run.dir).resolve())}
@@ -206,62 +241,129 @@ class WandbTracker(Tracker):
 _CLASSES: dict[str, type] = {"tensorboard": TensorBoardTracker, "mlflow": MlflowTracker, "wandb": WandbTracker}
 
 
-class RunTrackers:
-    """The trackers of one SAE run. Every call is guarded: a tracker that raises prints one ``warning:``
-    line and is dropped, so training and ``metrics.jsonl`` are never affected."""
+class _Lane:
+    """One backend of one run: its calls (start, logs, finish) run in order on a daemon thread. The first
+    exception prints one ``warning:`` line and drops the backend; a lane given up at the deadline stays
+    silent afterwards."""
 
-    def __init__(self, trackers: list[Tracker], label: str) -> None:
-        self.trackers, self.label = trackers, label
+    def __init__(self, name: str, label: str, make: Callable[[], Tracker], what: str) -> None:
+        self.name, self.label = name, label
+        self.tracker: Tracker | None = None
+        self.ref: dict[str, Any] | None = None
+        self.dead = self.abandoned = False
+        self.done = threading.Event()
+        self.jobs: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self.jobs.put(("start", (make, what)))
+        threading.Thread(target=self._work, name=f"sae-tracker-{name}", daemon=True).start()
+
+    def _work(self) -> None:
+        while True:
+            kind, arg = self.jobs.get()
+            if kind == "stop":
+                self.done.set()
+                return
+            if self.dead:
+                continue
+            what = "failed"
+            try:
+                if kind == "start":
+                    make, what = arg
+                    self.tracker = make()
+                    self.ref = self.tracker.ref()
+                elif kind == "log" and self.tracker is not None:
+                    self.tracker.log(*arg)
+                elif kind == "finish" and self.tracker is not None:
+                    what = "failed to close"
+                    self.tracker.finish(arg)
+            except Exception as e:  # noqa: BLE001 - a tracker must never stop training
+                self.dead = True
+                if not self.abandoned:
+                    _warn(self.name, self.label, what, e)
+
+
+def _opener(name: str, cfg: TrackingConfig, run_name: str, config: dict[str, Any], tags: dict[str, str],
+            ref: dict[str, Any] | None) -> Callable[[], Tracker]:
+    """What opens backend ``name``'s run: the run ``ref`` names (a ``cfg.json``/checkpoint ``tracking``
+    entry) if given, else a new one."""
+    if not ref:
+        return functools.partial(_CLASSES[name], cfg, run_name, config, tags)
+    if name == "tensorboard":
+        return functools.partial(TensorBoardTracker, cfg, run_name, {}, {}, log_dir=ref.get("log_dir"))
+    if name == "mlflow":
+        return functools.partial(MlflowTracker, cfg, run_name, {}, {}, run_id=ref.get("run_id"),
+                                 uri=ref.get("tracking_uri"))
+    return functools.partial(WandbTracker, cfg, run_name, {}, {}, run_id=ref.get("run_id"), project=ref.get("project"))
+
+
+class RunTrackers:
+    """The trackers of one SAE run, each on its own background thread (:class:`_Lane`): ``log`` only
+    queues, so a step never waits for a tracker. A tracker that raises prints one ``warning:`` line and
+    is dropped; training and ``metrics.jsonl`` are never affected."""
+
+    def __init__(self, lanes: list[_Lane], label: str, timeout_s: float, replayed_through: int = -1) -> None:
+        self.lanes, self.label, self.timeout_s = lanes, label, timeout_s
+        self.replayed_through = replayed_through
+        self.deadline: float | None = None
 
     @classmethod
-    def start(cls, cfg: TrackingConfig, run_name: str, config: dict[str, Any], tags: dict[str, str]) -> RunTrackers:
-        out: list[Tracker] = []
-        for name in cfg.backends:
-            try:
-                out.append(_CLASSES[name](cfg, run_name, config, {**tags, **cfg.tags}))
-            except Exception as e:  # noqa: BLE001 - a tracker must never stop training
-                _warn(name, run_name, "could not start", e)
-        return cls(out, run_name)
+    def start(cls, cfg: TrackingConfig, run_name: str, config: dict[str, Any], tags: dict[str, str],
+              resume: dict[str, Any] | None = None, replayed_through: int = -1) -> RunTrackers:
+        """Open one tracker run per backend of ``cfg`` (in the background; returns at once).
+
+        A resumed training run passes ``resume`` (the refs its checkpoint recorded, :meth:`refs`): those
+        backends go on in the same tracker runs (W&B resumed by id, MLflow set running again, the same
+        TensorBoard directory), and records up to step ``replayed_through`` (which the killed process
+        already logged; resume is bit-identical, so they are the same values) are not sent again."""
+        all_tags = {**tags, **cfg.tags}
+        resume = resume or {}
+        lanes = [_Lane(name, run_name, _opener(name, cfg, run_name, config, all_tags, resume.get(name)),
+                       "could not resume" if resume.get(name) else "could not start") for name in cfg.backends]
+        return cls(lanes, run_name, cfg.timeout_s, replayed_through)
 
     @classmethod
     def reopen(cls, cfg: TrackingConfig, refs: dict[str, Any], run_name: str) -> RunTrackers:
         """The runs ``refs`` (a ``cfg.json`` ``tracking`` field) name, for ``sae evaluate --log-to``; a
         backend without a ref gets a new run."""
-        out: list[Tracker] = []
-        for name in cfg.backends:
-            ref = refs.get(name) or {}
-            try:
-                if name == "tensorboard":
-                    out.append(TensorBoardTracker(cfg, run_name, {}, {}, log_dir=ref.get("log_dir")))
-                elif name == "mlflow":
-                    out.append(MlflowTracker(cfg, run_name, {}, {}, run_id=ref.get("run_id"),
-                                             uri=ref.get("tracking_uri")))
-                else:
-                    out.append(WandbTracker(cfg, run_name, {}, {}, run_id=ref.get("run_id"),
-                                            project=ref.get("project")))
-            except Exception as e:  # noqa: BLE001
-                _warn(name, run_name, "could not reopen", e)
-        return cls(out, run_name)
+        lanes = [_Lane(name, run_name, _opener(name, cfg, run_name, {}, {}, refs.get(name)), "could not reopen")
+                 for name in cfg.backends]
+        return cls(lanes, run_name, cfg.timeout_s)
 
     def log(self, record: dict[str, Any], step: int) -> None:
+        """Queue the numeric fields of ``record`` at ``step`` for every tracker (returns at once)."""
+        if step <= self.replayed_through:
+            return
         metrics = numeric(record)
-        for t in list(self.trackers):
-            try:
-                t.log(metrics, step)
-            except Exception as e:  # noqa: BLE001
-                _warn(t.name, self.label, "failed", e)
-                self.trackers.remove(t)
+        for lane in self.lanes:
+            lane.jobs.put(("log", (metrics, step)))
 
-    def finish(self) -> dict[str, Any]:
-        """Close every run; returns ``{backend: ref}`` for ``cfg.json``."""
-        refs = {}
-        for t in self.trackers:
-            try:
-                refs[t.name] = t.ref()
-                t.finish()
-            except Exception as e:  # noqa: BLE001
-                _warn(t.name, self.label, "failed to close", e)
-        self.trackers = []
+    def refs(self) -> dict[str, Any]:
+        """``{backend: ref}`` of the tracker runs started so far and not failed (for a checkpoint)."""
+        return {lane.name: lane.ref for lane in self.lanes if not lane.dead and lane.ref is not None}
+
+    def close(self, ok: bool = True) -> None:
+        """Queue the end of every tracker run (``ok=False``: the training stopped early; MLflow marks the
+        run KILLED, W&B exits 1) and start the ``timeout_s`` clock (idempotent). Closing the runs of a
+        sweep first and then :meth:`finish`-ing them waits ``timeout_s`` at most in all."""
+        if self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout_s
+            for lane in self.lanes:
+                lane.jobs.put(("finish", ok))
+                lane.jobs.put(("stop", None))
+
+    def finish(self, ok: bool = True) -> dict[str, Any]:
+        """Close every run (see :meth:`close`) and wait (until the deadline) for the queued work; returns
+        ``{backend: ref}`` for ``cfg.json`` of every tracker that started and did not fail (one still busy at
+        the deadline is left behind with a ``warning:`` line, its ref kept)."""
+        self.close(ok)
+        assert self.deadline is not None
+        for lane in self.lanes:
+            if not lane.done.wait(max(0.0, self.deadline - time.monotonic())):
+                lane.abandoned = True
+                print(f"warning: {lane.name} tracker for {self.label} did not finish within {self.timeout_s:g} s "
+                      "(server slow or gone?); its dashboard may miss the last records, metrics.jsonl has "
+                      "everything", file=sys.stderr, flush=True)
+        refs = self.refs()
+        self.lanes = []
         return refs
 
 

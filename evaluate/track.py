@@ -19,7 +19,9 @@ from ..tracking import RunTrackers, TrackingConfig
 def attach_results(run_dirs: list[Path], evaluated: list[str], tracking: TrackingConfig,
                    results_dir: Path | None = None) -> None:
     """Log the results of ``evaluated`` (evaluation ids) of each run to its tracker runs (never raises for
-    a tracker failure: one ``warning:`` line, see :class:`~sae.tracking.RunTrackers`)."""
+    a tracker failure: one ``warning:`` line, see :class:`~sae.tracking.RunTrackers`). All runs are sent
+    first and then finished together: the trackers get ``tracking.timeout_s`` in all."""
+    opened: list[RunTrackers] = []
     for run in run_dirs:
         run = Path(run)
         cfg = json.loads((run / CFG_FILE).read_text())
@@ -38,6 +40,9 @@ def attach_results(run_dirs: list[Path], evaluated: list[str], tracking: Trackin
             continue
         trackers = RunTrackers.reopen(tracking, cfg.get("tracking") or {}, run.name)
         trackers.log(metrics, int(cfg.get("training_steps") or 0))
+        trackers.close()
+        opened.append(trackers)
+    for trackers in opened:
         trackers.finish()
 
 

@@ -175,6 +175,9 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(store, tmp_path, monk
 def test_unknown_or_missing_tracker_is_one_line(store, tmp_path, monkeypatch) -> None:
     with pytest.raises(ConfigError, match="choose from wandb, mlflow, tensorboard"):
         TrackingConfig.parse("neptune")
+    with pytest.raises(ConfigError, match="timeout_s = -1 must be a number of seconds"):
+        TrackingConfig.parse("tensorboard", {"timeout_s": -1})
+    assert TrackingConfig.parse(None, {"to": "tensorboard", "timeout_s": 5}).timeout_s == 5
     real_import = __import__
 
     def no_mlflow(name, *a, **k):
@@ -192,3 +195,164 @@ def test_unknown_or_missing_tracker_is_one_line(store, tmp_path, monkeypatch) ->
     monkeypatch.setattr("builtins.__import__", real_import)
     r = CliRunner().invoke(app, ["train", "--store", str(store), "--config", str(cfg), "--out", str(tmp_path / "r")])
     assert r.exit_code == 2 and "unknown key 'projekt'" in r.output
+
+
+def test_a_slow_tracker_never_holds_up_a_step_and_is_left_behind_at_the_deadline(store, tmp_path, monkeypatch,
+                                                                                   capsys) -> None:
+    """A tracker that takes 2 s per call (a far server): 5 log steps would cost 10 s if steps waited for it.
+    They do not; at the end the tracker gets ``timeout_s`` and is left behind with one warning."""
+    pytest.importorskip("tensorboard")
+    real_log = TensorBoardTracker.log
+
+    def slow(self, metrics, step):
+        time.sleep(2.0)
+        real_log(self, metrics, step)
+
+    monkeypatch.setattr(TensorBoardTracker, "log", slow)
+    t0 = time.perf_counter()
+    run = train(_cfg(store, tmp_path / "run"), quiet=True,
+                tracking=TrackingConfig(backends=["tensorboard"], dir=str(tmp_path / "tb"), timeout_s=1.0))
+    took = time.perf_counter() - t0
+    recs = _records(run)
+    assert [r["step"] for r in recs] == [0, 2, 4, 6, 7] and recs[-1]["elapsed_s"] < 2.0  # the loop never waited
+    assert took < 8.0
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(err) == 1 and "tensorboard tracker for run did not finish within 1 s" in err[0], err
+    ref = json.loads((run / "cfg.json").read_text())["tracking"]["tensorboard"]  # it started: its run is named
+    assert Path(ref["log_dir"]).is_dir()
+
+
+def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", f"sqlite:///{root}/db.sqlite", "--default-artifact-root",
+                             str(root / "art"), "--workers", "1"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            os.killpg(proc.pid, 9)
+            pytest.fail("mlflow server did not start within 120 s")
+        time.sleep(0.5)
+
+
+def test_mlflow_server_killed_mid_run_warns_once_and_keeps_what_it_received(store, tmp_path, monkeypatch,
+                                                                           capsys) -> None:
+    """A real ``mlflow server`` killed while training logs to it: one warning, training finishes with a
+    complete run directory; the server, restarted on the same database, holds a prefix of metrics.jsonl."""
+    pytest.importorskip("mlflow")
+    import threading
+
+    from mlflow import MlflowClient
+
+    from sae.train.run import TEST_DELAY_ENV
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once (default: ~4 min of retries)
+    monkeypatch.setenv(TEST_DELAY_ENV, "0.2")
+    root, port = tmp_path / "mlflow", _free_port()
+    root.mkdir()
+    uri = f"http://127.0.0.1:{port}"
+    proc = _start_mlflow(root, port)
+    out: dict = {}
+    trainer = threading.Thread(target=lambda: out.setdefault("run", train(
+        _cfg(store, tmp_path / "run", tokens=256 * 40, log_every=2), quiet=True,
+        tracking=TrackingConfig(backends=["mlflow"], project="gone", mlflow_uri=uri, timeout_s=10))))
+    trainer.start()
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # until the server holds a few logged steps
+            exp = client.get_experiment_by_name("gone")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "loss")) >= 3:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the run never reached the server")
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+    trainer.join(timeout=120)
+    assert not trainer.is_alive() and "run" in out
+    run = out["run"]
+    recs = _records(run)
+    assert [r["step"] for r in recs] == [*range(0, 40, 2), 39] and (run / "sae_weights.safetensors").exists()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(err) == 1 and "mlflow tracker for run failed (MlflowException" in err[0], err
+    assert "mlflow" not in json.loads((run / "cfg.json").read_text()).get("tracking", {})
+    proc = _start_mlflow(root, port)  # the same database, served again
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        [r] = client.search_runs([client.get_experiment_by_name("gone").experiment_id])
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss"))
+        assert 3 <= len(hist) < len(recs)
+        assert hist == [(x["step"], pytest.approx(x["loss"])) for x in recs[:len(hist)]]
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+
+def test_a_resumed_run_goes_on_in_the_same_tracker_runs_without_repeating_a_step(store, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """Killed at step 8 (checkpoint after step 4; steps 0–6 already logged), resumed: the same MLflow run
+    (KILLED, then FINISHED), W&B run id and TensorBoard directory; every step reaches them exactly once."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    pytest.importorskip("tensorboard")
+    import torch
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import sae.train.run as run_mod
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = TrackingConfig(backends=["tensorboard", "mlflow", "wandb"], project="resume",
+                              dir=str(tmp_path / "tracking"), mlflow_uri=uri)
+    cfg = _cfg(store, tmp_path / "run", tokens=256 * 12, checkpoint_every=5)
+    real_step = run_mod.Trainer.step
+
+    def dying_step(self, x, sync=True):
+        if self.step_idx == 4:  # before the checkpoint: let the trackers start (the first seconds of a real run)
+            deadline = time.monotonic() + 60
+            while not (list((tmp_path / "tracking").glob("wandb/offline-run-*"))
+                       and MlflowClient(tracking_uri=uri).search_runs(
+                           [e.experiment_id for e in MlflowClient(tracking_uri=uri).search_experiments()])):
+                assert time.monotonic() < deadline, "the trackers did not start within 60 s"
+                time.sleep(0.2)
+            time.sleep(1.0)
+        if self.step_idx == 8:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, x, sync)
+
+    monkeypatch.setattr(run_mod.Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, quiet=True, tracking=tracking)
+    monkeypatch.setattr(run_mod.Trainer, "step", real_step)
+    refs = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["tracking"]
+    assert set(refs) == {"tensorboard", "mlflow", "wandb"}
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(refs["mlflow"]["run_id"]).info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(refs["mlflow"]["run_id"], "loss")] == [0, 2, 4, 6]
+
+    run = train(_cfg(store, tmp_path / "run", tokens=256 * 12, checkpoint_every=5, resume=True), quiet=True,
+                tracking=tracking)
+    recs = _records(run)
+    assert [r["step"] for r in recs] == [0, 2, 4, 6, 8, 10, 11]
+    final = json.loads((run / "cfg.json").read_text())["tracking"]
+    assert final["mlflow"]["run_id"] == refs["mlflow"]["run_id"] and final["wandb"]["run_id"] == refs["wandb"]["run_id"]
+    assert final["tensorboard"]["log_dir"] == refs["tensorboard"]["log_dir"]
+    r = client.get_run(refs["mlflow"]["run_id"])
+    assert r.info.status == "FINISHED"
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss"))
+    assert [h[0] for h in hist] == [x["step"] for x in recs]  # step 6 was not sent twice
+    assert [h[1] for h in hist] == pytest.approx([x["loss"] for x in recs])
+    acc = EventAccumulator(final["tensorboard"]["log_dir"])
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [x["step"] for x in recs]

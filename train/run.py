@@ -108,9 +108,12 @@ class _Run:
             (self.dir / RUN_MARKER).write_text(json.dumps({"sae_version": __version__, "created": time.strftime(
                 "%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
         metrics = self.dir / METRICS_FILE
+        replayed_through = -1  # the last step the killed process logged (its trackers may hold it)
         if state is not None:
             self._restore(state)
             with metrics.open("a+b") as fh:  # drop lines logged after the checkpoint
+                fh.seek(int(state["metrics_bytes"]))
+                replayed_through = _last_logged_step(fh.read())
                 fh.truncate(int(state["metrics_bytes"]))
         else:
             metrics.write_text("")
@@ -118,7 +121,9 @@ class _Run:
         if tracking is not None:
             tags = {"arch": cfg.activation, "variant": cfg.variant, "seed": str(cfg.model_seed), "hook": hook}
             config = {**self.settings, "store_url": str(store.path), "content_digest": store.content_digest}
-            self.trackers = RunTrackers.start(tracking, self.path.name, config, tags)
+            resume = state.get("tracking") if state is not None else None
+            self.trackers = RunTrackers.start(tracking, self.path.name, config, tags, resume=resume,
+                                              replayed_through=replayed_through)
 
     def _restore(self, state: dict[str, Any]) -> None:
         try:
@@ -201,9 +206,10 @@ class _Run:
         if self.trackers is not None:  # after metrics.jsonl, the source of truth; guarded (never raises)
             self.trackers.log(record, int(record["step"]))
 
-    def close_trackers(self) -> dict[str, Any]:
-        """Finish the tracker runs; their refs for ``cfg.json`` (empty when nothing is tracked)."""
-        refs = self.trackers.finish() if self.trackers is not None else {}
+    def close_trackers(self, ok: bool = True) -> dict[str, Any]:
+        """Finish the tracker runs (``ok=False``: stopped early); their refs for ``cfg.json`` (empty when
+        nothing is tracked)."""
+        refs = self.trackers.finish(ok) if self.trackers is not None else {}
         self.trackers = None
         return refs
 
@@ -220,7 +226,8 @@ class _Run:
         self.metrics.flush()
         state = {"trainer": self.trainer.checkpoint_state(), "rows_consumed": rows_consumed,
                  "metrics_bytes": self.metrics.tell(), "torch_rng": torch.get_rng_state(),
-                 "settings": self.settings}
+                 "settings": self.settings,
+                 "tracking": self.trackers.refs() if self.trackers is not None else {}}
         path = self.dir / CHECKPOINT_FILE
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
@@ -232,7 +239,7 @@ class _Run:
                 if self.last_checkpoint_step is not None else "no checkpoint was written, nothing is kept")
         self.failed = (f"training {self.path} diverged: {why}; {kept}. Lower --lr, or check the store for "
                        "NaN/inf activations")
-        self.close_trackers()
+        self.close_trackers(ok=False)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -272,7 +279,7 @@ class _Run:
             self.build.commit()
 
     def abort(self) -> None:
-        self.close_trackers()
+        self.close_trackers(ok=False)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -430,10 +437,12 @@ def _train_many(cfgs: list[TrainConfig], quiet: bool, label: str, on_progress: C
                 where = (f"the last checkpoint is kept ({', '.join(kept)}): rerun the same command with --resume "
                          "(any number of ranks)" if kept else "no checkpoint had been written: rerun the same command")
                 raise DistributedError(f"{e}; the run stopped, {where}") from None
+        _close_trackers_together(runs)
         for r in runs:
             if not r.finished and r.failed is None:
                 r.finish(sae_cfg_dict(r.cfg, store, hook, scale, steps, r.trainer.penalty.config, r.settings), scale)
     except BaseException:
+        _close_trackers_together(runs, ok=False)
         for r in runs:
             if not r.finished and r.failed is None:
                 r.abort()  # trackers, metrics file, staging copy
@@ -444,6 +453,25 @@ def _train_many(cfgs: list[TrainConfig], quiet: bool, label: str, on_progress: C
     if failed:
         raise NonFiniteError(failed[0] + (f" (and {len(failed) - 1} more run(s))" if len(failed) > 1 else ""))
     return [r.path for r in runs]
+
+
+def _close_trackers_together(runs: list[_Run], ok: bool = True) -> None:
+    """End every run's tracker runs at once, so a sweep waits one ``timeout_s`` at most in all (each
+    ``finish`` then waits for the same deadline). A run is closed as stopped early unless it finished or
+    ``ok`` and its weights are finite (else :meth:`_Run.finish` fails it)."""
+    for r in runs:
+        if r.trackers is not None:
+            r.trackers.close(r.finished or (ok and _finite(r.trainer)))
+
+
+def _last_logged_step(tail: bytes) -> int:
+    """The ``step`` of the last complete ``metrics.jsonl`` line in ``tail`` (-1 if none)."""
+    for line in reversed(tail.split(b"\n")):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return -1
 
 
 def _on_every_rank(dist: Collective, fn: Callable[[], Any]) -> None:
