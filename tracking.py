@@ -12,7 +12,8 @@ parent run with one nested run per configuration, tag ``mlflow.parentRunId``), T
 * at every log step the numeric fields of the ``metrics.jsonl`` record, under the same names, at
   ``step`` (the values were already read to the host for ``metrics.jsonl``: no extra device sync);
 * ``sae evaluate --log-to`` adds each evaluation's metrics (``eval/<evaluation>/<group>/<metric>``)
-  to the same tracker run, found through the ``tracking`` field of the run's ``cfg.json``.
+  to the same tracker run, found through the ``tracking`` field of the run's ``cfg.json`` (an SAE without
+  one gets a new run, kept in ``tracking.json`` for the next evaluation: :mod:`sae.evaluate.track`).
 * a resumed training run goes on in the tracker runs its checkpoint recorded, without sending again the
   steps the killed process had already logged.
 
@@ -321,11 +322,13 @@ class RunTrackers:
         return cls(lanes, run_name, cfg.timeout_s, replayed_through)
 
     @classmethod
-    def reopen(cls, cfg: TrackingConfig, refs: dict[str, Any], run_name: str) -> RunTrackers:
+    def reopen(cls, cfg: TrackingConfig, refs: dict[str, Any], run_name: str,
+               config: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> RunTrackers:
         """The runs ``refs`` (a ``cfg.json`` ``tracking`` field) name, for ``sae evaluate --log-to``; a
-        backend without a ref gets a new run."""
-        lanes = [_Lane(name, run_name, _opener(name, cfg, run_name, {}, {}, refs.get(name)), "could not reopen")
-                 for name in cfg.backends]
+        backend without a ref gets a new run with ``config`` and ``tags`` (plus ``cfg.tags``)."""
+        all_tags = {**(tags or {}), **cfg.tags}
+        lanes = [_Lane(name, run_name, _opener(name, cfg, run_name, config or {}, all_tags, refs.get(name)),
+                       "could not reopen" if refs.get(name) else "could not start") for name in cfg.backends]
         return cls(lanes, run_name, cfg.timeout_s)
 
     def log(self, record: dict[str, Any], step: int) -> None:

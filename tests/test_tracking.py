@@ -128,6 +128,35 @@ def test_mlflow_sweep_is_a_parent_with_one_run_per_configuration_and_evaluate_at
             assert logged[f"eval/geometry/{group}/mean_max_cos"] == pytest.approx(values["mean_max_cos"])
 
 
+def test_evaluate_gives_an_sae_without_tracker_runs_new_ones_and_reuses_them(store, tmp_path, mlflow_server,
+                                                                            monkeypatch) -> None:
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+
+    run = train(_cfg(store, tmp_path / "plain"), quiet=True)  # trained without --log-to: cfg.json has no tracking
+    cfg_bytes = (run / "cfg.json").read_bytes()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    for trackers in ("mlflow,tensorboard", "mlflow"):
+        res = CliRunner().invoke(app, ["evaluate", str(run), "--eval", "geometry", "--log-to", trackers, "--quiet"])
+        assert res.exit_code == 0, res.output
+    assert (run / "cfg.json").read_bytes() == cfg_bytes  # never rewritten
+    refs = json.loads((run / "tracking.json").read_text())
+    assert set(refs) == {"mlflow", "tensorboard"}
+    client = MlflowClient(tracking_uri=mlflow_server)
+    mine = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.run_name == "plain"]
+    assert [r.info.run_id for r in mine] == [refs["mlflow"]["run_id"]]  # the second evaluation reused it
+    r = mine[0]
+    assert r.data.tags["arch"] == "topk" and r.data.tags["variant"] == "none" and r.data.tags["seed"] == "0"
+    assert r.data.tags["hook"] == json.loads(cfg_bytes)["hook_name"]
+    geometry = json.loads((run / "eval_results" / "geometry.json").read_text())["eval_result_metrics"]
+    group, values = next((g, v) for g, v in geometry.items() if "mean_max_cos" in v)
+    history = client.get_metric_history(r.info.run_id, f"eval/geometry/{group}/mean_max_cos")
+    assert [m.value for m in history] == pytest.approx([values["mean_max_cos"]] * 2)  # both evaluations
+    assert Path(refs["tensorboard"]["log_dir"]).is_dir()
+
+
 def test_wandb_offline_run_has_the_config_and_the_logged_keys(store, tmp_path, monkeypatch) -> None:
     """wandb 0.31 writes an offline run as one record file (``run-<id>.wandb``, protobuf records; it ships no
     Python reader for it), so the file is scanned for the config values, the tags and every logged value."""
