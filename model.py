@@ -60,8 +60,11 @@ def layer_of_hook(hook_name: str) -> int:
 
 
 def cache_dir() -> Path:
-    """Where dequantised models are cached (``$SAE_CACHE_DIR``, default ``~/.cache/sae``)."""
-    return Path(os.environ.get("SAE_CACHE_DIR", Path.home() / ".cache" / "sae"))
+    """Our cache folder: the dequantised embedded model (``models/``) and what ``sae evaluate`` measured
+    (``eval_rates.json``, ``artifacts/``). ``$SAE_CACHE_DIR`` > ``$XDG_CACHE_HOME/sae`` > ``~/.cache/sae``."""
+    if os.environ.get("SAE_CACHE_DIR"):
+        return Path(os.environ["SAE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sae"
 
 
 @dataclass

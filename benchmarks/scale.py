@@ -1,7 +1,7 @@
 """Production-scale throughput with random weights (no download): harvest, store read, training
 step, one-stream sweep, and how the read rate compares with what training consumes.
 
-    python benchmarks/scale.py --small            # < 1 min on 2 CPU cores (CI runs it as a smoke test)
+    python benchmarks/scale.py --small            # 1-1.5 min on 2 CPU cores (CI runs it as a smoke test)
     python benchmarks/scale.py --json out.json    # full size: gemma-2-2b shapes (for a GPU; see device.sh)
 
 Parts (every number measured in this one run, side by side):
@@ -27,7 +27,7 @@ Parts (every number measured in this one run, side by side):
 5. **read ÷ demand**: read rate at N threads ÷ the single-SAE training rate of part 3.
 
 ``--small`` keeps d_model 2304 but builds one layer with a 2304-wide MLP and trains small SAEs
-(d_sae 4096/8192, k 32, B 2048), to run in under a minute on this CPU. Results print as lines and,
+(d_sae 4096/8192, k 32, B 2048), to run in 1-1.5 min on this CPU. Results print as lines and,
 with ``--json``, as one JSON object.
 """
 
@@ -71,7 +71,7 @@ SMALL = dict(d_model=2304, layers=1, layer=0, heads=8, kv_heads=4, head_dim=256,
              read_batches=48, read_warmup=8, read_rounds=3,
              sweep_d_sae=1024, sweep_steps=4, chunk_tokens=1024)
 """``--small``: gemma-2-2b's width (so the store read is at d_model 2304) but one layer with a
-2304-wide MLP, and small SAEs: under a minute on 2 CPU cores."""
+2304-wide MLP, and small SAEs: 1-1.5 min on 2 CPU cores."""
 
 
 def sync(dev: torch.device) -> None:
@@ -303,7 +303,7 @@ def _fmt(values: list[float]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--small", action="store_true", help="small shapes: under a minute on a 2-core CPU")
+    ap.add_argument("--small", action="store_true", help="small shapes: 1-1.5 min on a 2-core CPU")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved (bare, harvest) pairs")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: harvest,read,step,sweep")

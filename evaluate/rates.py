@@ -16,14 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-
-def cache_dir() -> Path:
-    """Where ``sae evaluate`` keeps what it measured (``$SAE_CACHE_DIR`` > ``$XDG_CACHE_HOME/sae`` >
-    ``~/.cache/sae``)."""
-    if os.environ.get("SAE_CACHE_DIR"):
-        return Path(os.environ["SAE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "sae"
+from ..model import cache_dir
 
 
 def _rates_file() -> Path:

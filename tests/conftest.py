@@ -4,6 +4,7 @@ on the embedded corpus (seconds, offline), and small stores harvested from it.""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One cache folder for the whole session, whose ``models/`` (the embedded GGUF dequantised to an HF
+    directory, ~40 s on 2 cores) every test shares: the session dequantises once, never into ``~/.cache``.
+    Module-scoped fixtures, set up before any test's own cache folder, load through it."""
+    root = tmp_path_factory.mktemp("sae-cache-session")
+    (root / "models").mkdir()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SAE_CACHE_DIR", str(root))
+    yield root
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
-def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                       _shared_model_cache: Path) -> None:
     """``sae evaluate`` keeps timings and model-only work in a cache folder: each test gets an empty one
-    (so no test reuses another's work)."""
-    monkeypatch.setenv("SAE_CACHE_DIR", str(tmp_path_factory.mktemp("sae-cache")))
+    (so no test reuses another's work), except ``models/``, the dequantised embedded model, shared."""
+    private = tmp_path_factory.mktemp("sae-cache")
+    (private / "models").symlink_to(_shared_model_cache / "models", target_is_directory=True)
+    monkeypatch.setenv("SAE_CACHE_DIR", str(private))
 
 TINY_LAYERS = 4
 TINY_D_MODEL = 64
