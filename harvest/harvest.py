@@ -14,7 +14,6 @@ from ..cluster import check_scheduler, dask_client, resolve_workers
 from ..errors import ConfigError
 from ..model import LoadedModel, check_device, check_layers, hook_name_for, load_model
 from ..outputs import (
-    build_output,
     check_output_location,
     check_writable_dir,
     is_empty_dir,
@@ -24,7 +23,7 @@ from ..outputs import (
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
 from ..store.format import FORMAT_VERSION
-from ..store.lease import check_not_leased, replacing
+from ..store.lease import building, check_not_leased
 from ..store.location import READ_ONLY_SCHEMES, StoreLocation, as_location, scheme_of
 from .corpus import iter_documents
 from .distributed import ChunkJob, run_chunks
@@ -323,14 +322,10 @@ def harvest(cfg: HarvestConfig, loaded: LoadedModel | None = None, quiet: bool =
 
     if cfg.resume and exists:
         write(loc, "resume")
-    elif loc.local:  # new or replaced: built beside, swapped in at the end (see outputs.build_output)
-        # replacing: hold the old store's lease meanwhile, so no other writer starts on it (or races us)
-        with replacing(loc, enabled=cfg.overwrite), build_output(
-                loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
-                keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
+    else:  # new or replaced: a local store is built beside and swapped in at the end, the old one's lease held
+        with building(loc, overwrite=cfg.overwrite,
+                      keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
             write(target, "create")
-    else:
-        write(loc, "create")
     if not quiet:
         print(f"→ {cfg.out}")
     return cfg.out

@@ -142,12 +142,11 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
         UnavailableError: ``datasets`` is not installed.
     """
     from ..model import EMBEDDED_ALIASES, EMBEDDED_MODEL_ID, EMBEDDED_WEIGHTS
-    from ..outputs import is_sae_store
     from ..progress import progress_bar
     from ..store.codecs import CodecSpec
     from ..store.format import StoreError
-    from ..store.lease import check_not_leased, replacing
-    from ..store.location import as_location
+    from ..store.lease import building, check_not_leased
+    from ..store.location import StoreLocation, as_location
     from ..store.writer import StoreWriter
 
     src = Path(src)
@@ -211,7 +210,7 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
     n = n_rows * ctx
     view = ds.with_format("numpy", columns=[hook, *(["token_ids"] if has_tokens else [])])
 
-    def copy(target: str | Path) -> None:
+    def copy(target: Path | StoreLocation) -> None:
         w = StoreWriter(target, meta, [hook], d, ctx, n, spec, chunk, storage_options=storage_options)
         try:
             per = chunk // ctx
@@ -228,10 +227,6 @@ def import_cache(src: str | Path, url: str, *, hook_name: str | None = None, mod
         finally:
             w.close()
 
-    if loc.local:
-        with replacing(loc, enabled=overwrite), build_output(
-                loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError) as target:
-            copy(target)
-    else:
-        copy(loc.url)
+    with building(loc, overwrite=overwrite) as target:
+        copy(target)
     return str(url)

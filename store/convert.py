@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..outputs import build_output, check_output_location, is_sae_store
+from ..outputs import check_output_location
 from .codecs import CodecSpec
 from .format import RESUME_KEYS, StoreError
-from .lease import check_not_leased, replacing
-from .location import as_location
+from .lease import building, check_not_leased
+from .location import StoreLocation, as_location
 from .reader import ActivationStore
 from .writer import StoreWriter
 
@@ -48,7 +48,7 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
         keep.pop(k, None)
     keep["converted_from"] = {"path": str(src), "store_id": s.attrs.get("store_id"), "codec": s.attrs["codec"],
                               "dtype": s.attrs["dtype"]}
-    def copy(target: str | Path) -> None:
+    def copy(target: Path | StoreLocation) -> None:
         w = StoreWriter(target, keep, s.hook_names, s.d_model, s.context_size, n, spec, s.chunk_tokens,
                         storage_options=storage_options)
         try:
@@ -61,13 +61,8 @@ def convert_store(src: str | Path, dst: str | Path, codec: str, dtype: str | Non
         finally:
             w.close()
 
-    if dst_loc.local:
-        with replacing(dst_loc, enabled=overwrite), build_output(
-                dst_loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store",
-                error=StoreError) as target:
-            copy(target)
-    else:
-        if dst_loc.exists("zarr.json"):
-            raise StoreError(f"{dst} already exists (remote stores cannot be replaced atomically): pick a new URL")
-        copy(dst_loc.url)
+    if not dst_loc.local and dst_loc.exists("zarr.json"):
+        raise StoreError(f"{dst} already exists (remote stores cannot be replaced atomically): pick a new URL")
+    with building(dst_loc, overwrite=overwrite) as target:
+        copy(target)
     return str(dst)

@@ -15,10 +15,11 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
-from ..outputs import is_store_attrs, pid_alive
+from ..outputs import build_output, is_sae_store, is_store_attrs, pid_alive
 from .format import LEASE_FILE, StoreError
 from .location import StoreLocation
 
@@ -142,3 +143,24 @@ def replacing(loc: StoreLocation, option: str = "--overwrite", *, enabled: bool 
     check_not_leased(loc, option)
     with Lease(loc, "overwrite").acquire(takeover_stale=True):
         yield
+
+
+@contextlib.contextmanager
+def building(loc: StoreLocation, *, overwrite: bool,
+             keep_partial: Callable[[], bool] = lambda: False) -> Iterator[Path | StoreLocation]:
+    """Where to write a new store for ``loc``: a local one is built in a staging folder beside it and
+    swapped in when the block ends without an error (:func:`~sae.outputs.build_output`; an existing store
+    of ours is replaced only with ``overwrite``, its lease held meanwhile: :func:`replacing`); a remote one
+    is written in place (``loc`` itself). ``keep_partial``: whether a failed build keeps its staging folder.
+
+    Raises:
+        StoreError: the local target exists and is not a store of ours, or is one and ``overwrite`` is
+            not set, or a live writer holds its lease.
+    """
+    if not loc.local:
+        yield loc
+        return
+    with replacing(loc, enabled=overwrite), build_output(
+            loc.path, overwrite=overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
+            keep_partial=keep_partial) as target:
+        yield target

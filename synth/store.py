@@ -36,10 +36,10 @@ import numpy as np
 import torch
 
 from ..model import hook_name_for
-from ..outputs import build_output, check_output_location, check_writable_dir, is_empty_dir, is_sae_store
+from ..outputs import check_output_location, check_writable_dir, is_empty_dir, is_sae_store
 from ..progress import progress_bar
 from ..store import CodecSpec, StoreError, StoreWriter
-from ..store.lease import check_not_leased, replacing
+from ..store.lease import building, check_not_leased
 from ..store.location import as_location
 from .config import SynthConfig
 from .presets import load_config
@@ -229,13 +229,10 @@ def write_synthetic_store(cfg: SynthConfig, quiet: bool = False) -> str:
 
     if cfg.resume:
         write(loc, "resume")
-    elif loc.local:
-        with replacing(loc, enabled=cfg.overwrite), build_output(
-                loc.path, overwrite=cfg.overwrite, is_ours=is_sae_store, what="an sae store", error=StoreError,
-                keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
-            write(target, "create")
     else:
-        write(loc, "create")
+        with building(loc, overwrite=cfg.overwrite,
+                      keep_partial=lambda: bool(writers) and writers[-1].n_written > 0) as target:
+            write(target, "create")
     if not quiet:
         print(f"→ {cfg.out}")
     return cfg.out

@@ -239,12 +239,7 @@ class _Run:
                 if self.last_checkpoint_step is not None else "no checkpoint was written, nothing is kept")
         self.failed = (f"training {self.path} diverged: {why}; {kept}. Lower --lr, or check the store for "
                        "NaN/inf activations")
-        self.close_trackers(ok=False)
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        if self.build is not None:
-            self.build.abort()
+        self.abort()
 
     def finish(self, cfg_dict: dict[str, Any], scale: float) -> None:
         """Save the final SAE (folded to raw units), penalty state; drop the checkpoint; swap into place."""
@@ -279,6 +274,7 @@ class _Run:
             self.build.commit()
 
     def abort(self) -> None:
+        """Stop without final files: trackers closed as stopped early, metrics closed, a build dropped."""
         self.close_trackers(ok=False)
         if self.metrics is not None:
             self.metrics.close()
