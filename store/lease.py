@@ -5,6 +5,9 @@ stores), refreshes its ``heartbeat`` every :data:`HEARTBEAT_S` seconds from a ba
 deletes it when done. A second writer finds the object and fails with one line naming the holder.
 A lease whose heartbeat is older than :data:`STALE_S` (10 minutes: its holder died), or whose
 holder was a process of this host that no longer runs, may be taken over by ``--resume``.
+
+:func:`replacing` holds an old store's lease while ``--overwrite`` replaces it, and :func:`building` is where
+every command that writes a new store (harvest, synth, convert, import) gets its target from.
 """
 
 from __future__ import annotations
