@@ -33,7 +33,8 @@ _T = field_defaults(TrainConfig)
 default is written once (``tests/test_cli_defaults.py`` checks every option against its field)."""
 _TH = field_docs(TrainConfig)
 LOG_TO_HELP = ("Experiment trackers, comma-separated: wandb, mlflow, tensorboard (also a [log] table in "
-               "--config: to, project, group, tags, dir, mlflow_uri). metrics.jsonl stays the record.")
+               "--config: to, project, experiment, name, group, tags, dir, mlflow_uri, timeout_s). "
+               "metrics.jsonl stays the record.")
 StoreOption = Annotated[str, typer.Option("--store", help=_TH["store"])]
 StorageOptions = Annotated[list[str] | None, typer.Option(
     "--storage-option", help="fsspec option KEY=VALUE for a remote store, e.g. endpoint_url=http://127.0.0.1:9000 "

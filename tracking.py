@@ -52,7 +52,9 @@ _MODULE = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}
 
 @dataclass
 class TrackingConfig:
-    """Where runs go. ``project``: W&B project and MLflow experiment (default ``sae``); ``group``: W&B
+    """Where runs go. ``project``: W&B project, and MLflow experiment unless ``experiment`` names another
+    (default ``sae``); ``name``: the tracker run's name for one ``sae train`` run (default: the run
+    directory's name; a sweep names each run by its configuration); ``group``: W&B
     group / MLflow parent run name (a sweep's ``--out`` name); ``tags``: extra tags; ``dir``: TensorBoard
     log root and W&B directory (default ``runs/tracking``); ``mlflow_uri``: tracking server (default
     ``$MLFLOW_TRACKING_URI``, else a SQLite store ``dir/mlflow.db``); ``timeout_s``: seconds the trackers
@@ -60,6 +62,8 @@ class TrackingConfig:
 
     backends: list[str] = field(default_factory=list)
     project: str = "sae"
+    experiment: str | None = None
+    name: str | None = None
     group: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     dir: str = "runs/tracking"
@@ -68,8 +72,9 @@ class TrackingConfig:
 
     @classmethod
     def parse(cls, log_to: str | None, table: dict[str, Any] | None = None) -> TrackingConfig | None:
-        """``--log-to`` (comma-separated) and a ``[log]`` TOML table (``to``, ``project``, ``group``,
-        ``tags``, ``dir``, ``mlflow_uri``, ``timeout_s``) → settings, or None when nothing is tracked.
+        """``--log-to`` (comma-separated) and a ``[log]`` TOML table (``to``, ``project``, ``experiment``,
+        ``name``, ``group``, ``tags``, ``dir``, ``mlflow_uri``, ``timeout_s``) → settings, or None when nothing
+        is tracked.
 
         Raises:
             ConfigError: an unknown tracker, a missing library (naming the extra), a bad ``[log]`` key.
@@ -88,10 +93,18 @@ class TrackingConfig:
             except ImportError:
                 raise ConfigError(f"--log-to {n}: the {n} library is not installed; pip install 'sae[tracking]'"
                                   ) from None
-        unknown = set(table) - {"project", "group", "tags", "dir", "mlflow_uri", "timeout_s"}
+        unknown = set(table) - {"project", "experiment", "name", "group", "tags", "dir", "mlflow_uri", "timeout_s"}
         if unknown:
-            raise ConfigError(f"[log] table: unknown key {sorted(unknown)[0]!r} (project, group, tags, dir, "
-                              "mlflow_uri, timeout_s, to)")
+            raise ConfigError(f"[log] table: unknown key {sorted(unknown)[0]!r} (project, experiment, name, group, "
+                              "tags, dir, mlflow_uri, timeout_s, to)")
+        for key in ("project", "experiment", "name", "group", "dir", "mlflow_uri"):
+            if key in table and (not isinstance(table[key], str) or not table[key].strip()):
+                raise ConfigError(f"[log] table: {key} = {table[key]!r} must be a non-empty string")
+        tags = table.get("tags", {})
+        if not isinstance(tags, dict) or not all(isinstance(v, str | int | float) for v in tags.values()):
+            raise ConfigError(f"[log] table: tags = {tags!r} must be a table of names to strings, e.g. "
+                              "tags = {team = \"interp\"}")
+        table["tags"] = {str(k): str(v) for k, v in tags.items()}
         t = table.get("timeout_s", 60.0)
         if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < math.inf:
             raise ConfigError(f"[log] table: timeout_s = {t!r} must be a number of seconds ≥ 0")
@@ -171,7 +184,7 @@ class MlflowTracker(Tracker):
                 self.client.update_run(run_id, status="RUNNING")
             return
         with self._parents_lock:  # the runs of a sweep start on their own threads: one experiment, one parent
-            exp_id = self._experiment(cfg.project)
+            exp_id = self._experiment(cfg.experiment or cfg.project)
         all_tags = dict(tags)
         if cfg.group:
             key = (self.uri, exp_id, cfg.group)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -199,6 +200,40 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(store, tmp_path, monk
     assert [r["step"] for r in _records(run)] == [0, 2, 4, 6, 7]  # metrics.jsonl complete
     assert (run / "sae_weights.safetensors").exists()
     assert "tensorboard" not in json.loads((run / "cfg.json").read_text()).get("tracking", {})
+
+
+def test_the_log_table_names_the_run_and_the_mlflow_experiment(store, tmp_path) -> None:
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    toml = tmp_path / "t.toml"
+    toml.write_text(f'[log]\nto = "mlflow,tensorboard"\nproject = "ortho"\nexperiment = "ortho-gemma"\n'
+                    f'name = "topk-baseline"\ndir = "{tmp_path / "tb"}"\nmlflow_uri = "{uri}"\n'
+                    'tags = {team = "interp", round = 2}\n')
+    r = CliRunner().invoke(app, ["train", "--store", str(store), "--config", str(toml), "--d-sae", "32", "--k", "2",
+                                 "--batch-size", "256", "--tokens", "2048", "--device", "cpu",
+                                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert r.exit_code == 0, r.output
+    refs = json.loads((tmp_path / "run" / "cfg.json").read_text())["tracking"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(refs["mlflow"]["run_id"])
+    assert run.info.run_name == "topk-baseline"
+    assert client.get_experiment(run.info.experiment_id).name == "ortho-gemma"
+    assert run.data.tags["team"] == "interp" and run.data.tags["round"] == "2"
+    assert Path(refs["tensorboard"]["log_dir"]).name == "topk-baseline"
+    # a sweep trains several SAEs: one name cannot name them all (refused before anything is made)
+    r = CliRunner().invoke(app, ["sweep", "--store", str(store), "--variants", "none,ortsae", "--config", str(toml),
+                                 "--out", str(tmp_path / "sweep")])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "set [log] group" in errors[0], r.output
+    assert not (tmp_path / "sweep").exists()
+    for table, message in (({"name": ""}, "name = '' must be a non-empty string"),
+                           ({"experiment": 3}, "experiment = 3 must be a non-empty string"),
+                           ({"tags": ["a"]}, "tags = ['a'] must be a table")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            TrackingConfig.parse("tensorboard", table)
 
 
 def test_unknown_or_missing_tracker_is_one_line(store, tmp_path, monkeypatch) -> None:

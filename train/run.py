@@ -122,7 +122,7 @@ class _Run:
             tags = {"arch": cfg.activation, "variant": cfg.variant, "seed": str(cfg.model_seed), "hook": hook}
             config = {**self.settings, "store_url": str(store.path), "content_digest": store.content_digest}
             resume = state.get("tracking") if state is not None else None
-            self.trackers = RunTrackers.start(tracking, self.path.name, config, tags, resume=resume,
+            self.trackers = RunTrackers.start(tracking, tracking.name or self.path.name, config, tags, resume=resume,
                                               replayed_through=replayed_through)
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -368,6 +368,9 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
         DistributedError: a rank was lost (its last checkpoint kept) or the ranks diverged.
     """
     _check_shareable(cfgs)
+    if tracking is not None and tracking.name and len(cfgs) > 1:
+        raise ConfigError(f"[log] name = {tracking.name!r} names one tracker run, but {len(cfgs)} SAEs are trained: "
+                          "each is named by its configuration; set [log] group to name the sweep")
     first = cfgs[0]
     own_dist = dist is None
     dist = from_env(first.device) if dist is None else dist
