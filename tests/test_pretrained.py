@@ -219,3 +219,58 @@ def test_a_gemma_scope_sae_is_evaluated_beside_ours_with_the_same_numbers(tmp_pa
                 assert b[group][key] == pytest.approx(va, rel=1e-4, abs=1e-5), (group, key)
                 compared += 1
     assert compared >= 5
+
+
+def test_a_gemma_scope_sae_is_fine_tuned_with_a_penalty_from_its_first_step(tmp_path, tiny_model_dir,
+                                                                           tiny_store) -> None:
+    """Issue 31's use case: add an orthogonality penalty to a Gemma Scope SAE. A ``params.npz`` (Gemma
+    Scope's JumpReLU form, no input centring) imported with ``--from gemma_scope``, then ``sae train
+    --init-from`` it with ``--variant ortsae``: one step at lr 1e-12 saves the initialisation, whose
+    reconstructions equal the release formula's on the ``params.npz`` arrays; a real fine-tune moves the
+    decoder but stays near it; ``cfg.json`` records where it started."""
+    from safetensors.torch import load_file
+
+    from sae.store import ActivationStore
+    from sae.train.config import TrainConfig
+    from sae.train.run import train
+
+    hook = "blocks.1.hook_resid_post"
+    src = train(TrainConfig(store=str(tiny_store), hook_name=hook, arch="batchtopk", d_sae=128, k=8,
+                            batch_size=256, tokens=256 * 6, device="cpu", out=str(tmp_path / "ours")), quiet=True)
+    w = {k: v.double() for k, v in load_file(str(src / "sae_weights.safetensors")).items()}
+    folder = tmp_path / "gemma-scope-tiny-res" / "layer_1" / "width_128" / "average_l0_8"
+    folder.mkdir(parents=True)
+    gs = {"W_enc": w["W_enc"].float().numpy(), "W_dec": w["W_dec"].float().numpy(),
+          "b_enc": (w["b_enc"] - w["b_dec"] @ w["W_enc"]).float().numpy(), "b_dec": w["b_dec"].float().numpy(),
+          "threshold": w["threshold"].float().numpy()}
+    np.savez(folder / "params.npz", **gs)
+    runner = CliRunner()
+    r = runner.invoke(app, ["import", str(folder), "--from", "gemma_scope", "--model", str(tiny_model_dir),
+                            "--store", str(tiny_store), "--out", str(tmp_path / "gs")])
+    assert r.exit_code == 0, r.output
+    common = ["train", "--store", str(tiny_store), "--hook", hook, "--init-from", str(tmp_path / "gs"),
+              "--arch", "jumprelu", "--variant", "ortsae", "--d-sae", "128", "--batch-size", "256", "--device", "cpu",
+              "--quiet"]
+    r = runner.invoke(app, [*common, "--tokens", "256", "--lr", "1e-12",
+                            "--out", str(tmp_path / "step0")])
+    assert r.exit_code == 0, r.output
+    s = ActivationStore(tiny_store)
+    x = s.read_rows(hook, 0, 512).double()
+    x = x[x.norm(dim=1) < 10 * x.norm(dim=1).median()]  # leave out BOS rows (norm far above the rest)
+    p = {k: torch.from_numpy(v).double() for k, v in gs.items()}
+    pre = x @ p["W_enc"] + p["b_enc"]  # Gemma Scope: no b_dec subtracted before the encoder
+    f = pre * (pre > p["threshold"])
+    want = f @ p["W_dec"] + p["b_dec"]
+    v = {k: t.double() for k, t in load_file(str(tmp_path / "step0" / "sae_weights.safetensors")).items()}
+    pre_ft = (x - v["b_dec"]) @ v["W_enc"] + v["b_enc"]  # our saved form (SAELens' JumpReLU)
+    f_ft = pre_ft * (pre_ft > v["threshold"])
+    assert torch.equal(f_ft > 0, f > 0)
+    torch.testing.assert_close(f_ft @ v["W_dec"] + v["b_dec"], want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    cfg = json.loads((tmp_path / "step0" / "cfg.json").read_text())
+    assert cfg["init_from"]["path"] == str((tmp_path / "gs").resolve()) and cfg["variant"] == "ortsae"
+    r = runner.invoke(app, [*common, "--tokens", str(256 * 8), "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    a = p["W_dec"]
+    b = load_file(str(tmp_path / "ft" / "sae_weights.safetensors"))["W_dec"].double()
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    assert not torch.allclose(a, b) and float(cos.mean()) > 0.9
