@@ -158,6 +158,20 @@ def test_evaluate_gives_an_sae_without_tracker_runs_new_ones_and_reuses_them(sto
     assert Path(refs["tensorboard"]["log_dir"]).is_dir()
 
 
+def _wandb_record(root: Path, run_id: str, must_hold: bytes) -> bytes:
+    """The offline record file of W&B run ``run_id`` under ``root``, once it holds ``must_hold`` and stopped
+    growing (wandb-core may flush just after ``finish()`` returns)."""
+    (path,) = root.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+    deadline, data, size = time.monotonic() + 30, b"", -1
+    while time.monotonic() < deadline:
+        data = path.read_bytes()
+        if must_hold in data and len(data) == size:
+            break
+        size = len(data)
+        time.sleep(0.5)
+    return data
+
+
 def test_wandb_offline_run_has_the_config_and_the_logged_keys(store, tmp_path, monkeypatch) -> None:
     """wandb 0.31 writes an offline run as one record file (``run-<id>.wandb``, protobuf records; it ships no
     Python reader for it), so the file is scanned for the config values, the tags and every logged value."""
@@ -167,23 +181,29 @@ def test_wandb_offline_run_has_the_config_and_the_logged_keys(store, tmp_path, m
     run = train(_cfg(store, tmp_path / "run", variant="ortsae"), quiet=True,
                 tracking=TrackingConfig(backends=["wandb"], project="ortho", dir=str(tmp_path / "wb")))
     ref = json.loads((run / "cfg.json").read_text())["tracking"]["wandb"]
-    records = list((tmp_path / "wb" / "wandb").glob(f"offline-run-*-{ref['run_id']}/run-{ref['run_id']}.wandb"))
-    assert len(records) == 1
     digest = json.loads((run / "cfg.json").read_text())["content_digest"]
-    deadline = time.monotonic() + 30  # wandb-core's writer may flush the records just after finish() returns:
-    data, size = b"", -1              # wait until the file holds the config and has stopped growing
-    while time.monotonic() < deadline:
-        data = records[0].read_bytes()
-        if b"content_digest" in data and len(data) == size:
-            break
-        size = len(data)
-        time.sleep(0.5)
+    data = _wandb_record(tmp_path / "wb", ref["run_id"], b"content_digest")
     assert b"content_digest" in data and digest.encode() in data and b"variant:ortsae" in data
     for rec in _records(run):
         for key in ("loss", "l0", "explained_variance"):
             v = rec[key]  # JSON of the value (W&B writes an integral float as an integer)
             text = str(int(v)) if float(v).is_integer() else json.dumps(v)
             assert key.encode() in data and text.encode() in data, (rec["step"], key)
+
+
+def test_a_wandb_sweep_is_one_offline_run_per_configuration_in_one_group(store, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfgs = expand(_cfg(store, tmp_path), ["none", "ortsae"], {}, tmp_path / "sweep")
+    dirs = run_sweep(cfgs, quiet=True, tracking=TrackingConfig(backends=["wandb"], project="ortho",
+                                                               group="l1-sweep-7f3", dir=str(tmp_path / "wb")))
+    ids = [json.loads((d / "cfg.json").read_text())["tracking"]["wandb"]["run_id"] for d in dirs]
+    assert len(set(ids)) == 2
+    for d, run_id in zip(dirs, ids, strict=True):
+        data = _wandb_record(tmp_path / "wb", run_id, b"l1-sweep-7f3")
+        assert b"l1-sweep-7f3" in data and d.name.encode() in data  # the group, and the run named after its config
+        assert f"variant:{'none' if d.name == 'topk' else 'ortsae'}".encode() in data
 
 
 def test_a_failing_tracker_warns_once_and_training_goes_on(store, tmp_path, monkeypatch, capsys) -> None:
