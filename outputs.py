@@ -38,6 +38,19 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
+def write_json_atomic(path: Path, obj: object, *, indent: int = 2, sort_keys: bool = False,
+                      allow_nan: bool = True) -> None:
+    """Write ``obj`` as JSON to ``path`` through a sibling temporary file renamed over it, so a reader (or a
+    kill) never sees half a file.
+
+    Raises:
+        OSError: the folder cannot be written. ValueError: a non-finite float with ``allow_nan=False``.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n")
+    os.replace(tmp, path)
+
+
 def is_store_attrs(attrs: object) -> bool:
     """True when a group's attributes are those of a store written by ``sae harvest``/``convert``."""
     return isinstance(attrs, dict) and all(k in attrs for k in ("format_version", "store_id", "hook_names"))

@@ -111,6 +111,13 @@ class TrackingConfig:
         return cls(backends=list(dict.fromkeys(names)), **table)
 
 
+def run_tags(arch: object, variant: object, seed: object, hook: object) -> dict[str, str]:
+    """The tags every tracker run of an SAE gets (``arch``, ``variant``, ``seed``, ``hook``), the unknown ones
+    (``None``) left out."""
+    tags = {"arch": arch, "variant": variant, "seed": seed, "hook": hook}
+    return {k: str(v) for k, v in tags.items() if v is not None}
+
+
 def numeric(record: dict[str, Any]) -> dict[str, float]:
     """The finite numeric fields of a ``metrics.jsonl`` record (booleans as 0/1), ``step`` excluded."""
     out = {}

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import time
 from pathlib import Path
 
 from ..model import cache_dir
+from ..outputs import write_json_atomic
 
 
 def _rates_file() -> Path:
@@ -40,9 +40,7 @@ def record_rate(name: str, seconds_per_sae: float) -> None:
     path = _rates_file()
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_json_atomic(path, data, indent=1, sort_keys=True)
 
 
 def estimate(name: str) -> float | None:

@@ -12,12 +12,12 @@ training step.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ..outputs import write_json_atomic
 from ..rundir.format import CFG_FILE
-from ..tracking import RunTrackers, TrackingConfig
+from ..tracking import RunTrackers, TrackingConfig, run_tags
 
 EVAL_TRACKING_FILE = "tracking.json"
 """``{backend: ref}`` of the tracker runs ``sae evaluate --log-to`` opened for an SAE whose ``cfg.json``
@@ -32,19 +32,13 @@ def _read_refs(path: Path) -> dict[str, Any]:
     return refs if isinstance(refs, dict) else {}
 
 
-def _write_refs(path: Path, refs: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(refs, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _tags(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The tags training gives its tracker runs (arch, variant, seed, hook), from a ``cfg.json`` (ours, or
-    an imported one, which has fewer)."""
+def _tags(cfg: dict[str, Any]) -> dict[str, str]:
+    """The tags training gives its tracker runs, from a ``cfg.json`` (ours, or an imported one, which has
+    fewer)."""
     settings = cfg.get("run_settings") or {}
     seed = settings.get("init_seed") if settings.get("init_seed") is not None else settings.get("seed")
-    return {"arch": cfg.get("trained_architecture") or cfg.get("architecture"), "variant": cfg.get("variant"),
-            "seed": seed, "hook": cfg.get("hook_name")}
+    return run_tags(cfg.get("trained_architecture") or cfg.get("architecture"), cfg.get("variant"), seed,
+                    cfg.get("hook_name"))
 
 
 def attach_results(run_dirs: list[Path], evaluated: list[str], tracking: TrackingConfig,
@@ -70,18 +64,16 @@ def attach_results(run_dirs: list[Path], evaluated: list[str], tracking: Trackin
                         metrics[f"eval/{ev}/{gname}/{name}"] = float(value)
         if not metrics:
             continue
-        trained = cfg.get("tracking") or {}
-        earlier = _read_refs(home / EVAL_TRACKING_FILE)
-        tags = {key: str(value) for key, value in _tags(cfg).items() if value is not None}
-        trackers = RunTrackers.reopen(tracking, {**earlier, **trained}, run.name, config=cfg, tags=tags)
+        known = {**_read_refs(home / EVAL_TRACKING_FILE), **(cfg.get("tracking") or {})}
+        trackers = RunTrackers.reopen(tracking, known, run.name, config=cfg, tags=_tags(cfg))
         trackers.log(metrics, int(cfg.get("training_steps") or 0))
         trackers.close()
-        opened.append((trackers, {**earlier, **trained}, home))
+        opened.append((trackers, known, home))
     for trackers, known, home in opened:
-        refs = trackers.finish()
-        new = {name: ref for name, ref in refs.items() if name not in known}
+        new = {name: ref for name, ref in trackers.finish().items() if name not in known}
         if new:
-            _write_refs(home / EVAL_TRACKING_FILE, {**_read_refs(home / EVAL_TRACKING_FILE), **new})
+            write_json_atomic(home / EVAL_TRACKING_FILE, {**_read_refs(home / EVAL_TRACKING_FILE), **new},
+                              sort_keys=True)
 
 
 __all__ = ["EVAL_TRACKING_FILE", "attach_results"]

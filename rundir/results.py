@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from ..outputs import write_json_atomic
 
 RESULTS_DIR = "eval_results"
 REQUIRED_KEYS = ("eval_type_id", "eval_config", "eval_id", "datetime_epoch_millis", "eval_result_metrics",
@@ -109,9 +110,7 @@ def write_result(run_dir: str | Path, eval_type_id: str, eval_config: Mapping,
     result = build_result(eval_type_id, eval_config, metrics, details, sae_cfg, unstructured, extra)
     path = result_path(run_dir, file_stem or eval_type_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    write_json_atomic(path, result, allow_nan=False)
     return path
 
 

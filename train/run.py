@@ -30,7 +30,7 @@ from ..progress import progress_bar
 from ..rundir.format import CFG_FILE, CHECKPOINT_FILE, METRICS_FILE, PENALTY_STATE_FILE, WEIGHTS_FILE
 from ..rundir.sae import SAE
 from ..store import ActivationStore, ShuffledBatches, StoreError
-from ..tracking import RunTrackers, TrackingConfig
+from ..tracking import RunTrackers, TrackingConfig, run_tags
 from .archs import arch_class, make_arch_config
 from .collective import LOCAL, Collective, DistributedError, PeerFailed, from_env, rank_device
 from .config import TrainConfig
@@ -119,7 +119,7 @@ class _Run:
             metrics.write_text("")
         self.metrics = metrics.open("a")
         if tracking is not None:
-            tags = {"arch": cfg.activation, "variant": cfg.variant, "seed": str(cfg.model_seed), "hook": hook}
+            tags = run_tags(cfg.activation, cfg.variant, cfg.model_seed, hook)
             config = {**self.settings, "store_url": str(store.path), "content_digest": store.content_digest}
             resume = state.get("tracking") if state is not None else None
             self.trackers = RunTrackers.start(tracking, tracking.name or self.path.name, config, tags, resume=resume,
