@@ -110,6 +110,16 @@ class TrackingConfig:
             raise ConfigError(f"[log] table: timeout_s = {t!r} must be a number of seconds ≥ 0")
         return cls(backends=list(dict.fromkeys(names)), **table)
 
+    def check_runs(self, n_runs: int) -> None:
+        """Refuse ``name`` when ``n_runs`` > 1 SAEs are trained: one name cannot name them all.
+
+        Raises:
+            ConfigError: naming ``group`` as what names a sweep.
+        """
+        if self.name and n_runs > 1:
+            raise ConfigError(f"[log] name = {self.name!r} names one tracker run, but {n_runs} SAEs are trained: "
+                              "each is named by its configuration; set [log] group to name the sweep")
+
 
 def run_tags(arch: object, variant: object, seed: object, hook: object) -> dict[str, str]:
     """The tags every tracker run of an SAE gets (``arch``, ``variant``, ``seed``, ``hook``), the unknown ones

@@ -368,9 +368,8 @@ def train_many(cfgs: list[TrainConfig], quiet: bool = False, label: str = "train
         DistributedError: a rank was lost (its last checkpoint kept) or the ranks diverged.
     """
     _check_shareable(cfgs)
-    if tracking is not None and tracking.name and len(cfgs) > 1:
-        raise ConfigError(f"[log] name = {tracking.name!r} names one tracker run, but {len(cfgs)} SAEs are trained: "
-                          "each is named by its configuration; set [log] group to name the sweep")
+    if tracking is not None:
+        tracking.check_runs(len(cfgs))
     first = cfgs[0]
     own_dist = dist is None
     dist = from_env(first.device) if dist is None else dist

@@ -120,9 +120,8 @@ def run_sweep(cfgs: list[TrainConfig], workers: int | str | None = None, schedul
     """
     for c in cfgs:
         c.validate()  # every config before any cluster starts or any run directory is made
-    if tracking is not None and tracking.name and len(cfgs) > 1:
-        raise ConfigError(f"[log] name = {tracking.name!r} names one tracker run, but the sweep trains {len(cfgs)} "
-                          "SAEs: each is named by its configuration; set [log] group to name the sweep")
+    if tracking is not None:
+        tracking.check_runs(len(cfgs))  # all of them: a distributed sweep's groups may hold one each
     n = resolve_workers(workers) if workers not in (None, 0, "0") else None
     if n is None and not scheduler:
         if group_size is not None:
